@@ -1,0 +1,93 @@
+"""Pure functions on boxes: (..., 4) float tensors in xyxy pixel coordinates.
+
+Widths are ``x2 - x1`` (no "+1"), as in torchvision and detectron2; VOC's 1-based inclusive
+boxes are converted when they are read (data/voc.py), never here.
+
+Box deltas follow Faster R-CNN (Ren et al. 2015, eq. 2): ``dx = wx * (x - xa) / wa``,
+``dy = wy * (y - ya) / ha``, ``dw = ww * log(w / wa)``, ``dh = wh * log(h / ha)`` with centres
+(x, y) and sizes (w, h); the weights are (1, 1, 1, 1) for the RPN and (10, 10, 5, 5) for the
+RoI head.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou as _box_iou
+
+# Largest dw/dh accepted by decode: exp(4.135) = 1000/16, so a box grows at most from a
+# 16 px anchor to a 1000 px image (as in torchvision and detectron2).
+DELTA_CLAMP = math.log(1000.0 / 16)
+
+
+def area(boxes: Tensor) -> Tensor:
+    """(..., 4) -> (...) area; degenerate boxes give 0, never a negative number."""
+    return (boxes[..., 2] - boxes[..., 0]).clamp(min=0) * (boxes[..., 3] - boxes[..., 1]).clamp(min=0)
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """(P, 4), (Q, 4) -> (P, Q) intersection over union."""
+    return _box_iou(boxes1, boxes2)
+
+
+def clip(boxes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Clips (..., 4) boxes to an image of ``size = (h, w)``; returns a new tensor."""
+    h, w = size
+    x = boxes[..., 0::2].clamp(min=0, max=w)
+    y = boxes[..., 1::2].clamp(min=0, max=h)
+    return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), dim=-1)
+
+
+def nonempty(boxes: Tensor, min_size: float = 0.0) -> Tensor:
+    """(..., 4) -> (...) bool: width and height both larger than ``min_size``."""
+    return ((boxes[..., 2] - boxes[..., 0]) > min_size) & ((boxes[..., 3] - boxes[..., 1]) > min_size)
+
+
+def hflip(boxes: Tensor, width: int) -> Tensor:
+    """Mirrors (..., 4) boxes in an image of the given width."""
+    return torch.stack((width - boxes[..., 2], boxes[..., 1], width - boxes[..., 0], boxes[..., 3]), dim=-1)
+
+
+def _centre_size(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    w = boxes[..., 2] - boxes[..., 0]
+    h = boxes[..., 3] - boxes[..., 1]
+    return boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h
+
+
+def encode(gt_boxes: Tensor, anchors: Tensor,
+           weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)) -> Tensor:
+    """Deltas that turn ``anchors`` into ``gt_boxes``; (..., 4), (..., 4) -> (..., 4).
+
+    Computed in float32 even under autocast: log of small ratios loses too much in half
+    precision.
+    """
+    gt_boxes, anchors = gt_boxes.float(), anchors.float()
+    wx, wy, ww, wh = weights
+    ax, ay, aw, ah = _centre_size(anchors)
+    gx, gy, gw, gh = _centre_size(gt_boxes)
+    return torch.stack((wx * (gx - ax) / aw, wy * (gy - ay) / ah,
+                        ww * torch.log(gw / aw), wh * torch.log(gh / ah)), dim=-1)
+
+
+def decode(deltas: Tensor, anchors: Tensor,
+           weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)) -> Tensor:
+    """Applies deltas to anchors; (..., 4) deltas and broadcastable (..., 4) anchors -> boxes.
+
+    ``deltas`` may also be (R, 4 * C) class-specific deltas with (R, 4) anchors, giving
+    (R, 4 * C) boxes.
+    """
+    deltas = deltas.float()
+    anchors = anchors.float()
+    if deltas.shape[-1] != 4:  # (R, 4C) class-specific deltas against (R, 4) boxes
+        num = deltas.shape[-1] // 4
+        return decode(deltas.reshape(*deltas.shape[:-1], num, 4), anchors.unsqueeze(-2),
+                      weights).reshape(deltas.shape)
+    wx, wy, ww, wh = weights
+    ax, ay, aw, ah = _centre_size(anchors)
+    dx, dy = deltas[..., 0] / wx, deltas[..., 1] / wy
+    dw = (deltas[..., 2] / ww).clamp(max=DELTA_CLAMP)
+    dh = (deltas[..., 3] / wh).clamp(max=DELTA_CLAMP)
+    cx, cy = dx * aw + ax, dy * ah + ay
+    w, h = torch.exp(dw) * aw, torch.exp(dh) * ah
+    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)

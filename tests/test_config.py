@@ -1,0 +1,165 @@
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from detres.config import (BackboneConfig, ClassificationConfig, ConfigError, dump, load_config,
+                           replace)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_without_a_file():
+    cfg = load_config(None)
+    assert isinstance(cfg, ClassificationConfig)
+    assert cfg.model.backbone == BackboneConfig()
+    assert cfg.solver.momentum == 0.9
+
+
+def test_values_base_and_overrides(tmp_path):
+    write(tmp_path / "base.yaml", "model:\n  backbone:\n    depth: 101\n    norm: gn\n"
+                                  "solver:\n  base_lr: 0.1\n  steps: [10, 20]\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    path = write(sub / "run.yaml", "base: ../base.yaml\nmodel:\n  backbone:\n    depth: 50\n"
+                                   "train:\n  max_iter: 7\n")
+    cfg = load_config(path, ["solver.base_lr=1e-3", "train.device=cpu",
+                             "model.backbone.weights=null", "solver.steps=[1, 2, 3]",
+                             "model.backbone.residual=false", "solver.clip_grad_norm=5"])
+    assert cfg.model.backbone.depth == 50          # child wins over base
+    assert cfg.model.backbone.norm == "gn"         # inherited from base
+    assert cfg.train.max_iter == 7
+    assert cfg.solver.base_lr == pytest.approx(1e-3)  # "1e-3" is a float, not a string
+    assert cfg.solver.steps == (1, 2, 3)
+    assert cfg.model.backbone.residual is False
+    assert cfg.solver.clip_grad_norm == 5.0 and isinstance(cfg.solver.clip_grad_norm, float)
+    assert cfg.train.device == "cpu"
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(None, ["model.backbone.depth=18", "solver.steps=[5]",
+                             "data.scale_range=[100, 200]"])
+    out = tmp_path / "out" / "config.yaml"
+    text = dump(cfg, out)
+    assert yaml.safe_load(text)["model"]["backbone"]["depth"] == 18
+    assert load_config(out) == cfg
+
+
+def test_config_is_frozen():
+    cfg = load_config(None)
+    with pytest.raises(AttributeError):
+        cfg.train.max_iter = 3
+
+
+def test_replace_checks_overrides():
+    cfg = replace(load_config(None), ["train.seed=3"])
+    assert cfg.train.seed == 3
+    with pytest.raises(ConfigError, match="train.sed"):
+        replace(cfg, ["train.sed=3"])
+
+
+def test_unknown_key_names_file_key_and_valid_keys(tmp_path):
+    path = write(tmp_path / "c.yaml", "model:\n  backbone:\n    dpth: 50\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert str(path) in msg and "'model.backbone.dpth'" in msg
+    assert "depth" in msg and "norm" in msg and "shortcut" in msg
+
+
+def test_unknown_key_in_base_names_the_base_file(tmp_path):
+    base = write(tmp_path / "base.yaml", "solver:\n  lr: 0.1\n")
+    path = write(tmp_path / "c.yaml", "base: base.yaml\n")
+    with pytest.raises(ConfigError, match=f"{base}: unknown key 'solver.lr'.*base_lr"):
+        load_config(path)
+
+
+def test_unknown_top_level_key_and_override(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'modle'; valid keys at the top level: model"):
+        load_config(write(tmp_path / "c.yaml", "modle: {}\n"))
+    with pytest.raises(ConfigError, match=r"<command line>: unknown key 'train.maxiter'"):
+        load_config(None, ["train.maxiter=3"])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("model.backbone.depth=abc", "'model.backbone.depth' must be an integer, got 'abc'"),
+    ("model.backbone.depth=5.5", "'model.backbone.depth' must be an integer"),
+    ("model.backbone.depth=true", "'model.backbone.depth' must be an integer"),
+    ("model.backbone.norm=batch", "'model.backbone.norm' must be one of 'bn', 'frozen_bn', 'gn'"),
+    ("model.backbone.residual=1", "'model.backbone.residual' must be true or false"),
+    ("solver.steps=3", "'solver.steps' must be a list of an integer"),
+    ("solver.steps=[1, x]", r"'solver.steps\[1\]' must be an integer"),
+    ("solver.betas=[0.9]", "'solver.betas' must be a list of 2 values"),
+    ("solver.base_lr=null", "'solver.base_lr' must be a number, got None"),
+    ("model=3", "'model' must be a mapping"),
+])
+def test_wrong_type_is_named(override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [override])
+
+
+def test_wrong_type_in_file_names_file(tmp_path):
+    path = write(tmp_path / "c.yaml", "train:\n  max_iter: many\n")
+    with pytest.raises(ConfigError, match=f"^{path}: 'train.max_iter' must be an integer"):
+        load_config(path)
+
+
+def test_missing_required_value(tmp_path):
+    @dataclass(frozen=True, kw_only=True)
+    class Inner:
+        annotations: str                # required: no default
+        images: str = "images"
+
+    @dataclass(frozen=True, kw_only=True)
+    class Schema:
+        data: Inner = field(default_factory=lambda: Inner(annotations="x"))
+
+    path = write(tmp_path / "c.yaml", "data:\n  images: imgs\n")
+    with pytest.raises(ConfigError, match=f"{path}: missing required value 'data.annotations'"):
+        load_config(path, schema=Schema)
+    cfg = load_config(path, ["data.annotations=a.json"], schema=Schema)
+    assert cfg.data == Inner(annotations="a.json", images="imgs")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("- a\n- b\n", "the top level must be a mapping of keys to values, got list"),
+    ("just text\n", "the top level must be a mapping of keys to values, got str"),
+    ("model: [unclosed\n", "not valid YAML"),
+])
+def test_yaml_that_is_not_a_mapping(tmp_path, text, expected):
+    path = write(tmp_path / "c.yaml", text)
+    with pytest.raises(ConfigError, match=expected) as e:
+        load_config(path)
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    path = write(tmp_path / "c.yaml", "base: missing_base.yaml\n")
+    with pytest.raises(ConfigError, match=f"{path}: base file 'missing_base.yaml' does not exist"):
+        load_config(path)
+
+
+def test_only_one_base_level(tmp_path):
+    write(tmp_path / "a.yaml", "train:\n  seed: 1\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="only one level"):
+        load_config(write(tmp_path / "c.yaml", "base: b.yaml\n"))
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="not of the form key.path=value"):
+        load_config(None, ["train.max_iter"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(None, ["train..x=3"])
+
+
+def test_shipped_configs_load():
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("cls_*.yaml"))
+    for path in configs:
+        load_config(path)
