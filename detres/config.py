@@ -91,6 +91,9 @@ class TrainConfig:
     log_period: int = 20
     num_workers: int = 2
     deterministic: bool = False                         # torch.use_deterministic_algorithms
+    # intra-op CPU threads per process; 0 keeps PyTorch's default (one per core). 1 is faster
+    # on a CPU shared with other jobs, where spinning OpenMP threads wait on each other
+    num_threads: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,6 +115,13 @@ class ClsDataConfig:
     test_size: int = 256                                 # shorter side before the centre crop
     ten_crop: bool = False                               # the paper's 10-crop testing (Sec. 3.4)
     skip_bad_images: bool = False                        # skip undecodable files and count them
+    # RGB (0..255) mean subtracted and std divided by the model; torchvision's values, so a
+    # backbone pretrained here expects the same input as torchvision's weights
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    # subtract the training set's per-pixel mean image instead of pixel_mean (Sec. 4.2, cifar10)
+    per_pixel_mean: bool = False
+    test_ims_per_batch: int = 100                        # global test batch
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -133,6 +143,107 @@ class ClassificationConfig:
     solver: SolverConfig = field(default_factory=SolverConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     precise_bn: PreciseBNConfig = field(default_factory=PreciseBNConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuiltinShapesConfig:
+    # the built-in shapes set (data/builtin.py), generated once per distinct setting
+    num_train: int = 1500
+    num_val: int = 200
+    image_size: int = 128
+    min_object_size: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetDatasetConfig:
+    type: Literal["coco", "voc", "builtin"] = "builtin"
+    annotations: str | None = None      # coco: the instances JSON
+    images: str | None = None           # coco: the image folder
+    # voc: the VOCdevkit folder; builtin: the cache folder (null: $DETRES_CACHE or ~/.cache/detres)
+    root: str | None = None
+    # voc: YEAR/SPLIT pairs, the paper's 07+12 is [2007/trainval, 2012/trainval]; builtin: train | val
+    splits: tuple[str, ...] = ("train",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetDataConfig:
+    train: DetDatasetConfig = field(default_factory=DetDatasetConfig)
+    val: DetDatasetConfig = field(default_factory=lambda: DetDatasetConfig(splits=("val",)))
+    # shorter side of training images, one drawn per image (multi-scale when several);
+    # the paper uses 600 (Appendix A), modern recipes 640..800
+    min_size_train: tuple[int, ...] = (600,)
+    max_size_train: int = 1000                     # cap on the longer side
+    min_size_test: int = 600
+    max_size_test: int = 1000
+    flip_prob: float = 0.5
+    color_jitter: float = 0.0                      # photometric jitter strength (0: off)
+    filter_empty: bool = True                      # skip training images without a box
+    keep_difficult: bool = False                   # voc: difficult objects as training targets
+    skip_bad_images: bool = False                  # skip undecodable images and count them
+    aspect_grouping: bool = True                   # batches of landscape or of portrait images
+    builtin: BuiltinShapesConfig = field(default_factory=BuiltinShapesConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnchorConfig:
+    # paper VOC: 128, 256, 512; paper COCO adds 64 (Appendix A); modern: 32..512
+    sizes: tuple[float, ...] = (64.0, 128.0, 256.0, 512.0)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RPNConfig:
+    pre_nms_topk_train: int = 12000
+    pre_nms_topk_test: int = 6000
+    proposals_train: int = 2000                    # post-NMS proposals per image in training
+    proposals_test: int = 300                      # paper: 300; modern: 1000
+    nms_threshold: float = 0.7
+    iou_thresholds: tuple[float, float] = (0.3, 0.7)   # negative below, positive at or above
+    batch_size_per_image: int = 256                # anchors sampled per image, half positive
+    positive_fraction: float = 0.5
+    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
+    conv_channels: int | None = None               # null: the trunk's channels
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoIHeadConfig:
+    roi_op: Literal["pool", "align"] = "pool"     # paper: RoIPool; modern: RoIAlign
+    pooled_size: int = 14                          # then conv5_x with stride 2 -> 7x7
+    sampling_ratio: int = 0                        # align only
+    aligned: bool = True                           # align only: half-pixel offset
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    fg_iou_threshold: float = 0.5
+    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
+    score_threshold: float = 0.05
+    nms_threshold: float = 0.5
+    detections_per_image: int = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetModelConfig:
+    # detection freezes BN after pretraining (Appendix A) and, as detectron2, the stem and res2
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(
+        depth=101, norm="frozen_bn", freeze_at=2))
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
+    # whole-detector weights (a detres checkpoint) loaded after the backbone weights
+    weights: str | None = None
+    # loading weights trained on another class set re-initialises the class layers
+    reinit_class_layers: bool = False
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)   # RGB, 0..255
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectionConfig:
+    model: DetModelConfig = field(default_factory=DetModelConfig)
+    data: DetDataConfig = field(default_factory=DetDataConfig)
+    solver: SolverConfig = field(default_factory=lambda: SolverConfig(
+        base_lr=0.02, ims_per_batch=16, steps=(60000, 80000), warmup_iters=1000))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_iter=90000))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -253,7 +364,12 @@ def _build(cls: type[T], data: Any, prefix: str, sources: dict[str, str], defaul
             continue
         src = sources.get(full, default_src)
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name], full + ".", sources, default_src)
+            value = data[name]
+            if isinstance(value, dict) and f.default_factory is not dataclasses.MISSING:
+                # a section given in part keeps the parent's defaults for the rest
+                # (e.g. detection's frozen_bn backbone when only the depth is set)
+                value = _merge(to_dict(f.default_factory()), value)
+            kwargs[name] = _build(tp, value, full + ".", sources, default_src)
         else:
             kwargs[name] = _coerce(data[name], tp, full, src)
     return cls(**kwargs)

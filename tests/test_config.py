@@ -1,4 +1,4 @@
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -116,7 +116,7 @@ def test_missing_required_value(tmp_path):
 
     @dataclass(frozen=True, kw_only=True)
     class Schema:
-        data: Inner = field(default_factory=lambda: Inner(annotations="x"))
+        data: Inner                     # a required section
 
     path = write(tmp_path / "c.yaml", "data:\n  images: imgs\n")
     with pytest.raises(ConfigError, match=f"{path}: missing required value 'data.annotations'"):
@@ -163,3 +163,15 @@ def test_shipped_configs_load():
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("cls_*.yaml"))
     for path in configs:
         load_config(path)
+
+
+def test_partial_section_keeps_the_parents_defaults(tmp_path):
+    from detres.config import DetectionConfig
+    path = write(tmp_path / "d.yaml", "model:\n  backbone:\n    depth: 50\nsolver:\n  base_lr: 0.01\n")
+    cfg = load_config(path, ["train.max_iter=5"], schema=DetectionConfig)
+    assert cfg.model.backbone.depth == 50
+    assert cfg.model.backbone.norm == "frozen_bn" and cfg.model.backbone.freeze_at == 2
+    assert cfg.solver.ims_per_batch == 16 and cfg.solver.base_lr == 0.01
+    assert cfg.train.max_iter == 5
+    assert load_config(dump(cfg, tmp_path / "out.yaml") and tmp_path / "out.yaml",
+                       schema=DetectionConfig) == cfg
