@@ -44,7 +44,7 @@ class FrozenBatchNorm2d(nn.Module):
     """BatchNorm2d with fixed statistics and affine transform, all stored as buffers.
 
     Detection fine-tunes with batches of 1-2 images, too few for batch statistics, so the
-    pretrained ones are kept (as in the paper's Faster R-CNN and detectron2). The state-dict keys
+    ImageNet ones are kept: "the BN layers are fixed during fine-tuning" (Appendix A). Keys
     equal BatchNorm2d's, ``num_batches_tracked`` included, so either loads into the other with
     ``strict=True``; a missing ``num_batches_tracked`` (pre-0.4 or converted files) is filled in.
     """
@@ -227,6 +227,22 @@ def _stage_plan(depth: int, stem: str) -> tuple[type[nn.Module], tuple[int, ...]
     raise ValueError(f"unknown stem {stem!r}; valid: {', '.join(STEMS)}")
 
 
+def _make_stage(block: type[nn.Module], in_channels: int, channels: int, num_blocks: int,
+                stride: int, residual: bool, shortcut: str, norm: str, gn_groups: int,
+                stride_in_1x1: bool) -> nn.Sequential:
+    """One ``layerK`` = convK+1_x; it downsamples in its first block (Sec 3.3, "stride of 2")."""
+    extra = {"stride_in_1x1": stride_in_1x1} if block is Bottleneck else {}
+    layers = []
+    for j in range(num_blocks):
+        s = stride if j == 0 else 1
+        out_channels = channels * block.expansion
+        sc = (make_shortcut(shortcut, in_channels, out_channels, s, norm, gn_groups)
+              if residual else None)
+        layers.append(block(in_channels, channels, s, sc, residual, norm, gn_groups, **extra))
+        in_channels = out_channels
+    return nn.Sequential(*layers)
+
+
 class ResNet(nn.Module):
     """A residual (or plain) network of He et al. 2015.
 
@@ -236,10 +252,10 @@ class ResNet(nn.Module):
             stages at 16/32/64 filters, Sec 4.2).
         num_classes: size of ``fc`` after global average pooling; None builds a backbone
             without avgpool/fc.
-        residual: False builds the plain counterpart (same layers, no shortcuts; Sec 3.4).
+        residual: False builds the plain counterpart (same layers, no shortcuts; Sec 3.3).
         shortcut: "A" zero-padding identity, "B" projections only where the shape changes,
             "C" projections everywhere (Sec 3.3, Table 3). None: "A" for CIFAR (Sec 4.2),
-            "B" for ImageNet (the paper's bottleneck nets; torchvision's layout).
+            "B" for ImageNet (as the paper's bottleneck nets, Sec 4.1; torchvision's layout).
         stride_in_1x1: stride in the first 1x1 of a bottleneck (MSRA original) instead of the 3x3
             (torchvision weights).
         width: channels of conv1 and of the first stage (64 ImageNet, 16 CIFAR when None);
@@ -288,20 +304,10 @@ class ResNet(nn.Module):
         self.feature_specs: dict[str, FeatureSpec] = {}
         in_channels = width
         for i, (num_blocks, stage_stride) in enumerate(zip(blocks_per_stage, stage_strides)):
-            channels = width * 2**i
-            # Downsampling happens in the first block of a stage (Sec 3.3, "stride of 2").
-            layers = []
-            for j in range(num_blocks):
-                s = stage_stride if j == 0 else 1
-                out_channels = channels * block.expansion
-                sc = (make_shortcut(shortcut, in_channels, out_channels, s, norm, gn_groups)
-                      if residual else None)
-                extra = {"stride_in_1x1": stride_in_1x1} if block is Bottleneck else {}
-                layers.append(block(in_channels, channels, s, sc, residual, norm, gn_groups,
-                                    **extra))
-                in_channels = out_channels
-            stride *= stage_stride
-            self.add_module(f"layer{i + 1}", nn.Sequential(*layers))
+            stage = _make_stage(block, in_channels, width * 2**i, num_blocks, stage_stride,
+                                residual, shortcut, norm, gn_groups, stride_in_1x1)
+            in_channels, stride = width * 2**i * block.expansion, stride * stage_stride
+            self.add_module(f"layer{i + 1}", stage)
             self.stage_names.append(f"layer{i + 1}")
             self.feature_specs[f"res{i + 2}"] = FeatureSpec(in_channels, stride)
 
@@ -325,9 +331,11 @@ class ResNet(nn.Module):
                     nn.init.zeros_(m.bn3.weight if isinstance(m, Bottleneck) else m.bn2.weight)
 
     def _freeze(self, freeze_at: int) -> None:
-        if not 0 <= freeze_at <= len(self.stage_names) + 1:
-            raise ValueError(f"freeze_at must be in 0..{len(self.stage_names) + 1}; got {freeze_at}")
-        frozen = (["conv1", "bn1"] if freeze_at >= 1 else []) + self.stage_names[: max(freeze_at - 1, 0)]
+        last = len(self.stage_names) + 1
+        if not 0 <= freeze_at <= last:
+            raise ValueError(f"freeze_at must be in 0..{last}; got {freeze_at}")
+        frozen = ["conv1", "bn1"] if freeze_at >= 1 else []
+        frozen += self.stage_names[: max(freeze_at - 1, 0)]
         for name in frozen:
             module = getattr(self, name)
             for p in module.parameters():
@@ -395,3 +403,124 @@ class ResNetHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layer4(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+
+TORCHVISION_SCHEME = "torchvision://"
+MAX_LISTED_KEYS = 8
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """A weights file is neither on disk nor obtainable from torchvision's URL."""
+
+
+class WeightsMismatchError(ValueError):
+    """A state dict has missing, unexpected or wrongly shaped keys for the model."""
+
+
+def _torchvision_file(spec: str) -> str:
+    """Path of "torchvision://resnet101[.IMAGENET1K_V2]" in the hub cache, downloaded if absent.
+
+    IMAGENET1K_V1 is the default: torchvision's original recipe, close to the paper's (V2 adds
+    later tricks). The hub cache is $TORCH_HOME/hub/checkpoints.
+    """
+    from torchvision.models import get_model_weights
+
+    name, _, tag = spec[len(TORCHVISION_SCHEME):].partition(".")
+    try:
+        weights_enum = get_model_weights(name)
+    except ValueError:
+        raise ValueError(
+            f"{spec}: torchvision has no model {name!r} (e.g. torchvision://resnet50)") from None
+    tag = tag or "IMAGENET1K_V1"
+    if tag not in weights_enum.__members__:
+        raise ValueError(f"{spec}: torchvision {name} has no weights {tag!r}; "
+                         f"valid: {', '.join(weights_enum.__members__)}")
+    url = weights_enum[tag].url
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+    if not os.path.isfile(path):
+        match = torch.hub.HASH_REGEX.search(os.path.basename(path))  # "resnet50-0676ba61.pth"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(url, path, match and match.group(1), progress=True)
+        except Exception as e:  # offline, proxy, disk full, ...: all need the same remedy
+            raise WeightsNotFoundError(
+                f"{spec}: expected {path} in the torch hub cache; downloading {url} failed "
+                f"({type(e).__name__}: {e}). Copy the file there (or set TORCH_HOME).") from e
+    return path
+
+
+def read_state_dict(spec: str) -> dict[str, Tensor]:
+    """Reads a state dict from a local file or "torchvision://NAME[.TAG]".
+
+    A file may hold a state dict or a checkpoint dict whose "model" entry is one (our
+    checkpoints, detectron2's). Loading uses ``weights_only=True``: no pickled code runs.
+    """
+    if spec.startswith(TORCHVISION_SCHEME):
+        path = _torchvision_file(spec)
+    elif os.path.isfile(spec):
+        path = spec
+    else:
+        raise WeightsNotFoundError(f"weights file not found: {spec}")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{spec}: expected a state dict (name -> tensor) or a checkpoint "
+                         f"with one under 'model'")
+    return obj
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:MAX_LISTED_KEYS])
+    more = len(keys) - MAX_LISTED_KEYS
+    return shown + (f", ... and {more} more" if more > 0 else "")
+
+
+def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], spec: str = "state dict",
+                     ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Raises WeightsMismatchError listing missing, unexpected and wrongly shaped keys.
+
+    Keys starting with one of ``ignore_prefixes`` are skipped on both sides. A missing
+    ``num_batches_tracked`` is not an error (files saved before PyTorch 0.4.1 lack it).
+    """
+    ignore = tuple(ignore_prefixes)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(ignore)}
+    given = {k: v for k, v in state_dict.items() if not k.startswith(ignore)}
+    missing = [k for k in own if k not in given and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in given if k not in own]
+    wrong = [f"{k} (file {tuple(given[k].shape)}, model {tuple(own[k].shape)})"
+             for k in own if k in given and given[k].shape != own[k].shape]
+    if not (missing or unexpected or wrong):
+        return
+    lines = [f"weights {spec} do not fit {type(model).__name__}"
+             f"({model.extra_repr() if isinstance(model, ResNet) else ''}): weights for another "
+             f"depth, stem, width or shortcut option?"]
+    if missing:
+        lines.append(f"  {len(missing)} missing keys: {_listed(missing)}")
+    if unexpected:
+        lines.append(f"  {len(unexpected)} unexpected keys: {_listed(unexpected)}")
+    if wrong:
+        lines.append(f"  {len(wrong)} wrongly shaped keys: {_listed(wrong)}")
+    if any(k.startswith("fc.") for k in missing + unexpected):
+        lines.append("  (a backbone without fc loads a classifier with ignore_prefixes=('fc.',))")
+    raise WeightsMismatchError("\n".join(lines))
+
+
+def load_weights(model: nn.Module, spec: str, ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Loads weights into ``model`` in place, requiring an exact match except ignored keys.
+
+    Args:
+        model: a ResNet (or any module whose names match the file).
+        spec: a local file, or "torchvision://resnet101" (IMAGENET1K_V1) /
+            "torchvision://resnet50.IMAGENET1K_V2", read from the torch hub cache and downloaded
+            there only when absent.
+        ignore_prefixes: keys skipped on both sides, e.g. ``("fc.",)`` for a detection backbone.
+    """
+    state_dict = read_state_dict(spec)
+    check_state_dict(model, state_dict, spec, ignore_prefixes)
+    ignore = tuple(ignore_prefixes)
+    model.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith(ignore)},
+                          strict=False)

@@ -1,0 +1,248 @@
+"""COCO-format detection dataset: any instances-style JSON plus a folder of images.
+
+Labels are contiguous, 0..K-1 in the order of sorted category ids (``label_to_category_id``
+and ``category_id_to_label`` map both ways; only ``data/`` and ``evaluation/`` see category
+ids). Crowd regions (``iscrowd = 1``) are kept in the index for reference but are never
+training targets: COCO evaluation reads them from ``annotation_file``.
+
+Box handling. COCO boxes are ``[x, y, w, h]`` in 0-based pixels; they become xyxy, are
+clipped to the image, and a non-crowd box whose clipped width or height is below
+``min_box_size`` (1 px) is dropped and counted in the log. Images left without a training box
+are dropped when ``filter_empty`` (training) and kept otherwise (evaluation).
+
+Bad input, and what happens:
+- not valid JSON, missing ``images``/``annotations``/``categories``, a malformed record,
+  duplicate image or category ids: always a ``DatasetError`` naming the file and the id;
+- an annotation for an unknown image or category, a bbox with NaN/infinite coordinates, with
+  negative width or height, or entirely outside its image: a ``DatasetError`` naming the file,
+  the annotation id and the image id; with ``bad_annotations="skip"`` such annotations are
+  dropped instead and counted in a warning (for a large, slightly dirty set where training
+  should go on);
+- an image whose decoded size differs from the JSON's: ``DatasetError`` when read, or a
+  counted skip with ``skip_bad_images`` (see ``DetectionDataset``).
+
+The JSON is parsed with the standard library rather than ``pycocotools.COCO`` so that every
+error can name what is wrong; pycocotools reads ``annotation_file`` at evaluation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from detres.data.io import (AnnotationIndex, DatasetError, DetectionDataset, Transform,
+                            filter_empty_images)
+
+logger = logging.getLogger(__name__)
+
+
+class COCODetection(DetectionDataset):
+    """A COCO instances-format dataset.
+
+    Args:
+        annotation_file: the JSON file (``images``, ``annotations``, ``categories``).
+        image_root: folder that ``file_name`` is relative to.
+        transform: see ``DetectionDataset``.
+        filter_empty: drop images without a training box (use True for training, False for
+            evaluation).
+        skip_bad_images: see ``DetectionDataset``.
+        bad_annotations: ``"error"`` (default) or ``"skip"`` annotations with an unknown image
+            or category or an impossible bbox.
+        min_box_size: a box narrower or shorter than this after clipping is dropped.
+
+    Attributes:
+        class_names: K category names, by label.
+        label_to_category_id: list, ``label_to_category_id[label]`` is the COCO category id.
+        category_id_to_label: dict, the inverse.
+        annotation_file, image_root: the paths given.
+    """
+
+    def __init__(self, annotation_file: str | os.PathLike, image_root: str | os.PathLike, *,
+                 transform: Transform | None = None, filter_empty: bool = False,
+                 skip_bad_images: bool = False,
+                 bad_annotations: Literal["error", "skip"] = "error",
+                 min_box_size: float = 1.0) -> None:
+        if bad_annotations not in ("error", "skip"):
+            raise ValueError(f"bad_annotations must be 'error' or 'skip', got {bad_annotations!r}")
+        self.annotation_file = Path(annotation_file)
+        self.image_root = Path(image_root)
+        data = _load_json(self.annotation_file)
+        cat_ids, names = _parse_categories(data["categories"], self.annotation_file)
+        self.label_to_category_id: list[int] = cat_ids
+        self.category_id_to_label: dict[int, int] = {c: k for k, c in enumerate(cat_ids)}
+        index = _build_index(data, self.annotation_file, self.image_root, cat_ids,
+                             bad_annotations == "skip", min_box_size)
+        del data
+        if filter_empty:
+            index = filter_empty_images(index, keep_ignored=False, source=self.annotation_file)
+        super().__init__(index, names, transform=transform, keep_ignored=False,
+                         skip_bad_images=skip_bad_images, source=str(self.annotation_file))
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: annotation file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: a COCO annotation file is a JSON object, got "
+                           f"{type(data).__name__}")
+    missing = [k for k in ("images", "annotations", "categories") if k not in data]
+    if missing:
+        raise DatasetError(f"{path}: missing {', '.join(repr(k) for k in missing)}; a COCO "
+                           "instances file needs 'images', 'annotations' and 'categories'")
+    for k in ("images", "annotations", "categories"):
+        if not isinstance(data[k], list):
+            raise DatasetError(f"{path}: '{k}' must be a list, got {type(data[k]).__name__}")
+    return data
+
+
+def _field(rec: Any, key: str, kind: type | tuple, path: Path, what: str) -> Any:
+    if not isinstance(rec, dict) or key not in rec:
+        raise DatasetError(f"{path}: {what} has no '{key}'")
+    v = rec[key]
+    if not isinstance(v, kind) or isinstance(v, bool):
+        raise DatasetError(f"{path}: {what} has '{key}' = {v!r} of the wrong type")
+    return v
+
+
+def _parse_categories(cats: list, path: Path) -> tuple[list[int], list[str]]:
+    by_id: dict[int, str] = {}
+    for n, c in enumerate(cats):
+        cid = _field(c, "id", int, path, f"category #{n}")
+        name = _field(c, "name", str, path, f"category id {cid}")
+        if cid in by_id:
+            raise DatasetError(f"{path}: duplicate category id {cid} ({by_id[cid]!r}, {name!r})")
+        by_id[cid] = name
+    if not by_id:
+        raise DatasetError(f"{path}: 'categories' is empty")
+    ids = sorted(by_id)
+    return ids, [by_id[i] for i in ids]
+
+
+def _parse_images(images: list, path: Path) -> tuple[np.ndarray, list[str], np.ndarray]:
+    ids, names, sizes = [], [], []
+    seen: dict[int, str] = {}
+    for n, im in enumerate(images):
+        iid = _field(im, "id", int, path, f"image #{n}")
+        what = f"image id {iid}"
+        name = _field(im, "file_name", str, path, what)
+        w = _field(im, "width", int, path, what)
+        h = _field(im, "height", int, path, what)
+        if iid in seen:
+            raise DatasetError(f"{path}: duplicate image id {iid} ({seen[iid]!r} and {name!r})")
+        if w <= 0 or h <= 0:
+            raise DatasetError(f"{path}: image id {iid} ({name}) has size {w}x{h}")
+        seen[iid] = name
+        ids.append(iid)
+        names.append(name)
+        sizes.append((h, w))
+    return (np.asarray(ids, np.int64), names,
+            np.asarray(sizes, np.int64).reshape(-1, 2))
+
+
+def _parse_annotations(anns: list, path: Path) -> dict[str, np.ndarray]:
+    ann_ids, image_ids, cat_ids, bboxes, crowd = [], [], [], [], []
+    for n, a in enumerate(anns):
+        aid = a.get("id", -1 - n) if isinstance(a, dict) else -1 - n
+        what = f"annotation id {aid}" if aid >= 0 else f"annotation #{n}"
+        image_ids.append(_field(a, "image_id", int, path, what))
+        cat_ids.append(_field(a, "category_id", int, path, what))
+        b = _field(a, "bbox", list, path, what)
+        if len(b) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                  for v in b):
+            raise DatasetError(f"{path}: {what} (image id {image_ids[-1]}): bbox {b!r} is not "
+                               "4 numbers [x, y, w, h]")
+        bboxes.append(b)
+        crowd.append(bool(a.get("iscrowd", 0)))
+        ann_ids.append(aid)
+    return {"id": np.asarray(ann_ids, np.int64), "image_id": np.asarray(image_ids, np.int64),
+            "category_id": np.asarray(cat_ids, np.int64),
+            "bbox": np.asarray(bboxes, np.float64).reshape(-1, 4),
+            "crowd": np.asarray(crowd, np.bool_)}
+
+
+def _lookup(sorted_keys: np.ndarray, order: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Positions of ``values`` among keys (``order`` sorts them), -1 where absent."""
+    if len(sorted_keys) == 0:
+        return np.full(len(values), -1, np.int64)
+    pos = np.clip(np.searchsorted(sorted_keys, values), 0, len(sorted_keys) - 1)
+    return np.where(sorted_keys[pos] == values, order[pos], -1)
+
+
+def _build_index(data: dict, path: Path, image_root: Path, cat_ids: list[int], skip: bool,
+                 min_box_size: float) -> AnnotationIndex:
+    ids, names, sizes = _parse_images(data["images"], path)
+    a = _parse_annotations(data["annotations"], path)
+    order = np.argsort(ids, kind="stable")
+    img = _lookup(ids[order], order, a["image_id"])                       # (A,) image position
+    label = _lookup(np.asarray(cat_ids), np.arange(len(cat_ids)), a["category_id"])
+    x, y, w, h = a["bbox"].T
+    size = sizes[np.maximum(img, 0)]                                      # (A, 2) h, w
+    with np.errstate(invalid="ignore"):
+        problems = [
+            (img < 0, "refers to an unknown image id"),
+            (label < 0, "has an unknown category id"),
+            (~np.isfinite(a["bbox"]).all(1), "has NaN or infinite bbox coordinates"),
+            ((w < 0) | (h < 0), "has a bbox with negative width or height"),
+            ((x >= size[:, 1]) | (y >= size[:, 0]) | (x + w <= 0) | (y + h <= 0),
+             "has a bbox entirely outside its image"),
+        ]
+    bad = np.zeros(len(img), bool)
+    for mask, msg in problems:
+        mask = mask & ~bad
+        if mask.any():
+            _report_bad(path, a, mask, msg, data["annotations"], skip)
+        bad |= mask
+    good = ~bad
+    img, label, crowd = img[good], label[good], a["crowd"][good]
+    x1, y1 = np.maximum(x[good], 0), np.maximum(y[good], 0)
+    x2 = np.minimum(x[good] + w[good], size[good, 1])
+    y2 = np.minimum(y[good] + h[good], size[good, 0])
+    boxes = np.stack([x1, y1, x2, y2], 1).astype(np.float32)
+    small = ~crowd & (((x2 - x1) < min_box_size) | ((y2 - y1) < min_box_size))
+    if small.any():
+        logger.warning("%s: dropped %d boxes narrower or shorter than %g px after clipping to "
+                       "the image (annotation ids %s)", path, int(small.sum()), min_box_size,
+                       _first_ids(a["id"][good][small]))
+    keep = ~small
+    img, label, crowd, boxes = img[keep], label[keep], crowd[keep], boxes[keep]
+    by_image = np.argsort(img, kind="stable")                             # group rows by image
+    counts = np.bincount(img, minlength=len(ids))
+    index = AnnotationIndex(
+        paths=np.array([os.fsencode(image_root / n) for n in names], dtype=np.bytes_),
+        image_ids=ids, sizes=sizes,
+        offsets=np.concatenate(([0], np.cumsum(counts))).astype(np.int64),
+        boxes=boxes[by_image].reshape(-1, 4), labels=label[by_image].astype(np.int64),
+        ignore=crowd[by_image])
+    logger.info("%s: %d images, %d boxes (%d crowd) of %d categories", path, len(ids),
+                int((~index.ignore).sum()), int(index.ignore.sum()), len(cat_ids))
+    return index
+
+
+def _first_ids(ids: np.ndarray, n: int = 5) -> str:
+    s = ", ".join(str(int(i)) if i >= 0 else f"#{-1 - int(i)}" for i in ids[:n])
+    return s + (", ..." if len(ids) > n else "")
+
+
+def _report_bad(path: Path, a: dict, mask: np.ndarray, msg: str, raw: list, skip: bool) -> None:
+    rows = np.flatnonzero(mask)
+    first = int(rows[0])
+    aid = int(a["id"][first])
+    name = f"annotation id {aid}" if aid >= 0 else f"annotation #{first}"
+    detail = (f"{name} (image id {int(a['image_id'][first])}, category id "
+              f"{int(a['category_id'][first])}, bbox {raw[first].get('bbox')}) {msg}")
+    if not skip:
+        more = f" ({len(rows) - 1} more like it)" if len(rows) > 1 else ""
+        raise DatasetError(f"{path}: {detail}{more}; pass bad_annotations='skip' to drop such "
+                           "annotations")
+    logger.warning("%s: skipped %d annotations that %s, e.g. %s (annotation ids %s)", path,
+                   len(rows), msg.replace("has", "have").replace("refers", "refer"), detail,
+                   _first_ids(a["id"][rows]))

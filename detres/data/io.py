@@ -1,0 +1,304 @@
+"""Image decoding and the compact annotation index shared by the detection datasets.
+
+``read_image`` turns any JPEG/PNG/BMP/WebP/TIFF/GIF file into an (H, W, 3) uint8 RGB array:
+the EXIF orientation is applied (so H, W are the size a viewer shows), grayscale, CMYK and
+palette images become RGB, transparent pixels are composited over black (the colour the batch
+is padded with), 16-bit images are scaled to 8 bits. A missing, empty, truncated or
+undecodable file raises ``ImageDecodeError`` naming the path.
+
+``DetectionDataset`` is the base of ``COCODetection`` and ``VOCDetection``: it holds the
+annotations of N images and A boxes in a handful of numpy arrays (``AnnotationIndex``), never
+in per-image Python dicts or lists. DataLoader workers fork the dataset; touching a Python
+object writes its reference count and so copies its memory page into the worker, which makes
+workers grow to the size of the whole annotation file (pytorch/pytorch#13246). Numpy arrays
+are single objects, so their pages stay shared.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from detres.structures import Targets
+
+logger = logging.getLogger(__name__)
+
+# (image HWC uint8, boxes (M, 4) float32, labels (M,) int64) -> (image, boxes, labels, scale)
+Transform = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple]
+
+
+class DatasetError(ValueError):
+    """Bad dataset input: the message names the file and the id (image, annotation, class)."""
+
+
+class ImageDecodeError(DatasetError):
+    """An image file that is missing, empty, truncated or cannot be decoded."""
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Decodes an image file to RGB.
+
+    Returns:
+        (H, W, 3) uint8 array, RGB, with the EXIF orientation applied.
+
+    Raises:
+        ImageDecodeError: the file is missing, empty, truncated or not an image.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ImageDecodeError(f"{path}: image file is empty")
+        with Image.open(path) as im:
+            im.load()  # decodes now, so a truncated file fails here and not later
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+    except ImageDecodeError:
+        raise
+    except FileNotFoundError:
+        raise ImageDecodeError(f"{path}: image file not found") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError(f"{path}: not a readable image (unknown or corrupt format)"
+                               ) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageDecodeError(f"{path}: cannot decode image: {e}") from e
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit grayscale (PNG, TIFF); "I" is how older Pillow opens 16-bit PNGs. Keep the
+        # high byte, as Pillow does for 16-bit RGB, rather than clipping, which would saturate.
+        a = (np.clip(np.asarray(im).astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(a[:, :, None], 3, axis=2))
+    if im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        lo, hi = float(a.min()), float(a.max())
+        a = np.zeros_like(a) if hi <= lo else (a - lo) * (255.0 / (hi - lo))
+        return np.repeat(np.rint(a).astype(np.uint8)[:, :, None], 3, axis=2)
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = np.asarray(im.convert("RGBA")).astype(np.uint16)
+        rgb = (rgba[:, :, :3] * rgba[:, :, 3:] + 127) // 255  # over black
+        return rgb.astype(np.uint8)
+    if im.mode != "RGB":
+        im = im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGBX
+    return np.asarray(im, dtype=np.uint8).copy()
+
+
+@dataclass(frozen=True)
+class AnnotationIndex:
+    """Annotations of N images with A boxes in all, as flat numpy arrays.
+
+    Attributes:
+        paths: (N,) bytes, ``os.fsencode`` of each image file's path.
+        image_ids: (N,) int64, the dataset's image id (COCO ``id``; VOC: position in the split).
+        sizes: (N, 2) int64, (h, w) as annotated; the decoded image must have this size.
+        offsets: (N + 1,) int64; the boxes of image i are rows ``offsets[i]:offsets[i + 1]``.
+        boxes: (A, 4) float32 xyxy, 0-based pixels of the original image, clipped to it.
+        labels: (A,) int64 contiguous labels in [0, K).
+        ignore: (A,) bool, a COCO crowd region or a VOC "difficult" object: kept for
+            evaluation, not a training target unless the dataset says so.
+    """
+
+    paths: np.ndarray
+    image_ids: np.ndarray
+    sizes: np.ndarray
+    offsets: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+    ignore: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    @classmethod
+    def from_lists(cls, paths: list[str], image_ids: list[int], sizes: list[tuple[int, int]],
+                   boxes_per_image: list[np.ndarray], labels_per_image: list[np.ndarray],
+                   ignore_per_image: list[np.ndarray]) -> AnnotationIndex:
+        counts = np.array([len(b) for b in boxes_per_image], dtype=np.int64)
+        return cls(
+            paths=np.array([os.fsencode(p) for p in paths], dtype=np.bytes_),
+            image_ids=np.asarray(image_ids, dtype=np.int64),
+            sizes=np.asarray(sizes, dtype=np.int64).reshape(-1, 2),
+            offsets=np.concatenate(([0], np.cumsum(counts))).astype(np.int64),
+            boxes=_concat(boxes_per_image, (0, 4), np.float32),
+            labels=_concat(labels_per_image, (0,), np.int64),
+            ignore=_concat(ignore_per_image, (0,), np.bool_),
+        )
+
+    def select(self, keep: np.ndarray) -> AnnotationIndex:
+        """The index restricted to images ``keep`` (bool mask or indices), in that order."""
+        keep = np.flatnonzero(keep) if keep.dtype == np.bool_ else np.asarray(keep, np.int64)
+        rows = [np.arange(self.offsets[i], self.offsets[i + 1]) for i in keep]
+        rows = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        counts = self.offsets[keep + 1] - self.offsets[keep]
+        return AnnotationIndex(self.paths[keep], self.image_ids[keep], self.sizes[keep],
+                               np.concatenate(([0], np.cumsum(counts))).astype(np.int64),
+                               self.boxes[rows], self.labels[rows], self.ignore[rows])
+
+    def count_boxes(self, keep_ignored: bool = False) -> np.ndarray:
+        """(N,) int64 number of (training) boxes per image."""
+        image_of_row = np.repeat(np.arange(len(self)), np.diff(self.offsets))
+        rows = slice(None) if keep_ignored else ~self.ignore
+        return np.bincount(image_of_row[rows], minlength=len(self)).astype(np.int64)
+
+    def path(self, i: int) -> Path:
+        return Path(os.fsdecode(bytes(self.paths[i])))
+
+    def rows(self, i: int) -> slice:
+        return slice(int(self.offsets[i]), int(self.offsets[i + 1]))
+
+
+def filter_empty_images(index: AnnotationIndex, keep_ignored: bool,
+                        source: str | os.PathLike) -> AnnotationIndex:
+    """Drops the images without a training box (logged with the count)."""
+    has_box = index.count_boxes(keep_ignored) > 0
+    if not has_box.all():
+        logger.info("%s: %d of %d images have no training box and are skipped (filter_empty)",
+                    source, int((~has_box).sum()), len(index))
+    return index.select(has_box)
+
+
+def _concat(parts: list[np.ndarray], empty_shape: tuple[int, ...], dtype) -> np.ndarray:
+    parts = [np.asarray(p, dtype=dtype).reshape(-1, *empty_shape[1:]) for p in parts]
+    return np.concatenate(parts) if parts else np.zeros(empty_shape, dtype)
+
+
+class DetectionDataset(Dataset):
+    """A detection dataset over an ``AnnotationIndex``.
+
+    ``dataset[i]`` is ``(image, targets)``: image (3, H, W) uint8 RGB after the transform,
+    ``Targets`` with boxes in the transformed image's pixels, the dataset's image id, the
+    transform's scale and the original (h, w). Ignored boxes (crowd, difficult) are left out
+    of the targets unless ``keep_ignored``.
+
+    Args:
+        index: the annotations.
+        class_names: K names; label k is ``class_names[k]``.
+        transform: ``(image, boxes, labels) -> (image, boxes, labels, scale)``, e.g.
+            ``detres.data.transforms.DetectionTransform``; None keeps the original image.
+        keep_ignored: make ignored boxes training targets too.
+        skip_bad_images: an image that cannot be decoded, or whose size is not the annotated
+            one, is logged, counted and replaced by the next good image instead of raising.
+            ``num_skipped_images`` and ``report_skipped_images()`` tell how many at the end.
+        source: what to name in messages (the annotation file or dataset folder).
+    """
+
+    def __init__(self, index: AnnotationIndex, class_names: list[str], *,
+                 transform: Transform | None = None, keep_ignored: bool = False,
+                 skip_bad_images: bool = False, source: str = "") -> None:
+        self.index = index
+        self.class_names = list(class_names)
+        self.transform = transform
+        self.keep_ignored = keep_ignored
+        self.skip_bad_images = skip_bad_images
+        self.source = source
+        # Shared memory, so the flags that DataLoader workers set are seen by the main process.
+        self._bad = torch.zeros(len(index), dtype=torch.bool).share_memory_()
+        if skip_bad_images:
+            self._mark_missing_files()
+
+    def _mark_missing_files(self) -> None:
+        # Missing and empty files are found up front (one stat each) so they are skipped
+        # without a warning per epoch; truncated or corrupt ones are found when read.
+        for i in range(len(self)):
+            try:
+                bad = self.index.path(i).stat().st_size == 0
+            except OSError:
+                bad = True
+            self._bad[i] = bad
+        if self.num_skipped_images:
+            self.report_skipped_images()
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_ids(self) -> np.ndarray:
+        """(N,) int64 image ids."""
+        return self.index.image_ids
+
+    @property
+    def image_sizes(self) -> np.ndarray:
+        """(N, 2) int64 (h, w) of each original image, read from the annotations."""
+        return self.index.sizes
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def get_annotations(self, i: int) -> dict[str, np.ndarray]:
+        """All boxes of image i in original pixels: ``boxes`` (M, 4) float32 xyxy, ``labels``
+        (M,) int64, ``ignore`` (M,) bool (crowd / difficult)."""
+        r = self.index.rows(i)
+        return {"boxes": self.index.boxes[r].copy(), "labels": self.index.labels[r].copy(),
+                "ignore": self.index.ignore[r].copy()}
+
+    def read_image(self, i: int) -> np.ndarray:
+        """The original image i, (h, w, 3) uint8 RGB; checks its size against the annotations."""
+        path = self.index.path(i)
+        image = read_image(path)
+        h, w = (int(v) for v in self.index.sizes[i])
+        if image.shape[:2] != (h, w):
+            hint = (" (the EXIF orientation rotates it: the annotations seem to be made on the "
+                    "unrotated pixels)") if image.shape[:2] == (w, h) else ""
+            raise DatasetError(f"{path}: image id {int(self.index.image_ids[i])} is "
+                               f"{image.shape[1]}x{image.shape[0]} (w x h) but {self.source} "
+                               f"says {w}x{h}{hint}")
+        return image
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Targets]:
+        i = int(i)
+        image, i = self._read_or_skip(i)
+        r = self.index.rows(i)
+        keep = slice(None) if self.keep_ignored else ~self.index.ignore[r]
+        boxes = self.index.boxes[r][keep]
+        labels = self.index.labels[r][keep]
+        orig_size = (image.shape[0], image.shape[1])
+        scale = 1.0
+        if self.transform is not None:
+            image, boxes, labels, scale = self.transform(image, boxes, labels)
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        targets = Targets(boxes=torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4)),
+                          labels=torch.as_tensor(np.asarray(labels, np.int64)),
+                          image_id=int(self.index.image_ids[i]), scale=float(scale),
+                          orig_size=orig_size)
+        return tensor, targets
+
+    def _read_or_skip(self, i: int) -> tuple[np.ndarray, int]:
+        n = len(self)
+        for k in range(n):
+            j = (i + k) % n
+            if self.skip_bad_images and bool(self._bad[j]):
+                continue
+            try:
+                return self.read_image(j), j
+            except DatasetError as e:
+                if not self.skip_bad_images:
+                    raise
+                self._bad[j] = True
+                logger.warning("skipping image id %d: %s", int(self.index.image_ids[j]), e)
+        raise DatasetError(f"{self.source}: no image of the {n} could be read")
+
+    @property
+    def num_skipped_images(self) -> int:
+        """How many images were skipped so far (by any DataLoader worker) as unreadable."""
+        return int(self._bad.sum())
+
+    def report_skipped_images(self) -> int:
+        """Logs how many images were skipped as unreadable, and which; returns the count."""
+        bad = np.flatnonzero(self._bad.numpy())
+        if len(bad):
+            names = ", ".join(str(self.index.path(i)) for i in bad[:10])
+            logger.warning("%s: skipped %d of %d images that could not be read: %s%s",
+                           self.source, len(bad), len(self), names,
+                           " ..." if len(bad) > 10 else "")
+        return len(bad)

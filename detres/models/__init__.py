@@ -1,0 +1,8 @@
+"""Models: the ResNet family (resnet.py); the detector parts live in their own modules."""
+from detres.models.resnet import (FeatureSpec, FrozenBatchNorm2d, ResNet, ResNetHead, ResNetTrunk,
+                                  WeightsMismatchError, WeightsNotFoundError, check_state_dict,
+                                  load_weights, read_state_dict)
+
+__all__ = ["FeatureSpec", "FrozenBatchNorm2d", "ResNet", "ResNetHead", "ResNetTrunk",
+           "WeightsMismatchError", "WeightsNotFoundError", "check_state_dict", "load_weights",
+           "read_state_dict"]
