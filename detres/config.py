@@ -238,9 +238,17 @@ class DetModelConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DetTestConfig:
+    ims_per_batch: int = 4                         # per process
+    # coco: COCO mAP (COCO-format sets, built-in included); voc07 (11-point) | voc12 (area)
+    metric: Literal["coco", "voc07", "voc12"] = "coco"
+
+
+@dataclass(frozen=True, kw_only=True)
 class DetectionConfig:
     model: DetModelConfig = field(default_factory=DetModelConfig)
     data: DetDataConfig = field(default_factory=DetDataConfig)
+    test: DetTestConfig = field(default_factory=DetTestConfig)
     solver: SolverConfig = field(default_factory=lambda: SolverConfig(
         base_lr=0.02, ims_per_batch=16, steps=(60000, 80000), warmup_iters=1000))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_iter=90000))
@@ -262,6 +270,11 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         _set_dotted(data, key, value)
         sources[key] = COMMAND_LINE
     return _build(schema, data, "", sources, str(path) if path is not None else COMMAND_LINE)
+
+
+def from_dict(data: dict[str, Any], schema: type[T], source: str = "<dict>") -> T:
+    """``schema`` from plain values, e.g. the resolved config stored in a checkpoint."""
+    return _build(schema, data, "", {}, source)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

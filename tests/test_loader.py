@@ -125,3 +125,11 @@ def test_loader_pins_float32_batches(shapes):
     images, targets = next(iter(loader))
     assert images.tensor.dtype == torch.float32 and images.tensor.is_pinned()
     assert targets[0].boxes.is_pinned()
+
+
+def test_load_state_dict_moves_the_next_iterator():
+    full = _take(TrainingBatchSampler(N, 3, group_ids=GROUPS, seed=1), 30)
+    s = TrainingBatchSampler(N, 3, group_ids=GROUPS, seed=1)
+    s.load_state_dict({"next_batch": 12})
+    assert s.state_dict() == {"next_batch": 12}
+    assert _take(s, 18) == full[12:]

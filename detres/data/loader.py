@@ -87,6 +87,13 @@ class TrainingBatchSampler(Sampler[list[int]]):
         self.rank, self.world_size = rank, world_size
         self.start_iter, self.epochs, self.drop_last = start_iter, epochs, drop_last
 
+    def state_dict(self) -> dict[str, int]:
+        return {"next_batch": self.start_iter}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """The next iterator starts at batch ``state["next_batch"]`` (exact resume)."""
+        self.start_iter = int(state["next_batch"])
+
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """This rank's images of one epoch, in order."""
         order = (np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)

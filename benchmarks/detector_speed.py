@@ -1,0 +1,261 @@
+"""Speed of our C4 Faster R-CNN against torchvision's FasterRCNN built from the same parts.
+
+Both detectors share weights and settings: the same ResNet trunk (conv1..conv4_x) and conv5_x
+box head (deep copies), RoIAlign 14x14 with sampling_ratio 2 and aligned=False (torchvision's
+MultiScaleRoIAlign), the same RPN head, anchors and NMS settings, the same pixel mean/std.
+torchvision's transform gets inputs of the final size and its resize is switched off, so it
+only normalizes and pads, as ours does. Both RPNs run in full (head, decoding, proposal
+selection, losses), but their outputs are replaced by the same FIXED boxes (300 per image at
+test, 2000 in training): a random-weight RPN proposes nothing useful, and the head's cost
+depends on the number of RoIs.
+
+Timings are interleaved (ours, torchvision, ours, ...) in one process with the same threads;
+the median of ``--iters`` runs after ``--warmup`` is reported, with ratio = ours / torchvision
+(goal: <= 0.9). ``--fuse`` adds our model with frozen BN folded into the convolutions
+(inference only). ``--profile`` prints torch.profiler's top operators for each model.
+
+    python benchmarks/detector_speed.py --device cpu --depth 50 --size 320x512 --iters 3
+    python benchmarks/detector_speed.py --device cuda --depth 101 --size 600x1000 --iters 20
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN as TVFasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead as TVRPNHead
+from torchvision.ops import MultiScaleRoIAlign
+
+from detres.models.faster_rcnn import FasterRCNN
+from detres.models.resnet import ResNet
+from detres.structures import ImageBatch, Targets
+
+
+def torchvision_twin(model: FasterRCNN, image_size: tuple[int, int]) -> TVFasterRCNN:
+    """torchvision's FasterRCNN with ``model``'s weights (deep copies) and settings.
+
+    ``model`` must use RoIAlign with aligned=False (MultiScaleRoIAlign's only mode). Inputs are
+    RGB 0..255 batches of ``image_size``; torchvision's resize is disabled.
+    """
+    rpn, head = model.rpn, model.roi_head
+    if head.roi_op != "align" or head.aligned:
+        raise ValueError("torchvision's MultiScaleRoIAlign is roi_op='align' with aligned=False")
+    num_classes, anchors = head.num_classes, rpn.anchor_generator
+    trunk = copy.deepcopy(model.trunk)
+    trunk.out_channels = rpn.head.conv.in_channels
+    rpn_head = TVRPNHead(rpn.head.conv.in_channels, anchors.num_anchors)
+    rpn_head.load_state_dict({"conv.0.0." + k[len("conv."):] if k.startswith("conv.") else k: v
+                              for k, v in rpn.head.state_dict().items()})
+    d = head.cls_score.in_features
+    predictor = FastRCNNPredictor(d, num_classes + 1)
+    w, b = head.cls_score.weight.detach(), head.cls_score.bias.detach()
+    with torch.no_grad():  # torchvision's background is class 0 and has (unused) deltas
+        predictor.cls_score.weight.copy_(torch.cat((w[num_classes:], w[:num_classes])))
+        predictor.cls_score.bias.copy_(torch.cat((b[num_classes:], b[:num_classes])))
+        predictor.bbox_pred.weight.copy_(torch.cat((torch.zeros_like(w[:4]), head.bbox_pred.weight)))
+        predictor.bbox_pred.bias.copy_(torch.cat((torch.zeros_like(b[:4]), head.bbox_pred.bias)))
+    box_head = nn.Sequential(copy.deepcopy(head.res5), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    tv = TVFasterRCNN(
+        trunk, num_classes=None, min_size=min(image_size), max_size=max(image_size),
+        image_mean=model.pixel_mean.flatten().tolist(), image_std=model.pixel_std.flatten().tolist(),
+        rpn_anchor_generator=TVAnchorGenerator((anchors.sizes,), (anchors.aspect_ratios,)),
+        rpn_head=rpn_head, rpn_pre_nms_top_n_train=rpn.pre_nms_topk[True],
+        rpn_pre_nms_top_n_test=rpn.pre_nms_topk[False], rpn_post_nms_top_n_train=rpn.post_nms_topk[True],
+        rpn_post_nms_top_n_test=rpn.post_nms_topk[False], rpn_nms_thresh=rpn.nms_threshold,
+        rpn_fg_iou_thresh=rpn.matcher.high_threshold, rpn_bg_iou_thresh=rpn.matcher.low_threshold,
+        rpn_batch_size_per_image=rpn.batch_size_per_image, rpn_positive_fraction=rpn.positive_fraction,
+        box_roi_pool=MultiScaleRoIAlign(["0"], head.pooled_size, head.sampling_ratio),
+        box_head=box_head, box_predictor=predictor, box_score_thresh=head.score_threshold,
+        box_nms_thresh=head.nms_threshold, box_detections_per_img=head.detections_per_image,
+        box_fg_iou_thresh=head.matcher.high_threshold, box_bg_iou_thresh=head.matcher.low_threshold,
+        box_batch_size_per_image=head.batch_size_per_image,
+        box_positive_fraction=head.positive_fraction, bbox_reg_weights=head.box_weights)
+    tv.transform.resize = lambda image, target=None: (image, target)  # inputs are pre-resized
+    return tv
+
+
+def fix_proposals(model: nn.Module, proposals: dict[bool, list[torch.Tensor]]) -> None:
+    """Runs the model's own proposal selection, then hands ``proposals[training]`` onwards."""
+    if isinstance(model, FasterRCNN):
+        select = model.rpn.select_proposals
+
+        def fixed_ours(*args, **kwargs):
+            select(*args, **kwargs)
+            return proposals[model.training]
+        model.rpn.select_proposals = fixed_ours
+    else:
+        select_tv = model.rpn.filter_proposals
+
+        def fixed_tv(*args, **kwargs):
+            _, scores = select_tv(*args, **kwargs)
+            return proposals[model.training], scores
+        model.rpn.filter_proposals = fixed_tv
+
+
+def random_boxes(n: int, size: tuple[int, int], g: torch.Generator, min_side: float = 16) -> torch.Tensor:
+    h, w = size
+    x1 = torch.rand(n, generator=g) * (w - min_side)
+    y1 = torch.rand(n, generator=g) * (h - min_side)
+    bw = min_side + torch.rand(n, generator=g) * (w / 2)
+    bh = min_side + torch.rand(n, generator=g) * (h / 2)
+    return torch.stack((x1, y1, (x1 + bw).clamp(max=w), (y1 + bh).clamp(max=h)), dim=1)
+
+
+def make_step(model: nn.Module, train: bool, images: torch.Tensor, targets: list[Targets],
+              optimizer: torch.optim.Optimizer | None) -> Callable[[], None]:
+    """One inference pass or one training step (forward, backward, SGD update)."""
+    ours = isinstance(model, FasterRCNN)
+    size = tuple(images.shape[-2:])
+    batch = ImageBatch(images, [size] * len(images))
+    tv_images = list(images)
+    tv_targets = [{"boxes": t.boxes, "labels": t.labels + 1} for t in targets]
+
+    def step() -> None:
+        if not train:
+            with torch.inference_mode():
+                model(batch) if ours else model(tv_images)
+            return
+        out = model(batch, targets) if ours else model(tv_images, tv_targets)
+        losses = out.losses if ours else out
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+    return step
+
+
+def timed(step: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return float("nan")
+
+
+def build(args: argparse.Namespace, device: torch.device) -> tuple[FasterRCNN, TVFasterRCNN]:
+    torch.manual_seed(0)
+    resnet = ResNet(args.depth, num_classes=None, width=args.width, norm="frozen_bn", freeze_at=2)
+    ours = FasterRCNN.from_resnet(resnet, args.num_classes, roi_op="align", aligned=False,
+                                  sampling_ratio=2, proposals_test=args.proposals_test,
+                                  proposals_train=args.proposals_train,
+                                  pre_nms_topk_test=6000, pre_nms_topk_train=12000,
+                                  roi_batch_size_per_image=args.roi_batch)
+    ours.rpn.min_box_size = 1e-3      # torchvision's fixed minimum sizes, for equal work
+    ours.roi_head.min_box_size = 1e-2
+    return ours.to(device), torchvision_twin(ours, args.size).to(device)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--depth", type=int, default=101, choices=(18, 34, 50, 101, 152))
+    p.add_argument("--size", default="600x1000", help="HxW of the (pre-resized) input")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--modes", nargs="+", default=["infer", "train"], choices=("infer", "train"))
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--width", type=int, default=64, help="ResNet width (64 = the paper's)")
+    p.add_argument("--num-classes", type=int, default=80)
+    p.add_argument("--roi-batch", type=int, default=512, help="sampled RoIs per image in training")
+    p.add_argument("--proposals-test", type=int, default=300)
+    p.add_argument("--proposals-train", type=int, default=2000)
+    p.add_argument("--fuse", action="store_true", help="also time ours with frozen BN fused")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler top operators")
+    args = p.parse_args(argv)
+    h, w = (int(v) for v in args.size.lower().split("x"))
+    args.size = (h, w)
+    return args
+
+
+def profile(name: str, step: Callable[[], None], device: torch.device) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"\n--- profile: {name} ---")
+    print(prof.key_averages().table(sort_by=sort, row_limit=15))
+
+
+def run_case(models: dict[str, nn.Module], proposals: dict[bool, list[torch.Tensor]],
+             mode: str, batch: int, args: argparse.Namespace, device: torch.device) -> None:
+    g = torch.Generator().manual_seed(batch)
+    h, w = args.size
+    images = (torch.rand(batch, 3, h, w, generator=g) * 255).to(device)
+    targets = [Targets(random_boxes(5, args.size, g), torch.randint(args.num_classes, (5,), generator=g),
+                       i).to(device) for i in range(batch)]
+    proposals[True] = [random_boxes(args.proposals_train, args.size, g).to(device) for _ in range(batch)]
+    proposals[False] = [random_boxes(args.proposals_test, args.size, g).to(device) for _ in range(batch)]
+    train = mode == "train"
+    steps = {}
+    for name, model in models.items():
+        if train and name == "ours+fused":
+            continue
+        model.train(train)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=1e-7) if train else None
+        steps[name] = make_step(model, train, images, targets, optimizer)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    peaks: dict[str, float] = {name: 0.0 for name in steps}
+    for i in range(args.warmup + args.iters):
+        for name, step in steps.items():  # interleaved: drift hits every model alike
+            t = timed(step, device)
+            if i >= args.warmup:
+                times[name].append(t)
+                peaks[name] = max(peaks[name], peak_memory_mb(device))
+    base = statistics.median(times["torchvision"])
+    print(f"\n{mode} batch {batch} ({h}x{w}, {len(proposals[train][0])} RoIs/image)")
+    for name in steps:
+        med = statistics.median(times[name])
+        print(f"  {name:12s} {1000 * med:9.1f} ms   ratio {med / base:5.3f}   peak {peaks[name]:8.0f} MiB")
+    if args.profile:
+        for name, step in steps.items():
+            profile(f"{name} {mode} batch {batch}", step, device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    ours, tv = build(args, device)
+    models: dict[str, nn.Module] = {"ours": ours, "torchvision": tv}
+    if args.fuse:
+        models["ours+fused"] = copy.deepcopy(ours).fuse_frozen_bn()
+    proposals: dict[bool, list[torch.Tensor]] = {}
+    for model in models.values():
+        fix_proposals(model, proposals)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"ResNet-{args.depth} C4, torch {torch.__version__}, {device} ({gpu}), "
+          f"{args.threads} threads, median of {args.iters} after {args.warmup} warm-up")
+    for mode in args.modes:
+        for batch in args.batch:
+            run_case(models, proposals, mode, batch, args, device)
+    if device.type == "cpu":
+        print(f"\nprocess max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
+              "(CPU peak memory is process-wide, not per model)")
+
+
+if __name__ == "__main__":
+    main()

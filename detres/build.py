@@ -1,0 +1,340 @@
+"""The only config -> object code (DESIGN.md section 1): backbones, classifier, detector,
+optimizer, LR schedule, datasets and loaders. Each function takes the part of the config it needs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from detres.config import (BackboneConfig, ClassificationConfig, ClsDataConfig,
+                           ClsDatasetConfig, ConfigError, DetDataConfig, DetDatasetConfig,
+                           DetectionConfig, DetModelConfig, SolverConfig, from_dict)
+from detres.config import replace as replace_config
+from detres.data.builtin import ensure_builtin_shapes, shapes_split
+from detres.data.builtin_cls import ensure_builtin_cls
+from detres.data.classification import (BUILTIN_HINT, Cifar10, ClassificationDataset,
+                                        DatasetNotFoundError, ImageFolder, InfiniteBatchSampler,
+                                        ShardSampler, build_cls_transform, datasets_root,
+                                        make_loader)
+from detres.data.coco import COCODetection
+from detres.data.io import DetectionDataset
+from detres.data.loader import build_detection_loader
+from detres.data.transforms import eval_transform, train_transform
+from detres.data.voc import VOCDetection
+from detres.engine.checkpoint import (CheckpointError, check_task, load_checkpoint,
+                                      load_model_state)
+from detres.engine.distributed import DistInfo
+from detres.engine.schedule import WarmupMultiStepSchedule, scale_lr
+from detres.models.anchors import AnchorGenerator
+from detres.models.classifier import Classifier
+from detres.models.faster_rcnn import FasterRCNN
+from detres.models.resnet import ResNet, load_weights
+from detres.models.roi_head import C4RoIHead
+from detres.models.rpn import RPN, RPNHead
+
+NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+# the class-specific layers, re-initialised when weights come from another class set
+CLASS_LAYER_PREFIXES = ("roi_head.cls_score.", "roi_head.bbox_pred.")
+
+
+# ----------------------------------------------------------------------------- models
+def build_backbone(cfg: BackboneConfig, num_classes: int | None = None) -> ResNet:
+    """A ResNet from ``model.backbone``; with ``num_classes`` it has avgpool + fc.
+
+    ``cfg.weights`` is loaded with ``fc`` ignored (a backbone file or an ImageNet classifier
+    initialises any head size).
+    """
+    net = ResNet(cfg.depth, stem=cfg.stem, num_classes=num_classes, residual=cfg.residual,
+                 shortcut=cfg.shortcut, stride_in_1x1=cfg.stride_in_1x1, width=cfg.width,
+                 norm=cfg.norm, gn_groups=cfg.gn_groups, freeze_at=cfg.freeze_at,
+                 zero_init_residual=cfg.zero_init_residual)
+    if cfg.weights:
+        load_weights(net, cfg.weights, ignore_prefixes=("fc.",))
+    return net
+
+
+def build_classifier(cfg: ClassificationConfig, num_classes: int,
+                     pixel_mean: np.ndarray | None = None) -> Classifier:
+    """ResNet + fc for ``num_classes``; ``pixel_mean`` (3, H, W) overrides data.pixel_mean."""
+    net = build_backbone(cfg.model.backbone, num_classes)
+    mean = torch.from_numpy(pixel_mean) if pixel_mean is not None else cfg.data.pixel_mean
+    return Classifier(net, mean, cfg.data.pixel_std)
+
+
+def describe_classifier(model: Classifier, cfg: BackboneConfig) -> str:
+    """The ``arch`` string stored in checkpoints (shown when one does not fit)."""
+    return (f"Classifier(ResNet({model.net.extra_repr()}, width={cfg.width}, norm={cfg.norm!r}),"
+            f" num_classes={model.num_classes})")
+
+
+# ----------------------------------------------------------------------------- solver
+def build_optimizer(cfg: SolverConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """SGD with momentum (Sec 3.4) or AdamW over the trainable parameters.
+
+    The LR is ``base_lr``, times ``ims_per_batch / reference_batch`` when ``reference_batch``
+    is set. With ``no_decay_norm_bias`` norm weights and all biases get no weight decay.
+    """
+    lr = scale_lr(cfg.base_lr, cfg.ims_per_batch, cfg.reference_batch)
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            exempt = cfg.no_decay_norm_bias and (isinstance(module, NORM_TYPES) or name == "bias")
+            (no_decay if exempt else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas)
+
+
+def build_lr_schedule(cfg: SolverConfig) -> WarmupMultiStepSchedule:
+    return WarmupMultiStepSchedule(steps=tuple(cfg.steps), gamma=cfg.gamma,
+                                   warmup_iters=cfg.warmup_iters,
+                                   warmup_factor=cfg.warmup_factor,
+                                   warmup_method=cfg.warmup_method)
+
+
+# ----------------------------------------------------------------------------- data
+def build_cls_dataset(cfg: ClsDatasetConfig, data: ClsDataConfig, train: bool,
+                      pad_fill: tuple[int, int, int] = (0, 0, 0)) -> ClassificationDataset:
+    """One split; ``train`` picks the augmentation, ``cfg.split`` the files."""
+    transform = build_cls_transform(data.recipe, train, data.crop_size, data.scale_range,
+                                    data.test_size, data.ten_crop and not train, pad_fill)
+    if cfg.type == "cifar10":
+        root = Path(cfg.root) if cfg.root else datasets_root() / "cifar-10-batches-py"
+        return Cifar10(root, cfg.split, transform)
+    if cfg.type == "builtin":
+        root = ensure_builtin_cls(cfg.root)
+        return ImageFolder(root / cfg.split, transform, skip_bad_images=data.skip_bad_images)
+    root = Path(cfg.root) if cfg.root else datasets_root() / "imagenet"
+    hint = (f"ImageNet is expected as {root}/{{train,val}}/<wnid>/*.JPEG (ILSVRC2012 from "
+            f"https://image-net.org, val sorted into class folders); set DETRES_DATASETS or "
+            f"data.{'train' if train else 'val'}.root. Without it, run {BUILTIN_HINT}")
+    return ImageFolder(root / cfg.split, transform, skip_bad_images=data.skip_bad_images,
+                       hint=hint)
+
+
+def build_cls_datasets(cfg: ClsDataConfig
+                       ) -> tuple[ClassificationDataset, ClassificationDataset, np.ndarray | None]:
+    """(train set, val set, per-pixel mean image or None); the val set must have the train
+    set's classes."""
+    if cfg.per_pixel_mean and cfg.train.type != "cifar10":
+        raise ConfigError("data.per_pixel_mean needs data.train.type=cifar10 (the paper's "
+                          "CIFAR recipe); other sets use data.pixel_mean")
+    # Padding takes the mean colour: about zero once the model subtracts its mean.
+    fill = tuple(int(round(v)) for v in cfg.pixel_mean)
+    train = build_cls_dataset(cfg.train, cfg, True, fill)
+    val = build_cls_dataset(cfg.val, cfg, False, fill)
+    if list(val.class_names) != list(train.class_names):
+        raise ConfigError(f"data.val has classes {_short(val.class_names)} but data.train has "
+                          f"{_short(train.class_names)}; both splits need the same class folders")
+    return train, val, train.mean_image() if cfg.per_pixel_mean else None
+
+
+def _short(names: list[str]) -> str:
+    return f"{len(names)} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+
+
+def build_cls_train_loader(cfg: ClassificationConfig, train: ClassificationDataset,
+                           dist: DistInfo, device: torch.device, seed: int | None = None
+                           ) -> tuple[torch.utils.data.DataLoader, InfiniteBatchSampler]:
+    """(loader, its resumable sampler): endless per-rank batches of the global batch."""
+    sampler = InfiniteBatchSampler(len(train), cfg.solver.ims_per_batch,
+                                   seed=cfg.train.seed if seed is None else seed,
+                                   rank=dist.rank, world_size=dist.world_size)
+    loader = make_loader(train, batch_sampler=sampler, num_workers=cfg.train.num_workers,
+                         pin_memory=device.type == "cuda")
+    return loader, sampler
+
+
+def build_cls_test_loader(cfg: ClassificationConfig, val: ClassificationDataset,
+                          dist: DistInfo, device: torch.device) -> torch.utils.data.DataLoader:
+    """Each test image on exactly one rank, in order."""
+    return make_loader(val, sampler=ShardSampler(len(val), dist.rank, dist.world_size),
+                       batch_size=max(cfg.data.test_ims_per_batch // dist.world_size, 1),
+                       num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- detection
+DET_BUILTIN_HINT = ("python tools/train_det.py configs/frcnn_r18_shapes.yaml "
+                    "(built-in data, no download)")
+
+
+def build_detector(cfg: DetModelConfig, num_classes: int) -> FasterRCNN:
+    """Faster R-CNN C4 (Appendix A) on ``model.backbone``, whose weights load first (a
+    torchvision ImageNet file or a pretraining backbone file); ``model.weights`` (a detres
+    detection checkpoint) then loads over the whole detector."""
+    resnet = build_backbone(cfg.backbone, num_classes=None)
+    trunk, head = resnet.c4_split()
+    anchors = AnchorGenerator(cfg.anchors.sizes, cfg.anchors.aspect_ratios, stride=trunk.stride)
+    r = cfg.rpn
+    rpn = RPN(RPNHead(trunk.out_channels, anchors.num_anchors, r.conv_channels), anchors,
+              pre_nms_topk_train=r.pre_nms_topk_train, pre_nms_topk_test=r.pre_nms_topk_test,
+              post_nms_topk_train=r.proposals_train, post_nms_topk_test=r.proposals_test,
+              nms_threshold=r.nms_threshold, iou_thresholds=r.iou_thresholds,
+              batch_size_per_image=r.batch_size_per_image,
+              positive_fraction=r.positive_fraction, box_loss=r.box_loss,
+              smooth_l1_beta=1.0 / 9 if r.box_loss == "smooth_l1" else 0.0)
+    h = cfg.roi_head
+    roi_head = C4RoIHead(head, num_classes, head.out_channels, roi_op=h.roi_op,
+                         pooled_size=h.pooled_size, sampling_ratio=h.sampling_ratio,
+                         aligned=h.aligned, feature_stride=trunk.stride,
+                         batch_size_per_image=h.batch_size_per_image,
+                         positive_fraction=h.positive_fraction,
+                         fg_iou_threshold=h.fg_iou_threshold, box_loss=h.box_loss,
+                         smooth_l1_beta=1.0 if h.box_loss == "smooth_l1" else 0.0,
+                         score_threshold=h.score_threshold, nms_threshold=h.nms_threshold,
+                         detections_per_image=h.detections_per_image)
+    model = FasterRCNN(trunk, rpn, roi_head, cfg.pixel_mean, cfg.pixel_std)
+    if cfg.weights:
+        load_detector_weights(model, cfg.weights, cfg.reinit_class_layers)
+    return model
+
+
+def load_detector_weights(model: FasterRCNN, path: str, reinit_class_layers: bool = False) -> None:
+    """Loads a detection checkpoint; another class count is an error unless
+    ``reinit_class_layers`` (then the class-specific layers keep their fresh init)."""
+    ckpt = load_checkpoint(path)
+    check_task(ckpt, path, "detection")
+    state = ckpt["model"]
+    class_keys = [k for k in state if k.startswith(CLASS_LAYER_PREFIXES)]
+    own = model.state_dict()
+    if any(state[k].shape != own[k].shape for k in class_keys if k in own):
+        names = ckpt.get("class_names")
+        found = len(names) if names is not None else "another number of"
+        if not reinit_class_layers:
+            raise CheckpointError(
+                f"{path} detects {found} classes but this model has {model.num_classes}; set "
+                f"model.reinit_class_layers=true to start its class layers afresh")
+        state = {k: v for k, v in state.items() if k not in class_keys}
+        missing = set(own) - set(state)
+        model.load_state_dict({**{k: own[k] for k in missing}, **state})
+        return
+    load_model_state(model, ckpt, path)
+
+
+def _require_file(path: Path, key: str, what: str, how: str) -> Path:
+    if not path.exists():
+        raise DatasetNotFoundError(
+            f"{key}: {what} not found at {path}. {how} Set DETRES_DATASETS or {key} to where it "
+            f"is, or run the built-in demo without it: {DET_BUILTIN_HINT}")
+    return path
+
+
+def build_det_dataset(cfg: DetDatasetConfig, data: DetDataConfig, train: bool,
+                      key: str) -> DetectionDataset:
+    """One split of ``data.train`` / ``data.val`` (``key`` names it in errors)."""
+    if train:
+        transform = train_transform(data.min_size_train, data.max_size_train,
+                                    flip_prob=data.flip_prob, color_jitter=data.color_jitter)
+    else:
+        transform = eval_transform(data.min_size_test, data.max_size_test)
+    common = dict(transform=transform, filter_empty=train and data.filter_empty,
+                  skip_bad_images=data.skip_bad_images)
+    if cfg.type == "builtin":
+        b = data.builtin
+        folder = ensure_builtin_shapes(cfg.root, num_train=b.num_train, num_val=b.num_val,
+                                       image_size=b.image_size, seed=b.seed,
+                                       min_object_size=b.min_object_size)
+        if len(cfg.splits) != 1 or cfg.splits[0] not in ("train", "val"):
+            raise ConfigError(f"{key}.splits must be [train] or [val] for the built-in set, "
+                              f"got {list(cfg.splits)}")
+        annotations, images = shapes_split(folder, cfg.splits[0])
+        return COCODetection(annotations, images, **common)
+    if cfg.type == "coco":
+        split = "train2017" if train else "val2017"
+        coco = datasets_root() / "coco"
+        how = "COCO 2017 comes from https://cocodataset.org (images and annotations)."
+        annotations = _require_file(
+            Path(cfg.annotations) if cfg.annotations else
+            coco / "annotations" / f"instances_{split}.json", f"{key}.annotations",
+            "the annotation file", how)
+        images = _require_file(Path(cfg.images) if cfg.images else coco / split,
+                               f"{key}.images", "the image folder", how)
+        return COCODetection(annotations, images, **common)
+    root = Path(cfg.root) if cfg.root else datasets_root() / "VOCdevkit"
+    sources = []
+    for item in cfg.splits:
+        year, sep, split = item.partition("/")
+        if not sep:
+            raise ConfigError(f"{key}.splits: {item!r} is not YEAR/SPLIT (e.g. 2007/trainval)")
+        folder = _require_file(root / f"VOC{year}", f"{key}.root", f"VOC{year}",
+                               "PASCAL VOC comes from http://host.robots.ox.ac.uk/pascal/VOC/.")
+        sources.append((folder, split))
+    return VOCDetection(sources, keep_difficult=train and data.keep_difficult, **common)
+
+
+def build_det_train_loader(cfg: DetectionConfig, dataset: DetectionDataset, dist: DistInfo,
+                           device: torch.device) -> DataLoader:
+    """Endless, aspect-grouped per-rank batches of ``solver.ims_per_batch / world_size``."""
+    per_rank = _per_rank_batch(cfg.solver.ims_per_batch, dist)
+    return build_detection_loader(dataset, per_rank, infinite=True, shuffle=True,
+                                  aspect_grouping=cfg.data.aspect_grouping,
+                                  num_workers=cfg.train.num_workers,
+                                  pin_memory=device.type == "cuda", seed=cfg.train.seed,
+                                  rank=dist.rank, world_size=dist.world_size)
+
+
+def build_det_test_loader(cfg: DetectionConfig, dataset: DetectionDataset, dist: DistInfo,
+                          device: torch.device) -> DataLoader:
+    """Each test image on exactly one rank, in order."""
+    return build_detection_loader(dataset, cfg.test.ims_per_batch, infinite=False,
+                                  shuffle=False, num_workers=cfg.train.num_workers,
+                                  pin_memory=device.type == "cuda", rank=dist.rank,
+                                  world_size=dist.world_size, persistent_workers=False)
+
+
+def _per_rank_batch(global_batch: int, dist: DistInfo) -> int:
+    if global_batch % dist.world_size:
+        raise ConfigError(f"solver.ims_per_batch={global_batch} is not divisible by the "
+                          f"{dist.world_size} processes")
+    return global_batch // dist.world_size
+
+
+def describe_detector(cfg: DetModelConfig, num_classes: int) -> str:
+    """The ``arch`` string stored in checkpoints (shown when one does not fit)."""
+    b = cfg.backbone
+    return (f"FasterRCNN-C4(ResNet-{b.depth}, width={b.width}, norm={b.norm!r}, "
+            f"roi_op={cfg.roi_head.roi_op!r}, pooled_size={cfg.roi_head.pooled_size}, "
+            f"anchors={list(cfg.anchors.sizes)}x{list(cfg.anchors.aspect_ratios)}, "
+            f"num_classes={num_classes})")
+
+
+def detector_for_checkpoint(cfg: DetModelConfig, path: str | Path
+                            ) -> tuple[FasterRCNN, dict[str, Any]]:
+    """The detector described by ``cfg`` with the weights of checkpoint ``path`` (its class
+    count taken from the checkpoint); returns (model, the checkpoint's metadata)."""
+    ckpt = load_checkpoint(path)
+    check_task(ckpt, path, "detection")
+    names = ckpt.get("class_names")
+    if not names:
+        raise CheckpointError(f"{path} does not record its class_names; it was not written by "
+                              f"tools/train_det.py")
+    plain = dataclasses.replace(cfg, weights=None,
+                                backbone=dataclasses.replace(cfg.backbone, weights=None))
+    model = build_detector(plain, len(names))
+    load_model_state(model, ckpt, path)
+    meta = {k: v for k, v in ckpt.items() if k in ("class_names", "category_ids", "config")}
+    return model.eval(), meta
+
+
+def detector_from_checkpoint(path: str | Path, overrides: Sequence[str] = ()
+                             ) -> tuple[FasterRCNN, DetectionConfig, dict[str, Any]]:
+    """The detector of a training checkpoint, rebuilt from the config stored in it."""
+    ckpt = load_checkpoint(path)
+    if "config" not in ckpt:
+        raise CheckpointError(f"{path} does not record its config; pass CONFIG explicitly")
+    cfg = from_dict(ckpt["config"], DetectionConfig, source=f"{path} (stored config)")
+    cfg = replace_config(cfg, list(overrides))
+    model, meta = detector_for_checkpoint(cfg.model, path)
+    return model, cfg, meta

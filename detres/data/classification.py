@@ -1,0 +1,332 @@
+"""Classification data: ImageFolder (ImageNet layout), CIFAR-10 (local python batches), the
+paper's augmentation recipes, and a resumable sharded sampler.
+
+``dataset[(index, seed)]`` returns ``(image, label)``: image (3, H, W) uint8 RGB after the
+transform ((10, 3, H, W) with 10-crop testing), label an int in [0, K). The ``seed`` makes
+a sample's augmentation a function of its position in the sample stream, not of the worker
+that happens to load it, so a resumed run sees exactly the images an uninterrupted run sees.
+
+Recipes (He et al. 2015):
+- imagenet (Sec 3.4): shorter side drawn from [256, 480], random 224 crop, horizontal flip,
+  mean subtraction, AlexNet's PCA colour augmentation; test: shorter side 256, centre 224
+  crop, or the standard 10-crop (4 corners + centre, and their flips).
+- cifar (Sec 4.2): pad 4 pixels on each side, random 32 crop, flip; test: the original image.
+- builtin: the cifar recipe at the built-in set's size.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from detres.data.io import DatasetError, ImageDecodeError, read_image
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+BUILTIN_HINT = "python tools/pretrain_cls.py configs/cls_builtin.yaml (built-in data, no download)"
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset folder is absent: the message says where it looked and how to get the data."""
+
+
+def datasets_root() -> Path:
+    """``$DETRES_DATASETS`` or ``./datasets`` (DESIGN.md section 5)."""
+    return Path(os.environ.get("DETRES_DATASETS") or "datasets")
+
+
+# ----------------------------------------------------------------------------- datasets
+class ClassificationDataset(Dataset):
+    """Base: subclasses provide ``class_names``, ``labels`` (N,) int64 and ``read(i)``."""
+
+    class_names: list[str]
+    labels: np.ndarray
+
+    def __init__(self, transform: ClsTransform | None = None) -> None:
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def read(self, i: int) -> tuple[np.ndarray, int]:
+        """(image (H, W, 3) uint8 RGB, label) of item i (or of its stand-in, see ImageFolder)."""
+        raise NotImplementedError
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, int]:
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image, label = self.read(int(index))
+        if self.transform is not None:
+            return self.transform(image, seed), label
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), label
+
+
+class ImageFolder(ClassificationDataset):
+    """``root/<class>/<image>`` (ImageNet's train/val layout); classes sorted by folder name.
+
+    Args:
+        root: the folder holding one sub-folder per class.
+        skip_bad_images: an undecodable file is logged, counted and replaced by the next good
+            image instead of raising; ``report_skipped_images()`` gives the count at the end.
+        hint: appended to the "not found" error (how to get the data).
+    """
+
+    def __init__(self, root: str | Path, transform: ClsTransform | None = None, *,
+                 skip_bad_images: bool = False, hint: str = "") -> None:
+        super().__init__(transform)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise DatasetNotFoundError(f"image folder not found: looked for {self.root.resolve()}"
+                                       + (f". {hint}" if hint else ""))
+        self.class_names = sorted(d.name for d in os.scandir(self.root) if d.is_dir())
+        if not self.class_names:
+            raise DatasetError(f"{self.root}: no class folders; an ImageFolder dataset needs "
+                               f"one sub-folder per class (root/<class>/<image>)")
+        paths, labels = [], []
+        for label, name in enumerate(self.class_names):
+            files = sorted(e.path for e in os.scandir(self.root / name)
+                           if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+            if not files:
+                raise DatasetError(f"{self.root / name}: class folder '{name}' holds no images "
+                                   f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove it")
+            paths += files
+            labels += [label] * len(files)
+        # numpy arrays, not lists of str: forked DataLoader workers then share the pages.
+        self.paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.skip_bad_images = skip_bad_images
+        self._bad = torch.zeros(len(paths), dtype=torch.bool).share_memory_()  # seen by workers
+
+    def path(self, i: int) -> Path:
+        return Path(os.fsdecode(bytes(self.paths[i])))
+
+    def read(self, i: int) -> tuple[np.ndarray, int]:
+        n = len(self)
+        for k in range(n):
+            j = (i + k) % n
+            if self.skip_bad_images and bool(self._bad[j]):
+                continue
+            try:
+                return read_image(self.path(j)), int(self.labels[j])
+            except ImageDecodeError as e:
+                if not self.skip_bad_images:
+                    raise ImageDecodeError(f"{e} (set data.skip_bad_images=true to skip "
+                                           f"undecodable images)") from None
+                self._bad[j] = True
+                logger.warning("skipping %s", e)
+        raise DatasetError(f"{self.root}: none of the {n} images could be decoded")
+
+    @property
+    def num_skipped_images(self) -> int:
+        return int(self._bad.sum())
+
+    def report_skipped_images(self) -> int:
+        """Logs how many (and which) images were skipped as undecodable; returns the count."""
+        bad = np.flatnonzero(self._bad.numpy())
+        if len(bad):
+            names = ", ".join(str(self.path(i)) for i in bad[:10])
+            logger.warning("%s: skipped %d of %d images that could not be decoded: %s%s",
+                           self.root, len(bad), len(self), names, " ..." if len(bad) > 10 else "")
+        return len(bad)
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """CIFAR's python batches are pickles; allow only what they contain (arrays, lists)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return _NumpyOnlyUnpickler(f, encoding="bytes").load()
+
+
+class Cifar10(ClassificationDataset):
+    """CIFAR-10 from its python batches (``cifar-10-batches-py``; no download).
+
+    ``split="train"`` reads ``data_batch_1..5`` (50k images), ``"val"``/``"test"`` reads
+    ``test_batch`` (10k), the test set of the paper's Table 6.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train",
+                 transform: ClsTransform | None = None) -> None:
+        super().__init__(transform)
+        self.root = Path(root)
+        names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"CIFAR-10 split must be train, val or test; got {split!r}")
+        missing = [n for n in names if not (self.root / n).is_file()]
+        if missing:
+            raise DatasetNotFoundError(
+                f"CIFAR-10 not found: looked for {', '.join(missing)} in {self.root.resolve()}. "
+                f"Download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it "
+                f"into {datasets_root().resolve()} (it creates cifar-10-batches-py/), or set "
+                f"DETRES_DATASETS or data.{split}.root. Without it, run {BUILTIN_HINT}")
+        batches = [_read_cifar_batch(self.root / n) for n in names]
+        data = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
+        self.images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy()   # (N, 32, 32, 3)
+        self.labels = np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in batches])
+        self.class_names = list(CIFAR10_CLASSES)
+
+    def read(self, i: int) -> tuple[np.ndarray, int]:
+        return self.images[i], int(self.labels[i])
+
+    def mean_image(self) -> np.ndarray:
+        """(3, 32, 32) float32 per-pixel mean of the split (subtracted in Sec 4.2)."""
+        return self.images.mean(axis=0, dtype=np.float64).transpose(2, 0, 1).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- transforms
+class ClsTransform:
+    """An albumentations pipeline, re-seeded per sample; optional 10-crop at the end."""
+
+    def __init__(self, ops: Sequence[A.BasicTransform], ten_crop_size: int | None = None) -> None:
+        self.compose = A.Compose(list(ops))
+        self.ten_crop_size = ten_crop_size
+
+    def __call__(self, image: np.ndarray, seed: int | None = None) -> Tensor:
+        if seed is not None:  # one shared generator, so flip and crop draws are independent
+            self.compose.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        image = self.compose(image=image)["image"]
+        if self.ten_crop_size is not None:
+            crops = ten_crop(image, self.ten_crop_size)
+            return torch.from_numpy(np.ascontiguousarray(crops.transpose(0, 3, 1, 2)))
+        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def ten_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) -> (10, size, size, 3): 4 corners and centre, then the same flipped."""
+    h, w = image.shape[:2]
+    if h < size or w < size:
+        raise ValueError(f"10-crop of {size} needs an image of at least {size}x{size}, got {w}x{h}")
+    tops = (0, 0, h - size, h - size, (h - size) // 2)
+    lefts = (0, w - size, 0, w - size, (w - size) // 2)
+    crops = np.stack([image[t:t + size, l:l + size] for t, l in zip(tops, lefts)])
+    return np.concatenate([crops, crops[:, :, ::-1]])
+
+
+def build_cls_transform(recipe: str, train: bool, crop_size: int,
+                        scale_range: tuple[int, int] = (256, 480), test_size: int = 256,
+                        ten_crop: bool = False, pad_fill: Sequence[int] = (0, 0, 0)
+                        ) -> ClsTransform:
+    """The paper's train/test pipeline for ``recipe`` ("imagenet", "cifar", "builtin")."""
+    fill = tuple(int(v) for v in pad_fill)
+    if recipe == "imagenet":
+        if train:
+            lo, hi = scale_range
+            return ClsTransform([A.SmallestMaxSize(max_size=list(range(lo, hi + 1))),
+                                 A.RandomCrop(crop_size, crop_size), A.HorizontalFlip(),
+                                 A.FancyPCA(alpha=0.1, p=1.0)])
+        ops = [A.SmallestMaxSize(max_size=test_size)]
+        if ten_crop:
+            return ClsTransform(ops, ten_crop_size=crop_size)
+        return ClsTransform(ops + [A.CenterCrop(crop_size, crop_size)])
+    if recipe in ("cifar", "builtin"):
+        # Pad with the mean colour, which is zero after mean subtraction as in the paper.
+        pad = A.PadIfNeeded(crop_size + 8, crop_size + 8, border_mode=cv2.BORDER_CONSTANT,
+                            fill=fill)
+        if train:
+            return ClsTransform([pad, A.RandomCrop(crop_size, crop_size), A.HorizontalFlip()])
+        if ten_crop:
+            return ClsTransform([pad], ten_crop_size=crop_size)
+        return ClsTransform([A.CenterCrop(crop_size, crop_size)])   # the original 32x32 view
+    raise ValueError(f"unknown recipe {recipe!r}; valid: imagenet, cifar, builtin")
+
+
+# ----------------------------------------------------------------------------- sampling
+class InfiniteBatchSampler(Sampler):
+    """Endless shuffled stream of samples cut into global batches, sharded over ranks.
+
+    Position p of the stream is sample ``perm_e[p % N]`` with ``e = p // N`` and ``perm_e`` a
+    permutation seeded by (seed, e). Global batch b covers positions [b*B, (b+1)*B); rank r
+    takes its r-th slice of B / world_size (as DistributedSampler, but per batch), so any
+    number of ranks sees the same global batches. Each yielded item is ``(index, seed)``.
+    ``load_state_dict({"next_batch": b})`` makes the next iterator start at batch b.
+    """
+
+    def __init__(self, size: int, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if size <= 0:
+            raise ValueError("cannot sample from an empty dataset")
+        if batch_size % world_size:
+            raise ValueError(f"the global batch {batch_size} must be divisible by the "
+                             f"{world_size} processes")
+        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
+        self.rank, self.per_rank = rank, batch_size // world_size
+        self.next_batch = 0
+
+    def load_state_dict(self, state: dict) -> None:
+        self.next_batch = int(state["next_batch"])
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.size)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        batch, epoch, perm = self.next_batch, -1, None
+        while True:
+            start = batch * self.batch_size + self.rank * self.per_rank
+            items = []
+            for p in range(start, start + self.per_rank):
+                if p // self.size != epoch:
+                    epoch = p // self.size
+                    perm = self._permutation(epoch)
+                items.append((int(perm[p % self.size]), self.seed * 2**40 + p))
+            yield items
+            batch += 1
+
+
+class ShardSampler(Sampler):
+    """Indices rank, rank + world_size, ...: each test image on exactly one rank, no padding."""
+
+    def __init__(self, size: int, rank: int = 0, world_size: int = 1) -> None:
+        self.indices = range(rank, size, world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def collate(batch: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
+    """-> images (N, 3, H, W) (or (N, 10, 3, H, W)) uint8, labels (N,) int64."""
+    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+
+
+def _worker_init(_: int) -> None:
+    cv2.setNumThreads(1)  # workers are the parallelism; OpenCV threads would oversubscribe
+
+
+def make_loader(dataset: Dataset, *, batch_sampler: Sampler | None = None,
+                sampler: Sampler | None = None, batch_size: int = 1, num_workers: int = 0,
+                pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over ``dataset`` with a batch sampler (training) or a sampler (test)."""
+    kwargs = dict(batch_sampler=batch_sampler) if batch_sampler is not None else \
+        dict(sampler=sampler, batch_size=batch_size, drop_last=False)
+    return DataLoader(dataset, num_workers=num_workers, collate_fn=collate,
+                      pin_memory=pin_memory, worker_init_fn=_worker_init if num_workers else None,
+                      persistent_workers=False, **kwargs)

@@ -1,0 +1,171 @@
+"""Checkpoints: atomic writes, full resume state, safe loading, classifier -> backbone transfer.
+
+A checkpoint is a dict of tensors and plain Python values, readable by
+``torch.load(weights_only=True)`` (no pickled code runs):
+
+    model, optimizer, scheduler, scaler   state dicts
+    iteration                             number of finished iterations (the next one to run)
+    rng                                   python / numpy / torch (/ cuda) generator states
+    sampler                               data position, e.g. {"next_batch": 1000}
+    task, arch                            e.g. "classification", "ResNet(depth=20, ...)"
+    config, class_names                   the resolved config (plain dict) and the label names
+
+Files are written to a temporary name in the same folder and renamed, so a crash (or a NaN
+stop) never leaves a half-written ``model_*.pth`` or ``last_checkpoint``.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from detres.models.resnet import WeightsMismatchError, check_state_dict
+
+LAST_CHECKPOINT = "last_checkpoint"  # a text file naming the newest checkpoint in the folder
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or written for another task or model."""
+
+
+def atomic_write_bytes(path: str | Path, write: Any) -> None:
+    """Calls ``write(file)`` on a temporary file next to ``path``, then renames it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` that never leaves a partial file at ``path``."""
+    atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
+# ----------------------------------------------------------------------------- RNG states
+def get_rng_state() -> dict[str, Any]:
+    """Generator states of python, numpy and torch as tensors and plain values."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),                       # (version, tuple of ints, gauss)
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores what :func:`get_rng_state` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss),
+                         float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- files
+class Checkpointer:
+    """Writes ``model_XXXXXXX.pth`` / ``model_final.pth`` and ``last_checkpoint`` in a folder.
+
+    ``model_0000999.pth`` holds the state after 1000 iterations (detectron2's naming). Only
+    the process with ``enabled=True`` (rank 0) writes.
+    """
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True) -> None:
+        self.output_dir = Path(output_dir)
+        self.enabled = enabled
+
+    def save(self, state: dict[str, Any], name: str) -> Path:
+        path = self.output_dir / f"{name}.pth"
+        if self.enabled:
+            atomic_save(state, path)
+            atomic_write_bytes(self.output_dir / LAST_CHECKPOINT,
+                               lambda f: f.write(path.name.encode()))
+        return path
+
+    def last_checkpoint(self) -> Path | None:
+        """The checkpoint that ``last_checkpoint`` names, or None when there is none."""
+        pointer = self.output_dir / LAST_CHECKPOINT
+        if not pointer.is_file():
+            return None
+        path = self.output_dir / pointer.read_text(encoding="utf-8").strip()
+        if not path.is_file():
+            raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
+        return path
+
+
+def periodic_name(iteration: int) -> str:
+    """Name of the checkpoint taken after ``iteration`` finished iterations."""
+    return f"model_{iteration - 1:07d}"
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Reads a checkpoint with ``weights_only=True``; errors name the file and the cause."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, pickled code, not a torch file at all
+        raise CheckpointError(f"{path}: cannot read as a weights-only torch checkpoint "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
+    return obj
+
+
+def describe(ckpt: dict[str, Any]) -> str:
+    return f"task={ckpt.get('task', '?')!r}, arch={ckpt.get('arch', '?')}"
+
+
+def check_task(ckpt: dict[str, Any], path: str | Path, task: str) -> None:
+    """Raises CheckpointError when ``ckpt`` was written by a run of another task."""
+    found = ckpt.get("task")
+    if found is not None and found != task:
+        raise CheckpointError(f"{path} is a {found!r} checkpoint ({describe(ckpt)}); this run "
+                              f"trains {task!r}. Pass a checkpoint written by a {task} run.")
+    if "model" not in ckpt:
+        raise CheckpointError(f"{path}: not a detres checkpoint (no 'model' entry; keys: "
+                              f"{', '.join(sorted(map(str, ckpt))[:6])})")
+
+
+def load_model_state(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
+    """Loads ``ckpt["model"]`` strictly; a mismatch names the checkpoint's arch, not all keys."""
+    try:
+        check_state_dict(model, ckpt["model"], str(path))
+    except WeightsMismatchError as e:
+        raise CheckpointError(f"{path} was written for another model ({describe(ckpt)}).\n{e}") \
+            from None
+    model.load_state_dict(ckpt["model"], strict=True)
+
+
+def extract_backbone(model_state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The ResNet part of a classifier's state dict, renamed to torchvision names minus ``fc``.
+
+    ``extract_backbone(classifier.state_dict(), "net.")`` gives what
+    ``resnet.load_weights(ResNet(..., num_classes=None), file)`` accepts (the detector's
+    initial weights, Appendix A).
+    """
+    out = {k[len(prefix):]: v for k, v in model_state.items()
+           if k.startswith(prefix) and not k[len(prefix):].startswith("fc.")}
+    if not out:
+        raise CheckpointError(f"no parameters under '{prefix}' in this state dict")
+    return out

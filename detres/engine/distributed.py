@@ -1,0 +1,103 @@
+"""torchrun / DistributedDataParallel helpers.
+
+``torchrun --nproc_per_node=K tools/pretrain_cls.py ...`` sets RANK, WORLD_SIZE and LOCAL_RANK;
+:func:`init_distributed` then joins the process group (NCCL on GPUs, gloo on CPUs). Without
+those variables everything runs in one process and the collectives below are no-ops.
+Only rank 0 writes files; metrics are averaged (or summed) across ranks before logging.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
+    """"auto" -> the local GPU when CUDA is available, else the CPU; "cuda" requires CUDA."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=cpu")
+        return torch.device("cuda", local_rank)
+    if device != "cpu":
+        raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda")
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device | None = None) -> DistInfo:
+    """Joins the process group that torchrun's environment describes (or stays single)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend)
+    return DistInfo(rank, world_size, local_rank) if world_size > 1 else get_dist_info()
+
+
+def get_dist_info() -> DistInfo:
+    if not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    return DistInfo(dist.get_rank(), dist.get_world_size(),
+                    int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """DistributedDataParallel around ``model`` when running under torchrun, else ``model``."""
+    if not is_distributed():
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def all_reduce_tensor(values: torch.Tensor, average: bool = True) -> torch.Tensor:
+    """Sums (or averages) ``values`` over ranks; the identity in a single process."""
+    if not is_distributed():
+        return values
+    values = values.clone()
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values / dist.get_world_size() if average else values
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

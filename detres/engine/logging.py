@@ -1,0 +1,177 @@
+"""Run records: a readable console log (and ``log.txt``), ``metrics.jsonl``, TensorBoard when
+installed, and the environment (git revision, versions, hardware) of every run.
+
+Only rank 0 writes files; other ranks log warnings and errors to the console.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detres.engine.checkpoint import atomic_write_bytes
+
+METRICS_FILE = "metrics.jsonl"
+LOGGER_NAME = "detres"
+
+
+def setup_logger(output_dir: str | Path | None = None, rank: int = 0) -> logging.Logger:
+    """The "detres" logger: console on every rank (INFO on rank 0), ``log.txt`` on rank 0."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    prefix = "" if rank == 0 else f"rank {rank} "
+    fmt = logging.Formatter(f"[%(asctime)s {prefix}%(module)s] %(message)s", datefmt="%H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    console.setFormatter(fmt)
+    logger.addHandler(console)
+    if output_dir is not None and rank == 0:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(Path(output_dir) / "log.txt", encoding="utf-8")
+        file.setFormatter(fmt)
+        logger.addHandler(file)
+    return logger
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``metrics.jsonl`` (and scalars to TensorBoard).
+
+    On resume from iteration ``start_iter`` the records of later iterations (written by the
+    interrupted run after its last checkpoint) are dropped, so the file reads as one run.
+    """
+
+    def __init__(self, output_dir: str | Path | None, enabled: bool = True,
+                 start_iter: int = 0, tensorboard: bool = True) -> None:
+        self.enabled = enabled and output_dir is not None
+        self.path = Path(output_dir) / METRICS_FILE if output_dir is not None else None
+        self._tb = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(start_iter)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+            except ImportError:
+                self._tb = None
+
+    def _truncate_after(self, start_iter: int) -> None:
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        kept = [ln for ln in lines if ln.strip() and _iteration_of(ln) <= start_iter]
+        if len(kept) != len(lines):
+            text = "".join(ln + "\n" for ln in kept)
+            atomic_write_bytes(self.path, lambda f: f.write(text.encode()))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            phase = record.get("phase", "train")
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "iteration":
+                    self._tb.add_scalar(f"{phase}/{key}", value, record["iteration"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+def _iteration_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("iteration", 0))
+    except (ValueError, AttributeError):
+        return 0
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file (or of the one inside a run folder)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file at {path}")
+    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+
+
+def format_record(record: dict[str, Any], max_iter: int | None = None) -> str:
+    """``iter 200/1000  loss 0.5120  loss_cls 0.5120  lr 0.1  0.045 s/it  eta 0:01:23``."""
+    parts = [f"iter {record['iteration']}" + (f"/{max_iter}" if max_iter else "")]
+    for key, value in record.items():
+        if key in ("iteration", "phase", "eta_seconds"):
+            continue
+        if isinstance(value, float):
+            parts.append(f"{key} {value:.4g}")
+        else:
+            parts.append(f"{key} {value}")
+    if "eta_seconds" in record:
+        parts.append(f"eta {datetime.timedelta(seconds=int(record['eta_seconds']))}")
+    return "  ".join(parts)
+
+
+# ----------------------------------------------------------------------------- environment
+def git_revision(path: str | Path | None = None) -> str:
+    """``git describe``-like revision of the checkout holding ``path``; "unknown" outside git."""
+    cwd = Path(path or Path(__file__).resolve().parent)
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, timeout=10)
+        if rev.returncode != 0:
+            return "unknown (no commit)"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def collect_env() -> dict[str, Any]:
+    """Versions and hardware, recorded with every run (STYLE: evidence in every run)."""
+    import numpy
+
+    env: dict[str, Any] = {
+        "git_revision": git_revision(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "argv": sys.argv,
+    }
+    try:
+        import albumentations
+        env["albumentations"] = albumentations.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def write_env(output_dir: str | Path) -> dict[str, Any]:
+    env = collect_env()
+    text = json.dumps(env, indent=2)
+    atomic_write_bytes(Path(output_dir) / "env.json", lambda f: f.write(text.encode()))
+    return env

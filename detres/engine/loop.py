@@ -1,0 +1,328 @@
+"""One training loop for classification, detection and localization.
+
+The loop knows nothing about the task. It needs:
+
+- a model whose forward, called as ``model(*batch)`` (a tuple/list batch) or ``model(batch)``,
+  returns its losses: a dict of scalar tensors, an object with a ``.losses`` dict (e.g.
+  ``DetectorOutput``, ``ClassifierOutput``) or one scalar tensor. An optional ``.stats`` dict
+  of scalars (e.g. the batch's top-1 error) is logged beside the losses;
+- an optimizer, a :class:`WarmupMultiStepSchedule` (the LR is a pure function of the iteration),
+  and an iterable that yields one batch per iteration (tensors, or objects with ``.to(device)``
+  such as ``ImageBatch``/``Targets``, possibly nested in tuples, lists and dicts);
+- optionally an ``eval_fn(model) -> dict[str, float]`` run every ``eval_period`` iterations and
+  at the end, and a ``finish_fn(model)`` run after the last iteration, before ``model_final.pth``
+  is written (precise BN).
+
+Per iteration: LR from the schedule -> forward under autocast -> all ranks average the losses
+-> a non-finite loss stops the run (nothing is saved, so the last checkpoint stays good) ->
+backward (grad scaler for fp16) -> optional gradient clipping -> step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from detres.engine import distributed as du
+from detres.engine.checkpoint import (CheckpointError, Checkpointer, check_task, get_rng_state,
+                                      load_checkpoint, load_model_state, periodic_name,
+                                      set_rng_state)
+from detres.engine.logging import MetricsWriter, format_record
+from detres.engine.schedule import WarmupMultiStepSchedule
+
+logger = logging.getLogger("detres")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or Inf; the message names the iteration and every loss value."""
+
+
+@dataclass
+class TrainResult:
+    iteration: int                                       # finished iterations
+    losses: list[float] = field(default_factory=list)    # total loss of each iteration run now
+    eval_results: dict[str, float] = field(default_factory=dict)
+
+
+def move_to_device(obj: Any, device: torch.device) -> Any:
+    """Tensors and objects with ``.to`` go to ``device``; tuples, lists and dicts recursively."""
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move_to_device(x, device) for x in obj)
+    if isinstance(obj, dict):
+        return {k: move_to_device(v, device) for k, v in obj.items()}
+    if hasattr(obj, "to"):
+        return obj.to(device, non_blocking=True)
+    return obj
+
+
+def call_model(model: nn.Module, batch: Any) -> Any:
+    return model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+
+
+def losses_of(output: Any) -> dict[str, Tensor]:
+    if isinstance(output, Tensor):
+        return {"loss": output}
+    losses = output if isinstance(output, dict) else getattr(output, "losses", None)
+    if not isinstance(losses, dict) or not losses:
+        raise TypeError(f"the model returned {type(output).__name__}; the training loop needs "
+                        f"a dict of losses, an object with a non-empty .losses dict, or a tensor")
+    return losses
+
+
+class Trainer:
+    """Trains ``model`` for ``max_iter`` iterations; see the module docstring.
+
+    Args:
+        model: the plain module (wrapped in DistributedDataParallel here under torchrun).
+        optimizer: over ``model``'s parameters; each group's ``lr`` is its base LR.
+        schedule: LR multiplier per iteration.
+        data: one batch per iteration, endless (or at least ``max_iter`` batches).
+        max_iter: total iterations of the run (not of this call).
+        output_dir: where checkpoints and ``metrics.jsonl`` go; None writes nothing.
+        sampler: the data's sampler; on resume ``sampler.load_state_dict({"next_batch": n})``
+            makes the next iterator over ``data`` start at batch n (exact resume).
+        task, meta: stored in every checkpoint (``task`` is checked on resume; ``meta`` holds
+            e.g. ``arch``, ``config`` and ``class_names``).
+        amp: "none", "bf16" or "fp16" (with a grad scaler); ignored unless on CUDA.
+        clip_grad_norm: max global gradient norm, or None.
+        checkpoint_period, eval_period, log_period: in iterations (0: only at the end).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 schedule: WarmupMultiStepSchedule, data: Iterable, *, max_iter: int,
+                 device: torch.device | str = "cpu", output_dir: str | Path | None = None,
+                 sampler: Any = None, task: str = "classification",
+                 meta: dict[str, Any] | None = None, amp: str = "none",
+                 clip_grad_norm: float | None = None, checkpoint_period: int = 0,
+                 log_period: int = 20, eval_fn: Callable[[nn.Module], dict] | None = None,
+                 eval_period: int = 0, finish_fn: Callable[[nn.Module], None] | None = None,
+                 progress: bool = True) -> None:
+        self.device = torch.device(device)
+        self.module = model
+        self.model = du.wrap_model(model, self.device)
+        self.optimizer, self.schedule, self.data, self.sampler = optimizer, schedule, data, sampler
+        self.max_iter, self.task, self.meta = max_iter, task, dict(meta or {})
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.dist = du.get_dist_info()
+        self.checkpointer = (Checkpointer(self.output_dir, enabled=self.dist.is_main)
+                             if self.output_dir is not None else None)
+        if amp not in ("none", *AMP_DTYPES):
+            raise ValueError(f"unknown amp {amp!r}; valid: none, bf16, fp16")
+        on_cuda = self.device.type == "cuda"
+        self.amp_dtype = AMP_DTYPES.get(amp) if on_cuda else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and amp == "fp16")
+        self.clip_grad_norm = clip_grad_norm
+        self.checkpoint_period, self.log_period = checkpoint_period, max(log_period, 1)
+        self.eval_fn, self.eval_period, self.finish_fn = eval_fn, eval_period, finish_fn
+        self.progress = progress
+        self.iteration = 0
+        self.lr = 0.0
+        self.last_saved: Path | None = None
+        self._data_iter = None
+        self._writer: MetricsWriter | None = None
+        self.schedule.attach(self.optimizer)
+
+    # ------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
+                "iteration": self.iteration, "rng": get_rng_state(),
+                "sampler": {"next_batch": self.iteration}, "task": self.task, **self.meta}
+
+    def load_state_dict(self, ckpt: dict[str, Any], path: str | Path = "checkpoint") -> None:
+        check_task(ckpt, path, self.task)
+        load_model_state(self.module, ckpt, path)
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{path}: its optimizer state does not fit this optimizer "
+                                  f"({e}); was solver.optimizer changed?") from None
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt.get("scheduler") not in (None, self.schedule.state_dict()):
+            logger.warning(f"{path} was trained with LR schedule {ckpt['scheduler']}; "
+                           f"continuing with {self.schedule.state_dict()}")
+        self.iteration = int(ckpt["iteration"])
+        set_rng_state(ckpt["rng"])
+        if self.sampler is not None and "sampler" in ckpt:
+            self.sampler.load_state_dict(ckpt["sampler"])
+        self._data_iter = None
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Loads ``path`` or the output folder's ``last_checkpoint``; False when there is none."""
+        if path is None:
+            path = self.checkpointer.last_checkpoint() if self.checkpointer else None
+            if path is None:
+                logger.info("no checkpoint to resume from; starting at iteration 0")
+                return False
+        self.load_state_dict(load_checkpoint(path), path)
+        self.last_saved = Path(path)
+        logger.info(f"resumed from {path} at iteration {self.iteration}")
+        return True
+
+    def save(self, name: str) -> None:
+        if self.checkpointer is not None:
+            self.last_saved = self.checkpointer.save(self.state_dict(), name)
+            logger.info(f"saved {self.last_saved}")
+
+    # ------------------------------------------------------------------------- loop
+    def run(self) -> TrainResult:
+        """Trains from ``self.iteration`` to ``max_iter``; evaluates and saves at the end."""
+        result = TrainResult(self.iteration)
+        if self._writer is None and self.output_dir is not None:
+            self._writer = MetricsWriter(self.output_dir, self.dist.is_main, self.iteration)
+        if self._data_iter is None:
+            self._data_iter = iter(self.data)
+        finished_before = self.iteration >= self.max_iter
+        self.model.train()
+        bar = tqdm(total=self.max_iter, initial=self.iteration, dynamic_ncols=True,
+                   disable=not (self.progress and self.dist.is_main and sys.stderr.isatty()))
+        window: dict[str, float] = {}
+        window_start, count = time.perf_counter(), 0
+        try:
+            while self.iteration < self.max_iter:
+                t0 = time.perf_counter()
+                batch = next(self._data_iter)
+                data_time = time.perf_counter() - t0
+                losses, stats = self.step(batch)
+                result.losses.append(losses["loss"])
+                for key, value in (*losses.items(), *stats.items(), ("data_time", data_time)):
+                    window[key] = window.get(key, 0.0) + value
+                count += 1
+                bar.update(1)
+                if self.iteration % self.log_period == 0 or self.iteration == self.max_iter:
+                    seconds = (time.perf_counter() - window_start) / count
+                    self._log_window(window, count, seconds)
+                    window, window_start, count = {}, time.perf_counter(), 0
+                if self.iteration < self.max_iter:
+                    self._periodic()
+        finally:
+            bar.close()
+        if not finished_before:
+            if self.finish_fn is not None:
+                self.finish_fn(self.module)
+                self.model.train()
+            self.save("model_final")
+        if self.eval_fn is not None:
+            result.eval_results = self._evaluate()
+            self.model.train()
+        result.iteration = self.iteration
+        return result
+
+    def step(self, batch: Any) -> tuple[dict[str, float], dict[str, float]]:
+        """One iteration on ``batch``: returns its losses (``loss`` is their sum) and the
+        model's stats, both averaged over ranks."""
+        batch = move_to_device(batch, self.device)
+        self.lr = self.schedule.apply(self.optimizer, self.iteration)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            output = call_model(self.model, batch)
+        losses = losses_of(output)
+        total = sum(losses.values())
+        stats = {k: v for k, v in (getattr(output, "stats", None) or {}).items()
+                 if isinstance(v, (Tensor, float, int))}
+        # One tensor, one all-reduce and one device->host copy per iteration.
+        packed = torch.stack([total.detach().float()]
+                             + [v.detach().float() for v in losses.values()]
+                             + [torch.as_tensor(v, dtype=torch.float32, device=total.device)
+                                for v in stats.values()])
+        host = du.all_reduce_tensor(packed).tolist()
+        loss_values = dict(zip(["loss", *losses], host))
+        stat_values = dict(zip(stats, host[len(loss_values):]))
+        if not all(math.isfinite(v) for v in loss_values.values()):
+            self._raise_non_finite(loss_values)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.clip_grad_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.iteration += 1
+        return loss_values, stat_values
+
+    def _raise_non_finite(self, values: dict[str, float]) -> None:
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        kept = (f"the last checkpoint {self.last_saved} is intact"
+                if self.last_saved is not None else "no checkpoint had been written yet")
+        raise NonFiniteLossError(
+            f"non-finite loss at iteration {self.iteration} (0-based): {shown}. Training "
+            f"stopped without saving; {kept}. Try a lower solver.base_lr, warmup "
+            f"(solver.warmup_iters) or solver.clip_grad_norm.")
+
+    def _periodic(self) -> None:
+        if self.checkpoint_period and self.iteration % self.checkpoint_period == 0:
+            self.save(periodic_name(self.iteration))
+        if self.eval_fn is not None and self.eval_period and \
+                self.iteration % self.eval_period == 0:
+            self._evaluate()
+            self.model.train()
+
+    def _evaluate(self) -> dict[str, float]:
+        results = self.eval_fn(self.module)
+        record = {"phase": "eval", "iteration": self.iteration, **results}
+        logger.info("eval " + format_record(record))
+        if self._writer is not None:
+            self._writer.write(record)
+        return results
+
+    def _log_window(self, window: dict[str, float], count: int, seconds: float) -> None:
+        record: dict[str, Any] = {"phase": "train", "iteration": self.iteration, "lr": self.lr}
+        record.update({k: v / count for k, v in window.items()})
+        record["time"] = seconds
+        record["eta_seconds"] = seconds * (self.max_iter - self.iteration)
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            record["max_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        if self._writer is not None:
+            self._writer.write(record)
+        logger.info(format_record(record, self.max_iter))
+
+    def close(self) -> None:
+        """Stops the data iterator (and its worker processes) and closes the metrics file."""
+        self._data_iter = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+@torch.no_grad()
+def recompute_bn_stats(model: nn.Module, data: Iterable, num_batches: int,
+                       device: torch.device | str = "cpu") -> int:
+    """Precise BN: replaces BN running statistics by their average over ``num_batches``.
+
+    The running averages collected during training lag behind the weights; the paper computes
+    BN statistics on the training set before freezing BN for detection (Appendix A). Each
+    BatchNorm gets momentum=None (a cumulative average) for the pass; under torchrun the
+    statistics are then averaged over ranks. Returns the number of batches used.
+    """
+    bns = [m for m in model.modules()
+           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns or num_batches <= 0:
+        return 0
+    was_training, momenta = model.training, [bn.momentum for bn in bns]
+    model.train()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    used = 0
+    for batch in data:
+        if used == num_batches:
+            break
+        call_model(model, move_to_device(batch, torch.device(device)))
+        used += 1
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+        bn.running_mean.copy_(du.all_reduce_tensor(bn.running_mean))
+        bn.running_var.copy_(du.all_reduce_tensor(bn.running_var))
+    model.train(was_training)
+    return used

@@ -1,0 +1,1 @@
+"""Evaluation: classification top-k error (detection and localization metrics alongside)."""

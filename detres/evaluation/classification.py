@@ -1,0 +1,72 @@
+"""Top-1 / top-5 error, in percent, as the paper reports (Tables 3-6).
+
+An image counts as a top-k error when its label is not among the k highest scores. With
+10-crop testing (Sec 3.4) the softmax scores of the crops are averaged first. Under torchrun
+each rank evaluates its shard and the counts are summed over ranks.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from detres.engine.distributed import all_reduce_tensor
+
+
+def count_topk_errors(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)
+                      ) -> dict[int, int]:
+    """scores (N, K), labels (N,) -> {k: number of images whose label is not in the top k}.
+
+    k larger than K is clamped to K (then nothing is an error).
+    """
+    if scores.dim() != 2 or labels.shape != scores.shape[:1]:
+        raise ValueError(f"need scores (N, K) and labels (N,); got {tuple(scores.shape)} "
+                         f"and {tuple(labels.shape)}")
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices      # (N, k_max)
+    hit = top == labels[:, None]                                          # (N, k_max)
+    return {k: int((~hit[:, :k].any(dim=1)).sum()) for k in ks}
+
+
+class ClassificationEvaluator:
+    """Accumulates top-1/top-5 error counts over batches (and ranks)."""
+
+    def __init__(self) -> None:
+        self.wrong1 = self.wrong5 = self.total = 0
+
+    def process(self, scores: Tensor, labels: Tensor) -> None:
+        counts = count_topk_errors(scores, labels, (1, 5))
+        self.wrong1 += counts[1]
+        self.wrong5 += counts[5]
+        self.total += len(labels)
+
+    def evaluate(self) -> dict[str, float]:
+        """{"top1_err", "top5_err"} in percent, plus "num_images"; summed over ranks."""
+        wrong1, wrong5, total = all_reduce_tensor(
+            torch.tensor([self.wrong1, self.wrong5, self.total], dtype=torch.float64),
+            average=False).tolist()
+        if total == 0:
+            raise ValueError("no images were evaluated")
+        return {"top1_err": 100.0 * wrong1 / total, "top5_err": 100.0 * wrong5 / total,
+                "num_images": int(total)}
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader, device: torch.device | str = "cpu"
+                        ) -> dict[str, float]:
+    """Runs ``model`` (returning ``.logits``) over ``loader``'s (images, labels) batches.
+
+    images (N, 3, H, W), or (N, C, 3, H, W) for multi-crop testing (C = 10).
+    """
+    was_training = model.training
+    model.eval()
+    evaluator = ClassificationEvaluator()
+    for images, labels in loader:
+        images, labels = images.to(device, non_blocking=True), labels.to(device)
+        if images.dim() == 5:                                  # (N, C, 3, H, W) crops
+            n, c = images.shape[:2]
+            logits = model(images.flatten(0, 1)).logits        # (N * C, K)
+            scores = logits.float().softmax(1).view(n, c, -1).mean(1)
+        else:
+            scores = model(images).logits.float()
+        evaluator.process(scores, labels)
+    model.train(was_training)
+    return evaluator.evaluate()

@@ -1,0 +1,222 @@
+"""Faster R-CNN with the C4 layout on a ResNet (He et al. 2015, Appendix A; Ren et al. 2015).
+
+    images (N, 3, H, W) RGB 0..255 -> normalize -> trunk = conv1..conv4_x -> (N, C, H/16, W/16)
+      -> RPN -> proposals (P_i, 4) per image
+      -> C4RoIHead: RoI pool 14x14 -> conv5_x (stride 2) -> 7x7 -> average pool -> cls, box
+
+Shapes: N images, C = 1024 conv4_x channels (R-50/101), P_i proposals, K foreground classes,
+M ground-truth boxes, D detections. Parameter names: ``trunk.{conv1,bn1,layer1..3}`` and
+``roi_head.res5.layer4`` are the ResNet's own (torchvision) names under a prefix, so backbone
+weights move in and out with :func:`resnet_to_detector_keys` / :func:`detector_to_resnet_keys`.
+The model never resizes (DESIGN.md section 2): boxes in and out are in the pixels of
+``ImageBatch.tensor``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from detres.models.anchors import ANCHOR_SIZES_VOC, ASPECT_RATIOS, AnchorGenerator
+from detres.models.resnet import FrozenBatchNorm2d, ResNet
+from detres.models.roi_head import BoxLoss, C4RoIHead, RoIOp
+from detres.models.rpn import RPN, RPNHead
+from detres.structures import DetectorOutput, ImageBatch, Targets
+
+# torchvision's ImageNet statistics on the 0..255 scale (RGB); the checkpoint carries them.
+IMAGENET_PIXEL_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_PIXEL_STD = (58.395, 57.12, 57.375)
+TRUNK_PREFIX, HEAD_PREFIX = "trunk.", "roi_head.res5."
+
+
+class FasterRCNN(nn.Module):
+    """normalize -> trunk -> RPN -> RoI head.
+
+    Args:
+        trunk: (N, 3, H, W) normalized images -> (N, C, H/16, W/16), e.g. ``ResNet.c4_split()[0]``.
+        rpn: proposals and RPN losses on the trunk's features.
+        roi_head: owns conv5_x; losses and detections.
+        pixel_mean / pixel_std: RGB, 0..255 scale, subtracted / divided inside the model.
+        check_targets: validate targets (one host synchronisation per batch) before any loss.
+    """
+
+    def __init__(self, trunk: nn.Module, rpn: RPN, roi_head: C4RoIHead,
+                 pixel_mean: Sequence[float] = IMAGENET_PIXEL_MEAN,
+                 pixel_std: Sequence[float] = IMAGENET_PIXEL_STD, check_targets: bool = True) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.rpn = rpn
+        self.roi_head = roi_head
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.check_targets = check_targets
+
+    @property
+    def num_classes(self) -> int:
+        return self.roi_head.num_classes
+
+    @classmethod
+    def from_resnet(cls, resnet: ResNet, num_classes: int, *,
+                    anchor_sizes: Sequence[float] = ANCHOR_SIZES_VOC,
+                    aspect_ratios: Sequence[float] = ASPECT_RATIOS,
+                    roi_op: RoIOp = "pool", pooled_size: int = 14, sampling_ratio: int = 0,
+                    aligned: bool = True, pre_nms_topk_train: int = 12000,
+                    pre_nms_topk_test: int = 6000, proposals_train: int = 2000,
+                    proposals_test: int = 300, rpn_box_loss: BoxLoss = "smooth_l1",
+                    roi_box_loss: BoxLoss = "smooth_l1", rpn_batch_size_per_image: int = 256,
+                    roi_batch_size_per_image: int = 512, nms_threshold: float = 0.5,
+                    pixel_mean: Sequence[float] = IMAGENET_PIXEL_MEAN,
+                    pixel_std: Sequence[float] = IMAGENET_PIXEL_STD) -> FasterRCNN:
+        """Builds the detector around a (pretrained, loaded) ResNet, sharing its modules.
+
+        Defaults are the paper preset (RoIPool, 300 test proposals, smooth-L1); the modern
+        preset is ``roi_op="align", proposals_test=1000, *_box_loss="l1"``. Frozen BN and
+        ``freeze_at`` are the ResNet's own options and carry over unchanged.
+        """
+        trunk, head = resnet.c4_split()
+        anchors = AnchorGenerator(anchor_sizes, aspect_ratios, stride=trunk.stride)
+        rpn = RPN(RPNHead(trunk.out_channels, anchors.num_anchors), anchors,
+                  pre_nms_topk_train=pre_nms_topk_train, pre_nms_topk_test=pre_nms_topk_test,
+                  post_nms_topk_train=proposals_train, post_nms_topk_test=proposals_test,
+                  batch_size_per_image=rpn_batch_size_per_image, box_loss=rpn_box_loss,
+                  smooth_l1_beta=1.0 / 9 if rpn_box_loss == "smooth_l1" else 0.0)
+        roi_head = C4RoIHead(head, num_classes, head.out_channels, roi_op=roi_op,
+                             pooled_size=pooled_size, sampling_ratio=sampling_ratio,
+                             aligned=aligned, feature_stride=trunk.stride,
+                             batch_size_per_image=roi_batch_size_per_image, box_loss=roi_box_loss,
+                             smooth_l1_beta=1.0 if roi_box_loss == "smooth_l1" else 0.0,
+                             nms_threshold=nms_threshold)
+        return cls(trunk, rpn, roi_head, pixel_mean, pixel_std)
+
+    def normalize(self, images: ImageBatch) -> Tensor:
+        """(x - mean) / std, with the padding kept at 0 (as if padded after normalizing)."""
+        x = (images.tensor - self.pixel_mean) / self.pixel_std
+        height, width = x.shape[-2:]
+        for i, (h, w) in enumerate(images.sizes):
+            if h < height:
+                x[i, :, h:] = 0
+            if w < width:
+                x[i, :, :, w:] = 0
+        return x
+
+    def forward(self, images: ImageBatch, targets: list[Targets] | None = None) -> DetectorOutput:
+        """Losses whenever targets are given, detections whenever the model is not training.
+
+        Args:
+            images: (N, 3, H, W) float RGB 0..255, padded; sizes before padding.
+            targets: N ground truths in the same pixels, or None (required in training).
+
+        Returns:
+            DetectorOutput with losses {"loss_rpn_cls", "loss_rpn_box", "loss_cls",
+            "loss_box"}, detections (N Detections, boxes in the batch's pixels) and stats.
+        """
+        if targets is not None:
+            if len(targets) != len(images):
+                raise ValueError(f"{len(images)} images but {len(targets)} targets")
+            if self.check_targets:
+                check_targets(targets, self.num_classes)
+        elif self.training:
+            raise ValueError("FasterRCNN in training mode needs targets")
+        features = self.trunk(self.normalize(images))                  # (N, C, H/16, W/16)
+        proposals, rpn_losses, rpn_stats = self.rpn(features, images.sizes, targets)
+        roi_losses, detections, roi_stats = self.roi_head(features, proposals, images.sizes, targets)
+        return DetectorOutput(losses={**rpn_losses, **roi_losses}, detections=detections,
+                              stats={**rpn_stats, **roi_stats})
+
+    @torch.no_grad()
+    def fuse_frozen_bn(self) -> FasterRCNN:
+        """Folds every FrozenBatchNorm2d into the convolution before it, in place; for inference.
+
+        y = (conv(x) - mean) * g / sqrt(var + eps) + b = conv'(x) with the scale folded into the
+        weights and the shift into a bias, saving a pass over every activation. The state dict
+        changes (BN buffers go, conv biases appear), so save checkpoints before fusing.
+        """
+        fuse_frozen_bn(self)
+        return self
+
+
+def check_targets(targets: list[Targets], num_classes: int) -> None:
+    """Raises ValueError naming the image id for NaN/inf or degenerate boxes (x2 <= x1 or
+    y2 <= y1) and labels outside 0..K-1; one host synchronisation for the whole batch."""
+    bad = []
+    for t in targets:
+        b, lab = t.boxes, t.labels
+        degenerate = ~torch.isfinite(b).all(dim=1) | (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])
+        bad.append(torch.stack((degenerate.any(), ((lab < 0) | (lab >= num_classes)).any())))
+    if not bad:
+        return
+    bad = torch.stack([b.to(bad[0].device) for b in bad]).tolist()    # the one synchronisation
+    if not any(any(b) for b in bad):
+        return
+    for t, (bad_box, bad_label) in zip(targets, bad):
+        if bad_box:
+            b = t.boxes
+            i = int((~torch.isfinite(b).all(dim=1) | (b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1]))
+                    .nonzero()[0])
+            raise ValueError(f"Targets(image_id={t.image_id}): box {i} {b[i].tolist()} is not a "
+                             f"finite xyxy box with x2 > x1 and y2 > y1")
+        if bad_label:
+            lab = t.labels
+            i = int(((lab < 0) | (lab >= num_classes)).nonzero()[0])
+            raise ValueError(f"Targets(image_id={t.image_id}): label {int(lab[i])} of box {i} is "
+                             f"outside 0..{num_classes - 1} (num_classes={num_classes})")
+
+
+def fuse_conv_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> nn.Conv2d:
+    """A convolution equal to ``bn(conv(x))`` for frozen statistics."""
+    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()             # (C_out,)
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                      conv.padding, conv.dilation, conv.groups, bias=True,
+                      device=conv.weight.device, dtype=conv.weight.dtype)
+    fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    fused.weight.requires_grad_(conv.weight.requires_grad)
+    fused.bias.requires_grad_(conv.weight.requires_grad)
+    return fused
+
+
+def fuse_frozen_bn(module: nn.Module) -> int:
+    """Folds FrozenBatchNorm2d layers into the Conv2d they follow, in place; returns how many.
+
+    Pairs are found by ResNet's naming (``convK`` + ``bnK`` in one block, ``conv1`` + ``bn1`` in
+    the stem) and by position in nn.Sequential (``downsample``). The BN becomes nn.Identity.
+    """
+    count = 0
+    for parent in list(module.modules()):
+        children = dict(parent.named_children())
+        if isinstance(parent, nn.Sequential):
+            names = list(children)
+            pairs = list(zip(names[:-1], names[1:]))
+        else:
+            pairs = [("conv" + name[2:], name) for name in children if name.startswith("bn")]
+        for conv_name, bn_name in pairs:
+            conv, bn = children.get(conv_name), children.get(bn_name)
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, FrozenBatchNorm2d):
+                setattr(parent, conv_name, fuse_conv_bn(conv, bn))
+                setattr(parent, bn_name, nn.Identity())
+                count += 1
+    return count
+
+
+def resnet_to_detector_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A ResNet state dict (torchvision names) -> the detector's backbone keys; drops fc."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("layer4."):
+            out[HEAD_PREFIX + key] = value
+        elif not key.startswith("fc."):
+            out[TRUNK_PREFIX + key] = value
+    return out
+
+
+def detector_to_resnet_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The detector's backbone entries under ResNet names (RPN and box layers dropped)."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(TRUNK_PREFIX):
+            out[key[len(TRUNK_PREFIX):]] = value
+        elif key.startswith(HEAD_PREFIX):
+            out[key[len(HEAD_PREFIX):]] = value
+    return out

@@ -1,0 +1,73 @@
+"""DistributedDataParallel on CPU (gloo): 2 processes with 4 images each give the losses of one
+process with the same 8-image global batch.
+
+The model uses GroupNorm: BatchNorm normalises with per-rank batch statistics, so a BN model
+legitimately differs between 1 x 8 and 2 x 4 images. Without BN, DDP's gradient average over
+ranks equals the gradient of the mean loss over the global batch, and the sampler gives every
+rank its slice of the same global batches.
+"""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from detres.data.classification import InfiniteBatchSampler, make_loader
+from detres.engine import Trainer, WarmupMultiStepSchedule
+from detres.engine.logging import read_metrics
+from test_engine import TinyData, one_thread, tiny_model  # noqa: F401 (fixture)
+
+MAX_ITER, GLOBAL_BATCH = 6, 8
+
+
+def _train(output_dir, rank: int = 0, world_size: int = 1) -> list[float]:
+    torch.manual_seed(0)
+    model = tiny_model(norm="gn")
+    data = TinyData()
+    sampler = InfiniteBatchSampler(len(data), GLOBAL_BATCH, seed=0, rank=rank,
+                                   world_size=world_size)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    trainer = Trainer(model, optimizer, WarmupMultiStepSchedule(), make_loader(
+        data, batch_sampler=sampler), max_iter=MAX_ITER, output_dir=output_dir, sampler=sampler,
+        log_period=1, checkpoint_period=3, progress=False)
+    losses = trainer.run().losses
+    trainer.close()
+    return losses
+
+
+def _worker(rank: int, world_size: int, port: int, output_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        losses = _train(output_dir, rank, world_size)
+        with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(losses, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(180)
+def test_two_process_gloo_ddp_matches_one_process(tmp_path):
+    single = _train(tmp_path / "single")
+    # fork: the children reuse the imported modules (spawn re-imports torch: ~10 s more)
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2,
+                       join=True, start_method="fork")
+    per_rank = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert per_rank[0] == per_rank[1]                     # losses are averaged over ranks
+    torch.testing.assert_close(torch.tensor(per_rank[0]), torch.tensor(single),
+                               rtol=1e-5, atol=1e-6)
+    assert single[-1] < single[0]
+    # Only rank 0 wrote: one record per iteration, one set of checkpoints.
+    assert len(read_metrics(tmp_path / "ddp")) == MAX_ITER
+    ckpt = torch.load(tmp_path / "ddp" / "model_final.pth", weights_only=True)
+    assert ckpt["iteration"] == MAX_ITER

@@ -1,0 +1,171 @@
+#!/usr/bin/env python
+"""Pretrain a ResNet by image classification (He et al. 2015, Sec 3.4 and 4.2).
+
+    python tools/pretrain_cls.py [CONFIG] [key=value ...] [--resume] [--eval-only --weights W]
+
+Without CONFIG it trains configs/cls_builtin.yaml: a narrow ResNet on the built-in synthetic
+set (generated on first use), a few minutes on a laptop CPU. Under torchrun it trains with
+DistributedDataParallel (``torchrun --nproc_per_node=8 tools/pretrain_cls.py CONFIG``).
+
+Writes into train.output_dir: config.yaml, env.json, log.txt, metrics.jsonl,
+model_XXXXXXX.pth, last_checkpoint, model_final.pth, backbone.pth (the ResNet without fc,
+with torchvision names: the detector's initial weights via model.backbone.weights) and
+eval/metrics.json ({"top1_err", "top5_err"} in percent).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+from detres import build  # noqa: E402
+from detres.config import ConfigError, dump, load_config, to_dict  # noqa: E402
+from detres.data.io import DatasetError  # noqa: E402
+from detres.engine import distributed as du  # noqa: E402
+from detres.engine.checkpoint import (  # noqa: E402
+    CheckpointError, atomic_save, atomic_write_bytes, check_task, extract_backbone,
+    load_checkpoint, load_model_state)
+from detres.engine.logging import setup_logger, write_env  # noqa: E402
+from detres.engine.loop import NonFiniteLossError, Trainer, recompute_bn_stats  # noqa: E402
+from detres.evaluation.classification import evaluate_classifier  # noqa: E402
+from detres.models.resnet import WeightsMismatchError  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cls_builtin.yaml"
+TASK = "classification"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Example: python tools/pretrain_cls.py configs/cls_resnet20_cifar10.yaml "
+               "solver.base_lr=0.05 train.output_dir=output/r20",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default=None,
+                        help="YAML config (default: configs/cls_builtin.yaml)")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                        help="config overrides, e.g. solver.base_lr=0.01 train.max_iter=100")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from train.output_dir/last_checkpoint")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="only evaluate --weights on data.val")
+    parser.add_argument("--weights", default=None,
+                        help="checkpoint to evaluate (model_final.pth of a classification run)")
+    args = parser.parse_intermixed_args(argv)  # options may stand between key=value items
+    if args.config is not None and "=" in args.config:  # only overrides were given
+        args.overrides.insert(0, args.config)
+        args.config = None
+    if args.eval_only and not args.weights:
+        parser.error("--eval-only needs --weights W")
+    return args
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_classifier_weights(model: torch.nn.Module, path: str) -> None:
+    """Loads a classification checkpoint; other tasks and models fail with a short message."""
+    ckpt = load_checkpoint(path)
+    check_task(ckpt, path, TASK)
+    load_model_state(model, ckpt, path)
+
+
+def write_eval(output_dir: Path, results: dict) -> None:
+    text = json.dumps({k: results[k] for k in ("top1_err", "top5_err")}, indent=2)
+    atomic_write_bytes(output_dir / "eval" / "metrics.json", lambda f: f.write(text.encode()))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    device = du.resolve_device(cfg.train.device)
+    dist = du.init_distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    output_dir = Path(cfg.train.output_dir)
+    logger = setup_logger(output_dir, dist.rank)
+    if dist.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if not args.eval_only:
+            dump(cfg, output_dir / "config.yaml")
+        env = write_env(output_dir)
+        logger.info(f"git {env['git_revision']}, torch {env['torch']}, {env['cpu_count']} CPUs, "
+                    f"GPUs {env['gpus'] or 'none'}, device {device}, world size {dist.world_size}")
+    seed_all(cfg.train.seed)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    torch.use_deterministic_algorithms(cfg.train.deterministic)
+
+    train_set, val_set, mean_image = build.build_cls_datasets(cfg.data)
+    model = build.build_classifier(cfg, train_set.num_classes, mean_image).to(device)
+    train_loader, sampler = build.build_cls_train_loader(cfg, train_set, dist, device)
+    val_loader = build.build_cls_test_loader(cfg, val_set, dist, device)
+    arch = build.describe_classifier(model, cfg.model.backbone)
+    logger.info(f"{len(train_set)} training and {len(val_set)} test images, "
+                f"{train_set.num_classes} classes; {arch}")
+    eval_fn = functools.partial(evaluate_classifier, loader=val_loader, device=device)
+
+    if args.eval_only:
+        load_classifier_weights(model, args.weights)
+        results = eval_fn(model)
+        if dist.is_main:
+            write_eval(output_dir, results)
+        logger.info(f"{args.weights}: top-1 error {results['top1_err']:.2f}%, "
+                    f"top-5 error {results['top5_err']:.2f}% on {results['num_images']} images")
+        return results
+
+    trainer = Trainer(
+        model, build.build_optimizer(cfg.solver, model), build.build_lr_schedule(cfg.solver),
+        train_loader, max_iter=cfg.train.max_iter, device=device, output_dir=output_dir,
+        sampler=sampler, task=TASK,
+        meta={"arch": arch, "config": to_dict(cfg), "class_names": list(train_set.class_names)},
+        amp=cfg.train.amp, clip_grad_norm=cfg.solver.clip_grad_norm,
+        checkpoint_period=cfg.train.checkpoint_period, log_period=cfg.train.log_period,
+        eval_fn=eval_fn, eval_period=cfg.train.eval_period,
+        finish_fn=functools.partial(precise_bn, cfg=cfg, train_set=train_set, dist=dist,
+                                    device=device) if cfg.precise_bn.num_batches else None)
+    if args.resume:
+        trainer.resume()
+    result = trainer.run()
+    trainer.close()
+    if dist.is_main:
+        atomic_save(extract_backbone(model.state_dict(), "net."), output_dir / "backbone.pth")
+        write_eval(output_dir, result.eval_results)
+    for dataset in (train_set, val_set):
+        if hasattr(dataset, "report_skipped_images"):      # data.skip_bad_images
+            dataset.report_skipped_images()
+    logger.info(f"done: top-1 error {result.eval_results['top1_err']:.2f}%, top-5 error "
+                f"{result.eval_results['top5_err']:.2f}%; backbone weights in "
+                f"{output_dir / 'backbone.pth'}")
+    return result.eval_results
+
+
+def precise_bn(model: torch.nn.Module, cfg, train_set, dist, device) -> None:
+    """Recomputes BN statistics over cfg.precise_bn.num_batches augmented training batches."""
+    loader, _ = build.build_cls_train_loader(cfg, train_set, dist, device,
+                                             seed=cfg.train.seed + 1)
+    used = recompute_bn_stats(model, ((images,) for images, _ in loader),
+                              cfg.precise_bn.num_batches, device)
+    logging.getLogger("detres").info(f"precise BN: statistics recomputed over {used} batches")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, CheckpointError, DatasetError, FileNotFoundError,
+            WeightsMismatchError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        du.cleanup()
