@@ -66,14 +66,14 @@ def evaluate_files(gt: str | os.PathLike, dt: str | os.PathLike, metric: str = "
 
 
 def evaluate_model(config: str, weights: str | None, overrides: list[str]) -> dict[str, Any]:
-    """Model mode: build the detector from ``config``, load ``weights``, evaluate on ``data.val``.
-
-    Hook for the lead: load the config with overrides, build model and val loader, run inference,
-    ``detections_to_coco_results`` -> ``merge_results`` across ranks -> ``evaluate_coco``; write
-    ``eval/metrics.json`` and ``eval/coco_results.json`` under ``train.output_dir``.
-    """
-    raise SystemExit("model evaluation (tools/eval_det.py CONFIG --weights W) is not available "
-                     "yet; evaluate a results file with --gt ANNOTATIONS.json --dt RESULTS.json")
+    """Model mode: the detector of ``config`` with ``weights``, evaluated on ``data.val`` as
+    ``tools/train_det.py --eval-only`` does (distributed under torchrun; the main rank also
+    writes ``eval/metrics.json`` and ``eval/coco_results.json`` under ``train.output_dir``)."""
+    if not weights:
+        raise SystemExit("model mode needs --weights W (a detection checkpoint)")
+    import train_det  # tools/ is on sys.path as the script's own folder
+    return train_det.main([config, *overrides, "--eval-only", "--weights", weights],
+                          summary_only=False)
 
 
 def _json_safe(value: Any) -> Any:
@@ -84,7 +84,7 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.config is not None:
         if args.gt or args.dt:
@@ -110,8 +110,15 @@ def main(argv: list[str] | None = None) -> int:
         tmp.write_text(json.dumps({"bbox": _json_safe(metrics)}, indent=2) + "\n")
         os.replace(tmp, args.out)  # atomic, as every write in detres
         print(f"wrote {args.out}")
-    return 0
+    return metrics
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from detres.config import ConfigError
+    from detres.data.io import DatasetError
+    from detres.engine.checkpoint import CheckpointError
+    try:
+        main()
+    except (ConfigError, CheckpointError, DatasetError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -90,7 +90,9 @@ def setup(cfg: DetectionConfig, write_config: bool):
     return device, dist, output_dir, logger
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, summary_only: bool = True) -> dict:
+    """Trains (or with --eval-only evaluates); returns the final metrics, per-class AP
+    included unless ``summary_only``."""
     args = parse_args(argv)
     cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides, schema=DetectionConfig)
     device, dist, output_dir, logger = setup(cfg, write_config=not args.eval_only)
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.eval_only:
         model = build.build_detector(cfg.model, val_set.num_classes).to(device)
         build.load_detector_weights(model, args.weights)
-        return eval_fn(model)
+        return eval_fn(model, summary_only=summary_only)
 
     train_set = build.build_det_dataset(cfg.data.train, cfg.data, train=True, key="data.train")
     if list(val_set.class_names) != list(train_set.class_names):

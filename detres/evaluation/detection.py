@@ -72,7 +72,8 @@ def voc_inputs(dataset: Any, pairs: Sequence[tuple[Targets, Detections]]
 
 def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: torch.device,
                       metric: str = "coco", output_dir: str | Path | None = None,
-                      amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+                      amp_dtype: torch.dtype | None = None,
+                      summary_only: bool = True) -> dict[str, Any]:
     """Scores ``model`` on ``dataset`` (whose test loader is ``loader``) on every rank.
 
     Args:
@@ -82,7 +83,8 @@ def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: 
         output_dir: the run's folder; the main rank writes ``eval/`` there.
 
     Returns:
-        The summary numbers (no per-class table), the same on every rank.
+        The metrics, the same on every rank: the summary numbers, plus ``per_class`` unless
+        ``summary_only`` (the training log takes the summary).
     """
     pairs = run_detector(model, loader, device, amp_dtype)
     if metric == "coco":
@@ -106,7 +108,7 @@ def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: 
                     + format_metrics_table(metrics))
         if output_dir is not None:
             write_eval(Path(output_dir), metrics, results)
-    return {k: v for k, v in metrics.items() if k != "per_class"}
+    return {k: v for k, v in metrics.items() if not (summary_only and k == "per_class")}
 
 
 def write_eval(output_dir: Path, metrics: dict[str, Any], results: list[dict] | None) -> None:
