@@ -62,7 +62,9 @@ class SolverConfig:
     base_lr: float = 0.1                              # for ims_per_batch images (Sec. 3.4: 0.1 at 256)
     # global batch over all processes; each rank takes ims_per_batch / world_size
     ims_per_batch: int = 256
-    # when set, base_lr is multiplied by ims_per_batch / reference_batch (linear scaling rule)
+    # the batch that base_lr and the iteration counts are written for: when set, the LR is
+    # multiplied by ims_per_batch / reference_batch (linear scaling rule) and, in
+    # tools/train_det.py, max_iter, steps, warmup and the periods divided by it
     reference_batch: int | None = None
     momentum: float = 0.9
     weight_decay: float = 1e-4

@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None, summary_only: bool = True) -> dict:
     """Trains (or with --eval-only evaluates); returns the final metrics, per-class AP
     included unless ``summary_only``."""
     args = parse_args(argv)
-    cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides, schema=DetectionConfig)
+    cfg = build.scale_schedule(
+        load_config(args.config or DEFAULT_CONFIG, args.overrides, schema=DetectionConfig))
     device, dist, output_dir, logger = setup(cfg, write_config=not args.eval_only)
     val_set = build.build_det_dataset(cfg.data.val, cfg.data, train=False, key="data.val")
     val_loader = build.build_det_test_loader(cfg, val_set, dist, device)
