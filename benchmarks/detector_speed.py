@@ -11,10 +11,12 @@ depends on the number of RoIs.
 
 Timings are interleaved (ours, torchvision, ours, ...) in one process with the same threads;
 the median of ``--iters`` runs after ``--warmup`` is reported, with ratio = ours / torchvision
-(goal: <= 0.9). ``--fuse`` adds our model with frozen BN folded into the convolutions
-(inference only). ``--profile`` prints torch.profiler's top operators for each model.
+(goal: <= 0.9). ``--variants`` picks the models: ours as built by default (NCHW), with
+frozen BN folded into the convolutions (``fused``, inference only), with channels_last
+(``cl``), and torchvision with channels_last weights for reference. ``--profile`` prints
+torch.profiler's top operators for each model.
 
-    python benchmarks/detector_speed.py --device cpu --depth 50 --size 320x512 --iters 3
+    python benchmarks/detector_speed.py --device cpu --depth 50 --width 32 --size 320x512 --iters 3
     python benchmarks/detector_speed.py --device cuda --depth 101 --size 600x1000 --iters 20
 """
 from __future__ import annotations
@@ -38,6 +40,9 @@ from torchvision.ops import MultiScaleRoIAlign
 from detres.models.faster_rcnn import FasterRCNN
 from detres.models.resnet import ResNet
 from detres.structures import ImageBatch, Targets
+
+
+VARIANTS = ("torchvision", "ours", "ours+fused", "ours+cl", "ours+cl+fused", "torchvision+cl")
 
 
 def torchvision_twin(model: FasterRCNN, image_size: tuple[int, int]) -> TVFasterRCNN:
@@ -80,7 +85,7 @@ def torchvision_twin(model: FasterRCNN, image_size: tuple[int, int]) -> TVFaster
         box_batch_size_per_image=head.batch_size_per_image,
         box_positive_fraction=head.positive_fraction, bbox_reg_weights=head.box_weights)
     tv.transform.resize = lambda image, target=None: (image, target)  # inputs are pre-resized
-    return tv
+    return tv.to(memory_format=torch.contiguous_format)
 
 
 def fix_proposals(model: nn.Module, proposals: dict[bool, list[torch.Tensor]]) -> None:
@@ -178,7 +183,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--roi-batch", type=int, default=512, help="sampled RoIs per image in training")
     p.add_argument("--proposals-test", type=int, default=300)
     p.add_argument("--proposals-train", type=int, default=2000)
-    p.add_argument("--fuse", action="store_true", help="also time ours with frozen BN fused")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:5]),
+                   help="models to time; 'cl' = channels_last, 'fused' = frozen BN folded into "
+                        "the convolutions (inference only); torchvision+cl feeds NCHW images "
+                        "to channels_last weights")
     p.add_argument("--profile", action="store_true", help="print torch.profiler top operators")
     args = p.parse_args(argv)
     h, w = (int(v) for v in args.size.lower().split("x"))
@@ -211,25 +219,26 @@ def run_case(models: dict[str, nn.Module], proposals: dict[bool, list[torch.Tens
     train = mode == "train"
     steps = {}
     for name, model in models.items():
-        if train and name == "ours+fused":
+        if train and name.endswith("fused"):
             continue
         model.train(train)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=1e-7) if train else None
         steps[name] = make_step(model, train, images, targets, optimizer)
     times: dict[str, list[float]] = {name: [] for name in steps}
-    peaks: dict[str, float] = {name: 0.0 for name in steps}
+    peaks: dict[str, float] = {name: float("nan") for name in steps}
     for i in range(args.warmup + args.iters):
         for name, step in steps.items():  # interleaved: drift hits every model alike
             t = timed(step, device)
             if i >= args.warmup:
                 times[name].append(t)
-                peaks[name] = max(peaks[name], peak_memory_mb(device))
+                peaks[name] = max(peak_memory_mb(device), peaks[name] if i > args.warmup else 0.0)
     base = statistics.median(times["torchvision"])
     print(f"\n{mode} batch {batch} ({h}x{w}, {len(proposals[train][0])} RoIs/image)")
     for name in steps:
         med = statistics.median(times[name])
-        print(f"  {name:12s} {1000 * med:9.1f} ms   ratio {med / base:5.3f}   peak {peaks[name]:8.0f} MiB")
+        peak = f"{peaks[name]:8.0f} MiB" if device.type == "cuda" else "n/a (CPU)"
+        print(f"  {name:16s} {1000 * med:9.1f} ms   ratio {med / base:5.3f}   peak {peak}")
     if args.profile:
         for name, step in steps.items():
             profile(f"{name} {mode} batch {batch}", step, device)
@@ -240,9 +249,15 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     ours, tv = build(args, device)
-    models: dict[str, nn.Module] = {"ours": ours, "torchvision": tv}
-    if args.fuse:
-        models["ours+fused"] = copy.deepcopy(ours).fuse_frozen_bn()
+    variants = {
+        "torchvision": lambda: tv,
+        "ours": lambda: ours,
+        "ours+fused": lambda: copy.deepcopy(ours).fuse_frozen_bn(),
+        "ours+cl": lambda: copy.deepcopy(ours).use_channels_last(),
+        "ours+cl+fused": lambda: copy.deepcopy(ours).use_channels_last().fuse_frozen_bn(),
+        "torchvision+cl": lambda: copy.deepcopy(tv).to(memory_format=torch.channels_last),
+    }
+    models: dict[str, nn.Module] = {name: variants[name]() for name in args.variants}
     proposals: dict[bool, list[torch.Tensor]] = {}
     for model in models.values():
         fix_proposals(model, proposals)

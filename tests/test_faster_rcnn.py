@@ -158,8 +158,9 @@ def test_weights_transfer_from_a_pretrained_backbone_file(tmp_path):
     assert model.roi_head.res5.layer4[0].conv1.stride == (2, 2)   # conv5_1 halves 14 -> 7
 
 
-def test_fused_frozen_bn_gives_the_same_detections():
-    model = make_model().eval()
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_frozen_bn_gives_the_same_detections(channels_last):
+    model = make_model(channels_last=channels_last).eval()
     for m in model.modules():
         if hasattr(m, "running_var") and m.running_var is not None:
             m.running_mean.uniform_(-0.5, 0.5)
@@ -170,10 +171,33 @@ def test_fused_frozen_bn_gives_the_same_detections():
     with torch.no_grad():
         expected = model(batch).detections
         assert fuse_frozen_bn(model) == 2 * 8 + 3 + 1   # two convs per block, shortcuts, stem
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
         got = model(batch).detections
     for d, e in zip(got, expected):
         torch.testing.assert_close(d.boxes, e.boxes, rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(d.scores, e.scores, rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_gives_the_same_losses_gradients_and_detections():
+    batch, targets = make_batch(), make_targets()
+    outputs = []
+    for channels_last in (False, True):
+        model = make_model(channels_last=channels_last)
+        make_confident(model)
+        torch.manual_seed(3)   # same RoI samples
+        out = model.train()(batch, targets)
+        sum(out.losses.values()).backward()
+        with torch.no_grad():
+            detections = model.eval()(batch).detections
+        outputs.append((out.losses, model.roi_head.res5.layer4[0].conv1.weight.grad, detections))
+    (losses_a, grad_a, det_a), (losses_b, grad_b, det_b) = outputs
+    for key in LOSSES:
+        torch.testing.assert_close(losses_a[key], losses_b[key], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_a, grad_b, rtol=1e-3, atol=1e-5)
+    for a, b in zip(det_a, det_b):
+        torch.testing.assert_close(a.boxes, b.boxes, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])

@@ -32,18 +32,37 @@ def random_boxes(n, size=(96, 128), seed=0):
     return box_ops.clip(torch.cat((xy, xy + wh), dim=1), size)
 
 
-@pytest.mark.parametrize("roi_op,aligned,ratio", [("pool", True, 0), ("align", True, 0),
-                                                  ("align", False, 2)])
-def test_pool_rois_equals_torchvision_ops(roi_op, aligned, ratio):
+def test_roi_pool_equals_torchvision_roi_pool():
     features = torch.randn(2, 4, 6, 8)
     boxes = [random_boxes(5), random_boxes(3, seed=1)]
-    got = pool_rois(features, rois_from_boxes(boxes), roi_op, 14, 1 / 16, ratio, aligned)
-    if roi_op == "pool":
-        expected = roi_pool(features, boxes, 14, 1 / 16)
-    else:
-        expected = roi_align(features, boxes, 14, 1 / 16, ratio, aligned)
-    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    got = pool_rois(features, rois_from_boxes(boxes), "pool", 14, 1 / 16, 0, True)
+    torch.testing.assert_close(got, roi_pool(features, boxes, 14, 1 / 16), rtol=0, atol=0)
     assert got.shape == (8, 4, 14, 14)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("ratio", [0, 1, 2, 3])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_roi_align_gather_equals_torchvision_roi_align(aligned, ratio, channels_last):
+    """Values and gradients, with RoIs partly outside the map, empty and tiny RoIs."""
+    g = torch.Generator().manual_seed(ratio)
+    features = torch.randn(2, 5, 7, 9, generator=g)
+    corners = torch.rand(40, 4, generator=g) * 170 - 20
+    boxes = torch.cat((torch.minimum(corners[:, :2], corners[:, 2:]),
+                       torch.maximum(corners[:, :2], corners[:, 2:])), dim=1)
+    boxes[:3, 2:] = boxes[:3, :2]            # empty
+    boxes[3:6, 2:] = boxes[3:6, :2] + 0.3    # smaller than a feature cell
+    rois = torch.cat((torch.randint(2, (40, 1), generator=g).float(), boxes), dim=1)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    ours_in = features.clone().contiguous(memory_format=layout).requires_grad_()
+    ref_in = features.clone().requires_grad_()
+    got = pool_rois(ours_in, rois, "align", 4, 1 / 16, ratio, aligned)
+    expected = roi_align(ref_in, rois, 4, 1 / 16, ratio, aligned)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(expected.shape, generator=g)
+    got.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_roi_pool_is_max_over_the_cells_region():

@@ -134,8 +134,8 @@ def test_weights_for_another_class_count(finished_run, tmp_path):
     data["categories"] += [{"id": 6, "name": "x"}, {"id": 7, "name": "y"}]
     ann.write_text(json.dumps(data))
     images = str(shapes_split(ensure_builtin_shapes(), "train")[1])
-    other = [f"data.train.type=coco", f"data.train.annotations={ann}",
-             f"data.train.images={images}", f"data.val.type=coco",
+    other = ["data.train.type=coco", f"data.train.annotations={ann}",
+             f"data.train.images={images}", "data.val.type=coco",
              f"data.val.annotations={ann}", f"data.val.images={images}"]
     with pytest.raises(CheckpointError, match="detects 5 classes but this model has 7.*"
                                               "model.reinit_class_layers=true"):

@@ -18,23 +18,21 @@ import argparse
 import functools
 import json
 import logging
-import random
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
+from common import parse_tool_args, setup_run  # noqa: E402
 from detres import build  # noqa: E402
-from detres.config import ConfigError, dump, load_config, to_dict  # noqa: E402
+from detres.config import ConfigError, load_config, to_dict  # noqa: E402
 from detres.data.io import DatasetError  # noqa: E402
 from detres.engine import distributed as du  # noqa: E402
 from detres.engine.checkpoint import (  # noqa: E402
     CheckpointError, atomic_save, atomic_write_bytes, check_task, extract_backbone,
     load_checkpoint, load_model_state)
-from detres.engine.logging import setup_logger, write_env  # noqa: E402
 from detres.engine.loop import NonFiniteLossError, Trainer, recompute_bn_stats  # noqa: E402
 from detres.evaluation.classification import evaluate_classifier  # noqa: E402
 from detres.models.resnet import WeightsMismatchError  # noqa: E402
@@ -44,34 +42,9 @@ TASK = "classification"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Example: python tools/pretrain_cls.py configs/cls_resnet20_cifar10.yaml "
-               "solver.base_lr=0.05 train.output_dir=output/r20",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", default=None,
-                        help="YAML config (default: configs/cls_builtin.yaml)")
-    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
-                        help="config overrides, e.g. solver.base_lr=0.01 train.max_iter=100")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from train.output_dir/last_checkpoint")
-    parser.add_argument("--eval-only", action="store_true",
-                        help="only evaluate --weights on data.val")
-    parser.add_argument("--weights", default=None,
-                        help="checkpoint to evaluate (model_final.pth of a classification run)")
-    args = parser.parse_intermixed_args(argv)  # options may stand between key=value items
-    if args.config is not None and "=" in args.config:  # only overrides were given
-        args.overrides.insert(0, args.config)
-        args.config = None
-    if args.eval_only and not args.weights:
-        parser.error("--eval-only needs --weights W")
-    return args
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    return parse_tool_args(__doc__, "configs/cls_builtin.yaml",
+                           "Example: python tools/pretrain_cls.py configs/cls_resnet20_cifar10.yaml "
+                           "solver.base_lr=0.05 train.output_dir=output/r20", argv)
 
 
 def load_classifier_weights(model: torch.nn.Module, path: str) -> None:
@@ -89,23 +62,7 @@ def write_eval(output_dir: Path, results: dict) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
-    device = du.resolve_device(cfg.train.device)
-    dist = du.init_distributed(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-    output_dir = Path(cfg.train.output_dir)
-    logger = setup_logger(output_dir, dist.rank)
-    if dist.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if not args.eval_only:
-            dump(cfg, output_dir / "config.yaml")
-        env = write_env(output_dir)
-        logger.info(f"git {env['git_revision']}, torch {env['torch']}, {env['cpu_count']} CPUs, "
-                    f"GPUs {env['gpus'] or 'none'}, device {device}, world size {dist.world_size}")
-    seed_all(cfg.train.seed)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    torch.use_deterministic_algorithms(cfg.train.deterministic)
+    device, dist, output_dir, logger = setup_run(cfg, write_config=not args.eval_only)
 
     train_set, val_set, mean_image = build.build_cls_datasets(cfg.data)
     model = build.build_classifier(cfg, train_set.num_classes, mean_image).to(device)

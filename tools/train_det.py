@@ -15,21 +15,18 @@ from __future__ import annotations
 
 import argparse
 import functools
-import random
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
+from common import parse_tool_args, setup_run  # noqa: E402
 from detres import build  # noqa: E402
-from detres.config import ConfigError, DetectionConfig, dump, load_config, to_dict  # noqa: E402
+from detres.config import ConfigError, DetectionConfig, load_config, to_dict  # noqa: E402
 from detres.data.io import DatasetError  # noqa: E402
 from detres.engine import distributed as du  # noqa: E402
 from detres.engine.checkpoint import CheckpointError  # noqa: E402
-from detres.engine.logging import setup_logger, write_env  # noqa: E402
 from detres.engine.loop import AMP_DTYPES, NonFiniteLossError, Trainer  # noqa: E402
 from detres.evaluation.detection import evaluate_detector  # noqa: E402
 from detres.models.resnet import WeightsMismatchError  # noqa: E402
@@ -39,55 +36,9 @@ TASK = "detection"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Example: python tools/train_det.py configs/frcnn_r101_coco.yaml "
-               "solver.ims_per_batch=8 train.output_dir=output/r101",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", default=None,
-                        help="YAML config (default: configs/frcnn_r18_shapes.yaml, the demo)")
-    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
-                        help="config overrides, e.g. solver.base_lr=0.01 train.max_iter=100")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from train.output_dir/last_checkpoint")
-    parser.add_argument("--eval-only", action="store_true",
-                        help="only evaluate --weights on data.val")
-    parser.add_argument("--weights", default=None,
-                        help="detection checkpoint to evaluate (e.g. model_final.pth)")
-    args = parser.parse_intermixed_args(argv)
-    if args.config is not None and "=" in args.config:  # only overrides were given
-        args.overrides.insert(0, args.config)
-        args.config = None
-    if args.eval_only and not args.weights:
-        parser.error("--eval-only needs --weights W")
-    return args
-
-
-def seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def setup(cfg: DetectionConfig, write_config: bool):
-    """Device, distributed state and logger; records the config and the environment."""
-    device = du.resolve_device(cfg.train.device)
-    dist = du.init_distributed(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-    output_dir = Path(cfg.train.output_dir)
-    logger = setup_logger(output_dir, dist.rank)
-    if dist.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if write_config:
-            dump(cfg, output_dir / "config.yaml")
-        env = write_env(output_dir)
-        logger.info(f"git {env['git_revision']}, torch {env['torch']}, {env['cpu_count']} CPUs, "
-                    f"GPUs {env['gpus'] or 'none'}, device {device}, world size {dist.world_size}")
-    seed_all(cfg.train.seed)
-    if cfg.train.num_threads:
-        torch.set_num_threads(cfg.train.num_threads)
-    return device, dist, output_dir, logger
+    return parse_tool_args(__doc__, "configs/frcnn_r18_shapes.yaml, the built-in demo",
+                           "Example: python tools/train_det.py configs/frcnn_r101_coco.yaml "
+                           "solver.ims_per_batch=8 train.output_dir=output/r101", argv)
 
 
 def main(argv: list[str] | None = None, summary_only: bool = True) -> dict:
@@ -96,7 +47,7 @@ def main(argv: list[str] | None = None, summary_only: bool = True) -> dict:
     args = parse_args(argv)
     cfg = build.scale_schedule(
         load_config(args.config or DEFAULT_CONFIG, args.overrides, schema=DetectionConfig))
-    device, dist, output_dir, logger = setup(cfg, write_config=not args.eval_only)
+    device, dist, output_dir, logger = setup_run(cfg, write_config=not args.eval_only)
     val_set = build.build_det_dataset(cfg.data.val, cfg.data, train=False, key="data.val")
     val_loader = build.build_det_test_loader(cfg, val_set, dist, device)
     amp = AMP_DTYPES.get(cfg.train.amp) if device.type == "cuda" else None

@@ -19,9 +19,7 @@ layers (depth 6n + 2) with 16/32/64 filters, named res2..res4 at strides 1, 2, 4
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -405,122 +403,7 @@ class ResNetHead(nn.Module):
         return self.layer4(x)
 
 
-# ---------------------------------------------------------------------------------------------
-# Weights
-
-TORCHVISION_SCHEME = "torchvision://"
-MAX_LISTED_KEYS = 8
-
-
-class WeightsNotFoundError(FileNotFoundError):
-    """A weights file is neither on disk nor obtainable from torchvision's URL."""
-
-
-class WeightsMismatchError(ValueError):
-    """A state dict has missing, unexpected or wrongly shaped keys for the model."""
-
-
-def _torchvision_file(spec: str) -> str:
-    """Path of "torchvision://resnet101[.IMAGENET1K_V2]" in the hub cache, downloaded if absent.
-
-    IMAGENET1K_V1 is the default: torchvision's original recipe, close to the paper's (V2 adds
-    later tricks). The hub cache is $TORCH_HOME/hub/checkpoints.
-    """
-    from torchvision.models import get_model_weights
-
-    name, _, tag = spec[len(TORCHVISION_SCHEME):].partition(".")
-    try:
-        weights_enum = get_model_weights(name)
-    except ValueError:
-        raise ValueError(
-            f"{spec}: torchvision has no model {name!r} (e.g. torchvision://resnet50)") from None
-    tag = tag or "IMAGENET1K_V1"
-    if tag not in weights_enum.__members__:
-        raise ValueError(f"{spec}: torchvision {name} has no weights {tag!r}; "
-                         f"valid: {', '.join(weights_enum.__members__)}")
-    url = weights_enum[tag].url
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
-    if not os.path.isfile(path):
-        match = torch.hub.HASH_REGEX.search(os.path.basename(path))  # "resnet50-0676ba61.pth"
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(url, path, match and match.group(1), progress=True)
-        except Exception as e:  # offline, proxy, disk full, ...: all need the same remedy
-            raise WeightsNotFoundError(
-                f"{spec}: expected {path} in the torch hub cache; downloading {url} failed "
-                f"({type(e).__name__}: {e}). Copy the file there (or set TORCH_HOME).") from e
-    return path
-
-
-def read_state_dict(spec: str) -> dict[str, Tensor]:
-    """Reads a state dict from a local file or "torchvision://NAME[.TAG]".
-
-    A file may hold a state dict or a checkpoint dict whose "model" entry is one (our
-    checkpoints, detectron2's). Loading uses ``weights_only=True``: no pickled code runs.
-    """
-    if spec.startswith(TORCHVISION_SCHEME):
-        path = _torchvision_file(spec)
-    elif os.path.isfile(spec):
-        path = spec
-    else:
-        raise WeightsNotFoundError(f"weights file not found: {spec}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{spec}: expected a state dict (name -> tensor) or a checkpoint "
-                         f"with one under 'model'")
-    return obj
-
-
-def _listed(keys: list[str]) -> str:
-    shown = ", ".join(keys[:MAX_LISTED_KEYS])
-    more = len(keys) - MAX_LISTED_KEYS
-    return shown + (f", ... and {more} more" if more > 0 else "")
-
-
-def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], spec: str = "state dict",
-                     ignore_prefixes: tuple[str, ...] = ()) -> None:
-    """Raises WeightsMismatchError listing missing, unexpected and wrongly shaped keys.
-
-    Keys starting with one of ``ignore_prefixes`` are skipped on both sides. A missing
-    ``num_batches_tracked`` is not an error (files saved before PyTorch 0.4.1 lack it).
-    """
-    ignore = tuple(ignore_prefixes)
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(ignore)}
-    given = {k: v for k, v in state_dict.items() if not k.startswith(ignore)}
-    missing = [k for k in own if k not in given and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in given if k not in own]
-    wrong = [f"{k} (file {tuple(given[k].shape)}, model {tuple(own[k].shape)})"
-             for k in own if k in given and given[k].shape != own[k].shape]
-    if not (missing or unexpected or wrong):
-        return
-    lines = [f"weights {spec} do not fit {type(model).__name__}"
-             f"({model.extra_repr() if isinstance(model, ResNet) else ''}): weights for another "
-             f"depth, stem, width or shortcut option?"]
-    if missing:
-        lines.append(f"  {len(missing)} missing keys: {_listed(missing)}")
-    if unexpected:
-        lines.append(f"  {len(unexpected)} unexpected keys: {_listed(unexpected)}")
-    if wrong:
-        lines.append(f"  {len(wrong)} wrongly shaped keys: {_listed(wrong)}")
-    if any(k.startswith("fc.") for k in missing + unexpected):
-        lines.append("  (a backbone without fc loads a classifier with ignore_prefixes=('fc.',))")
-    raise WeightsMismatchError("\n".join(lines))
-
-
-def load_weights(model: nn.Module, spec: str, ignore_prefixes: tuple[str, ...] = ()) -> None:
-    """Loads weights into ``model`` in place, requiring an exact match except ignored keys.
-
-    Args:
-        model: a ResNet (or any module whose names match the file).
-        spec: a local file, or "torchvision://resnet101" (IMAGENET1K_V1) /
-            "torchvision://resnet50.IMAGENET1K_V2", read from the torch hub cache and downloaded
-            there only when absent.
-        ignore_prefixes: keys skipped on both sides, e.g. ``("fc.",)`` for a detection backbone.
-    """
-    state_dict = read_state_dict(spec)
-    check_state_dict(model, state_dict, spec, ignore_prefixes)
-    ignore = tuple(ignore_prefixes)
-    model.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith(ignore)},
-                          strict=False)
+# Weights live in their own module; these names stay importable from here.
+from detres.models.weights import (TORCHVISION_SCHEME, WeightsMismatchError,  # noqa: E402,F401
+                                   WeightsNotFoundError, check_state_dict, load_weights,
+                                   read_state_dict)

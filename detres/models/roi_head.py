@@ -36,9 +36,120 @@ def pool_rois(features: Tensor, rois: Tensor, roi_op: RoIOp, output_size: int,
     ``aligned=True`` samples pixel centres at half-pixel offsets (detectron2 ROIAlignV2);
     torchvision's MultiScaleRoIAlign uses aligned=False and sampling_ratio=2.
     """
+    if roi_op == "pool" and features.device.type == "cpu":
+        return roi_pool_gather(features, rois, output_size, spatial_scale)
     if roi_op == "pool":  # no autocast rule for roi_pool: run in float32 like roi_align's
         return roi_pool(features.float(), rois.float(), output_size, spatial_scale).to(features.dtype)
+    if features.device.type == "cpu":
+        return roi_align_gather(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
     return roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+
+
+def _feature_table(features: Tensor) -> Tensor:
+    """(N, C, H, W) -> (N*H*W, C) float32 rows of feature vectors; a view for channels_last."""
+    n, c, h, w = features.shape
+    return features.float().permute(0, 2, 3, 1).reshape(n * h * w, c).contiguous()
+
+
+def _pooled_to_nchw(pooled: Tensor, num_rois: int, size: int, dtype: torch.dtype) -> Tensor:
+    """(R*S*S, C) -> (R, C, S, S) in channels_last layout (no copy)."""
+    return pooled.view(num_rois, size, size, -1).permute(0, 3, 1, 2).to(dtype)
+
+
+def roi_pool_gather(features: Tensor, rois: Tensor, output_size: int, spatial_scale: float) -> Tensor:
+    """RoI max pooling equal to ``torchvision.ops.roi_pool``, as one ``embedding_bag(max)``.
+
+    Fast R-CNN's quantisation: corners rounded to feature cells (half away from zero), the end
+    cell included, bin edges floor/ceil; empty bins give 0. Every bin is padded to the largest
+    bin (repeating one of its own cells, which leaves the max unchanged), so the largest bin
+    size is read on the host. As for :func:`roi_align_gather`, the backward is a parallel
+    scatter instead of torchvision's single-threaded CPU loop. Ties between equal maxima may
+    route the gradient to a different cell than torchvision does.
+    """
+    num_rois, (n, c, h, w), size = rois.shape[0], features.shape, output_size
+    corners = rois[:, 1:].float() * spatial_scale
+    corners = corners.sign() * (corners.abs() + 0.5).floor()              # C's round()
+    start_w, start_h = corners[:, 0:1], corners[:, 1:2]
+    bin_w = (corners[:, 2:3] - start_w + 1).clamp(min=1) / size             # (R, 1)
+    bin_h = (corners[:, 3:4] - start_h + 1).clamp(min=1) / size
+    p = torch.arange(size, device=rois.device, dtype=torch.float32)
+    h0 = ((p * bin_h).floor() + start_h).clamp(0, h).long()                 # (R, S)
+    h1 = (((p + 1) * bin_h).ceil() + start_h).clamp(0, h).long()
+    w0 = ((p * bin_w).floor() + start_w).clamp(0, w).long()
+    w1 = (((p + 1) * bin_w).ceil() + start_w).clamp(0, w).long()
+    kh = max(int((h1 - h0).max().item()), 1) if num_rois else 1
+    kw = max(int((w1 - w0).max().item()), 1) if num_rois else 1
+    rows = h0[..., None] + torch.arange(kh, device=rois.device)             # (R, S, kh)
+    rows = torch.where(rows < h1[..., None], rows, h0[..., None]).clamp(max=h - 1)
+    cols = w0[..., None] + torch.arange(kw, device=rois.device)
+    cols = torch.where(cols < w1[..., None], cols, w0[..., None]).clamp(max=w - 1)
+    base = rois[:, 0].long()[:, None, None, None, None] * (h * w)
+    index = base + rows[:, :, None, :, None] * w + cols[:, None, :, None, :]   # (R, S, S, kh, kw)
+    pooled = F.embedding_bag(index.reshape(num_rois * size * size, kh * kw), _feature_table(features),
+                             mode="max")                                   # (R*S*S, C)
+    empty = (h1 <= h0)[:, :, None] | (w1 <= w0)[:, None, :]                  # (R, S, S)
+    pooled = torch.where(empty.reshape(-1, 1), 0.0, pooled)
+    return _pooled_to_nchw(pooled, num_rois, size, features.dtype)
+
+
+def _bilinear_axis(coords: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """torchvision's bilinear_interpolate along one axis: (..., ) sample coordinates ->
+    low index, high index, low weight, high weight; weights 0 outside [-1, size]."""
+    inside = (coords >= -1) & (coords <= size)
+    coords = coords.clamp(min=0)
+    low = coords.floor().long().clamp(max=size - 1)
+    high = (low + 1).clamp(max=size - 1)
+    coords = torch.where(low >= size - 1, low.to(coords.dtype), coords)
+    frac = coords - low
+    return low, high, (1 - frac) * inside, frac * inside
+
+
+def roi_align_gather(features: Tensor, rois: Tensor, output_size: int, spatial_scale: float,
+                     sampling_ratio: int, aligned: bool) -> Tensor:
+    """RoIAlign equal to ``torchvision.ops.roi_align``, as one weighted gather (embedding_bag).
+
+    Each output bin is a weighted sum of at most G*G*4 feature vectors (G samples per bin side,
+    4 bilinear corners), so pooling is ``embedding_bag`` over the (N*H*W, C) table of feature
+    vectors; its backward is a parallel scatter-add, where torchvision's CPU kernel loops over
+    RoIs on one thread (10x slower at R-50 C4 sizes). The table is a free view of NHWC
+    (channels_last) features, and the result is (R, C, S, S) in channels_last layout.
+    Adaptive sampling (``sampling_ratio <= 0``: G = ceil(RoI side / S) per RoI) pads every RoI
+    to the largest G with zero weights; that needs the largest G on the host.
+    """
+    num_rois, (n, c, h, w), size = rois.shape[0], features.shape, output_size
+    boxes = rois[:, 1:].float() * spatial_scale - (0.5 if aligned else 0.0)
+    roi_w, roi_h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    if not aligned:  # legacy RoIAlign: RoIs at least 1x1 feature cell
+        roi_w, roi_h = roi_w.clamp(min=1), roi_h.clamp(min=1)
+    bin_w, bin_h = roi_w / size, roi_h / size                                   # (R,)
+    if sampling_ratio > 0:
+        grid_w = grid_h = torch.full_like(bin_w, sampling_ratio)
+        g = sampling_ratio
+    else:
+        grid_w, grid_h = bin_w.ceil(), bin_h.ceil()
+        g = max(int(torch.max(grid_w.max(), grid_h.max()).item()), 1) if num_rois else 1
+    steps = torch.arange(g, device=rois.device, dtype=torch.float32) + 0.5
+    bins = torch.arange(size, device=rois.device, dtype=torch.float32)
+    # Sample coordinates (R, S, G): bin start + (i + 0.5) * bin / grid; i >= grid -> weight 0.
+    gh, gw = grid_h.clamp(min=1)[:, None, None], grid_w.clamp(min=1)[:, None, None]  # empty RoIs
+    ys = boxes[:, 1, None, None] + bin_h[:, None, None] * (bins[None, :, None] + steps / gh)
+    xs = boxes[:, 0, None, None] + bin_w[:, None, None] * (bins[None, :, None] + steps / gw)
+    y0, y1, wy0, wy1 = _bilinear_axis(ys, h)
+    x0, x1, wx0, wx1 = _bilinear_axis(xs, w)
+    wy0, wy1 = wy0 * (steps < grid_h[:, None, None] + 0.5), wy1 * (steps < grid_h[:, None, None] + 0.5)
+    wx0, wx1 = wx0 * (steps < grid_w[:, None, None] + 0.5), wx1 * (steps < grid_w[:, None, None] + 0.5)
+    # Corners (R, S, G, 1, 1, 2) x (R, 1, 1, S, G, 2) -> (R, S, G, S, G, 4).
+    iy = torch.stack((y0, y1), -1)[:, :, :, None, None, :, None]
+    ix = torch.stack((x0, x1), -1)[:, None, None, :, :, None, :]
+    wy = torch.stack((wy0, wy1), -1)[:, :, :, None, None, :, None]
+    wx = torch.stack((wx0, wx1), -1)[:, None, None, :, :, None, :]
+    count = (grid_h * grid_w).clamp(min=1)[:, None, None, None, None, None, None]
+    base = rois[:, 0].long()[:, None, None, None, None, None, None] * (h * w)
+    index = (base + iy * w + ix).permute(0, 1, 3, 2, 4, 5, 6).reshape(num_rois * size * size, -1)
+    weight = (wy * wx / count).permute(0, 1, 3, 2, 4, 5, 6).reshape(num_rois * size * size, -1)
+    pooled = F.embedding_bag(index, _feature_table(features), per_sample_weights=weight,
+                             mode="sum")                                   # (R*S*S, C)
+    return _pooled_to_nchw(pooled, num_rois, size, features.dtype)
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, threshold: float) -> Tensor:
@@ -140,6 +251,8 @@ class C4RoIHead(nn.Module):
         """(N, C, H, W), (R, 5) -> logits (R, K + 1), deltas (R, 4K)."""
         x = pool_rois(features, rois, self.roi_op, self.pooled_size, self.spatial_scale,
                       self.sampling_ratio, self.aligned)               # (R, C, 14, 14)
+        channels_last = features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous()
+        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         x = self.res5(x)                                                # (R, D, 7, 7)
         x = x.mean(dim=(2, 3))                                          # (R, D) global avg pool
         return self.cls_score(x), self.bbox_pred(x)
