@@ -11,10 +11,10 @@ depends on the number of RoIs.
 
 Timings are interleaved (ours, torchvision, ours, ...) in one process with the same threads;
 the median of ``--iters`` runs after ``--warmup`` is reported, with ratio = ours / torchvision
-(goal: <= 0.9). ``--variants`` picks the models: ours as built by default (NCHW), with
-frozen BN folded into the convolutions (``fused``, inference only), with channels_last
-(``cl``), and torchvision with channels_last weights for reference. ``--profile`` prints
-torch.profiler's top operators for each model.
+(goal: <= 0.9). ``--variants`` picks the models: ours as ``from_resnet`` builds it
+(channels_last), with frozen BN folded into the convolutions (``fused``, inference only), in
+NCHW layout like torchvision (``nchw``), and torchvision with channels_last weights for
+reference. ``--profile`` prints torch.profiler's top operators for each model.
 
     python benchmarks/detector_speed.py --device cpu --depth 50 --width 32 --size 320x512 --iters 3
     python benchmarks/detector_speed.py --device cuda --depth 101 --size 600x1000 --iters 20
@@ -42,7 +42,7 @@ from detres.models.resnet import ResNet
 from detres.structures import ImageBatch, Targets
 
 
-VARIANTS = ("torchvision", "ours", "ours+fused", "ours+cl", "ours+cl+fused", "torchvision+cl")
+VARIANTS = ("torchvision", "ours", "ours+fused", "ours-nchw", "ours-nchw+fused", "torchvision+cl")
 
 
 def torchvision_twin(model: FasterRCNN, image_size: tuple[int, int]) -> TVFasterRCNN:
@@ -66,18 +66,22 @@ def torchvision_twin(model: FasterRCNN, image_size: tuple[int, int]) -> TVFaster
     with torch.no_grad():  # torchvision's background is class 0 and has (unused) deltas
         predictor.cls_score.weight.copy_(torch.cat((w[num_classes:], w[:num_classes])))
         predictor.cls_score.bias.copy_(torch.cat((b[num_classes:], b[:num_classes])))
-        predictor.bbox_pred.weight.copy_(torch.cat((torch.zeros_like(w[:4]), head.bbox_pred.weight)))
+        predictor.bbox_pred.weight.copy_(torch.cat((torch.zeros_like(w[:4]),
+                                                    head.bbox_pred.weight)))
         predictor.bbox_pred.bias.copy_(torch.cat((torch.zeros_like(b[:4]), head.bbox_pred.bias)))
     box_head = nn.Sequential(copy.deepcopy(head.res5), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     tv = TVFasterRCNN(
         trunk, num_classes=None, min_size=min(image_size), max_size=max(image_size),
-        image_mean=model.pixel_mean.flatten().tolist(), image_std=model.pixel_std.flatten().tolist(),
+        image_mean=model.pixel_mean.flatten().tolist(),
+        image_std=model.pixel_std.flatten().tolist(),
         rpn_anchor_generator=TVAnchorGenerator((anchors.sizes,), (anchors.aspect_ratios,)),
         rpn_head=rpn_head, rpn_pre_nms_top_n_train=rpn.pre_nms_topk[True],
-        rpn_pre_nms_top_n_test=rpn.pre_nms_topk[False], rpn_post_nms_top_n_train=rpn.post_nms_topk[True],
+        rpn_pre_nms_top_n_test=rpn.pre_nms_topk[False],
+        rpn_post_nms_top_n_train=rpn.post_nms_topk[True],
         rpn_post_nms_top_n_test=rpn.post_nms_topk[False], rpn_nms_thresh=rpn.nms_threshold,
         rpn_fg_iou_thresh=rpn.matcher.high_threshold, rpn_bg_iou_thresh=rpn.matcher.low_threshold,
-        rpn_batch_size_per_image=rpn.batch_size_per_image, rpn_positive_fraction=rpn.positive_fraction,
+        rpn_batch_size_per_image=rpn.batch_size_per_image,
+        rpn_positive_fraction=rpn.positive_fraction,
         box_roi_pool=MultiScaleRoIAlign(["0"], head.pooled_size, head.sampling_ratio),
         box_head=box_head, box_predictor=predictor, box_score_thresh=head.score_threshold,
         box_nms_thresh=head.nms_threshold, box_detections_per_img=head.detections_per_image,
@@ -106,7 +110,8 @@ def fix_proposals(model: nn.Module, proposals: dict[bool, list[torch.Tensor]]) -
         model.rpn.filter_proposals = fixed_tv
 
 
-def random_boxes(n: int, size: tuple[int, int], g: torch.Generator, min_side: float = 16) -> torch.Tensor:
+def random_boxes(n: int, size: tuple[int, int], g: torch.Generator,
+                 min_side: float = 16) -> torch.Tensor:
     h, w = size
     x1 = torch.rand(n, generator=g) * (w - min_side)
     y1 = torch.rand(n, generator=g) * (h - min_side)
@@ -157,8 +162,9 @@ def peak_memory_mb(device: torch.device) -> float:
 def build(args: argparse.Namespace, device: torch.device) -> tuple[FasterRCNN, TVFasterRCNN]:
     torch.manual_seed(0)
     resnet = ResNet(args.depth, num_classes=None, width=args.width, norm="frozen_bn", freeze_at=2)
-    ours = FasterRCNN.from_resnet(resnet, args.num_classes, roi_op="align", aligned=False,
-                                  sampling_ratio=2, proposals_test=args.proposals_test,
+    ours = FasterRCNN.from_resnet(resnet, args.num_classes, channels_last=False, roi_op="align",
+                                  aligned=False, sampling_ratio=2,
+                                  proposals_test=args.proposals_test,
                                   proposals_train=args.proposals_train,
                                   pre_nms_topk_test=6000, pre_nms_topk_train=12000,
                                   roi_batch_size_per_image=args.roi_batch)
@@ -183,10 +189,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--roi-batch", type=int, default=512, help="sampled RoIs per image in training")
     p.add_argument("--proposals-test", type=int, default=300)
     p.add_argument("--proposals-train", type=int, default=2000)
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:5]),
-                   help="models to time; 'cl' = channels_last, 'fused' = frozen BN folded into "
-                        "the convolutions (inference only); torchvision+cl feeds NCHW images "
-                        "to channels_last weights")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:4]),
+                   help="models to time: ours as from_resnet builds it (channels_last), with "
+                        "frozen BN folded into the convolutions ('fused', inference only), in "
+                        "NCHW layout ('nchw'), and torchvision with channels_last weights")
     p.add_argument("--profile", action="store_true", help="print torch.profiler top operators")
     args = p.parse_args(argv)
     h, w = (int(v) for v in args.size.lower().split("x"))
@@ -212,10 +218,11 @@ def run_case(models: dict[str, nn.Module], proposals: dict[bool, list[torch.Tens
     g = torch.Generator().manual_seed(batch)
     h, w = args.size
     images = (torch.rand(batch, 3, h, w, generator=g) * 255).to(device)
-    targets = [Targets(random_boxes(5, args.size, g), torch.randint(args.num_classes, (5,), generator=g),
-                       i).to(device) for i in range(batch)]
-    proposals[True] = [random_boxes(args.proposals_train, args.size, g).to(device) for _ in range(batch)]
-    proposals[False] = [random_boxes(args.proposals_test, args.size, g).to(device) for _ in range(batch)]
+    targets = [Targets(random_boxes(5, args.size, g),
+                       torch.randint(args.num_classes, (5,), generator=g), i).to(device)
+               for i in range(batch)]
+    for train, num in ((True, args.proposals_train), (False, args.proposals_test)):
+        proposals[train] = [random_boxes(num, args.size, g).to(device) for _ in range(batch)]
     train = mode == "train"
     steps = {}
     for name, model in models.items():
@@ -251,24 +258,26 @@ def main(argv: list[str] | None = None) -> None:
     ours, tv = build(args, device)
     variants = {
         "torchvision": lambda: tv,
-        "ours": lambda: ours,
-        "ours+fused": lambda: copy.deepcopy(ours).fuse_frozen_bn(),
-        "ours+cl": lambda: copy.deepcopy(ours).use_channels_last(),
-        "ours+cl+fused": lambda: copy.deepcopy(ours).use_channels_last().fuse_frozen_bn(),
+        "ours": lambda: copy.deepcopy(ours).use_channels_last(),   # from_resnet's default
+        "ours+fused": lambda: copy.deepcopy(ours).use_channels_last().fuse_frozen_bn(),
+        "ours-nchw": lambda: ours,
+        "ours-nchw+fused": lambda: copy.deepcopy(ours).fuse_frozen_bn(),
         "torchvision+cl": lambda: copy.deepcopy(tv).to(memory_format=torch.channels_last),
     }
     models: dict[str, nn.Module] = {name: variants[name]() for name in args.variants}
     proposals: dict[bool, list[torch.Tensor]] = {}
     for model in models.values():
         fix_proposals(model, proposals)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    gpu = (torch.cuda.get_device_name(device) if device.type == "cuda"
+           else platform.processor() or "cpu")
     print(f"ResNet-{args.depth} C4, torch {torch.__version__}, {device} ({gpu}), "
           f"{args.threads} threads, median of {args.iters} after {args.warmup} warm-up")
     for mode in args.modes:
         for batch in args.batch:
             run_case(models, proposals, mode, batch, args, device)
     if device.type == "cpu":
-        print(f"\nprocess max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB "
+        max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"\nprocess max RSS {max_rss:.0f} MiB "
               "(CPU peak memory is process-wide, not per model)")
 
 

@@ -58,7 +58,8 @@ def test_train_forward_returns_four_losses_and_gradients_reach_trainable_paramet
     assert all(torch.isfinite(v) and v.dim() == 0 for v in out.losses.values())
     assert out.stats["rpn_num_pos_anchors"] > 0 and out.stats["roi_num_fg"] > 0
     sum(out.losses.values()).backward()
-    frozen = {"trunk.conv1.weight"} | {n for n, _ in model.named_parameters() if n.startswith("trunk.layer1.")}
+    frozen = {"trunk.conv1.weight"} | {n for n, _ in model.named_parameters()
+                                       if n.startswith("trunk.layer1.")}
     for name, p in model.named_parameters():
         if name in frozen:
             assert not p.requires_grad and p.grad is None, name
@@ -154,7 +155,8 @@ def test_weights_transfer_from_a_pretrained_backbone_file(tmp_path):
     state = model.state_dict()
     for key, value in resnet_to_detector_keys(pretrained.state_dict()).items():
         assert torch.equal(state[key], value), key
-    assert detector_to_resnet_keys(state).keys() == {k for k in pretrained.state_dict() if not k.startswith("fc.")}
+    backbone_keys = {k for k in pretrained.state_dict() if not k.startswith("fc.")}
+    assert detector_to_resnet_keys(state).keys() == backbone_keys
     assert model.roi_head.res5.layer4[0].conv1.stride == (2, 2)   # conv5_1 halves 14 -> 7
 
 

@@ -51,7 +51,8 @@ def test_low_quality_match_ignores_boxes_without_overlap():
                                                          (5, 30, 10), (0, 100, 0), (300, 20, 0)])
 @pytest.mark.parametrize("num_samples,fraction", [(256, 0.5), (512, 0.25)])
 def test_sampler_counts_and_fractions(num_pos, num_neg, num_ignored, num_samples, fraction):
-    labels = torch.cat((torch.ones(num_pos), torch.zeros(num_neg), -torch.ones(num_ignored))).to(torch.int8)
+    labels = torch.cat((torch.ones(num_pos), torch.zeros(num_neg), -torch.ones(num_ignored)))
+    labels = labels.to(torch.int8)
     labels = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))]
     sampled = sample_balanced(labels, num_samples, fraction)
     pos, neg = (sampled & (labels == 1)).sum().item(), (sampled & (labels == 0)).sum().item()

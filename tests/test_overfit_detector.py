@@ -44,7 +44,8 @@ def coco_ap50(targets: list[Targets], detections: list[Detections]) -> float:
             gt["annotations"].append({"id": len(gt["annotations"]) + 1, "image_id": t.image_id,
                                       "category_id": label + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
                                       "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
-        for (x1, y1, x2, y2), score, label in zip(d.boxes.tolist(), d.scores.tolist(), d.labels.tolist()):
+        for (x1, y1, x2, y2), score, label in zip(d.boxes.tolist(), d.scores.tolist(),
+                                                  d.labels.tolist()):
             results.append({"image_id": t.image_id, "category_id": label + 1, "score": score,
                             "bbox": [x1, y1, x2 - x1, y2 - y1]})
     if not results:

@@ -129,8 +129,8 @@ def test_losses_and_empty_image():
     features = torch.randn(2, head.res5.in_channels, 6, 8, requires_grad=True)
     targets = [Targets(torch.tensor([[10.0, 10.0, 50.0, 60.0]]), torch.tensor([2]), 1),
                Targets(torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), 2)]
-    losses, detections, stats = head(features, [random_boxes(50), random_boxes(50)], [(96, 128)] * 2,
-                                     targets)
+    proposals = [random_boxes(50), random_boxes(50)]
+    losses, detections, stats = head(features, proposals, [(96, 128)] * 2, targets)
     assert detections is None and set(losses) == {"loss_cls", "loss_box"}
     assert stats["roi_num_fg"] > 0
     sum(losses.values()).backward()

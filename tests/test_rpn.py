@@ -87,7 +87,9 @@ def test_losses_equal_hand_computation(box_loss):
     pos = (best >= 0.7) | (iou == iou.max(1, keepdim=True).values).any(0)
     neg = (best < 0.3) & ~pos
     n = 10**6
-    cls = F.binary_cross_entropy_with_logits(logits[0][pos | neg], pos[pos | neg].float(), reduction="sum") / n
+    sampled = pos | neg
+    cls = F.binary_cross_entropy_with_logits(logits[0][sampled], pos[sampled].float(),
+                                             reduction="sum") / n
     target = box_ops.encode(gt[idx[pos]], anchors[pos])
     diff = deltas[0][pos] - target
     if box_loss == "l1":
@@ -103,7 +105,8 @@ def test_boundary_threshold_ignores_cross_boundary_anchors():
     anchors = rpn.anchor_generator(torch.zeros(1, 1, 6, 8))
     gt = torch.tensor([[20.0, 16.0, 70.0, 80.0]])
     labels, _ = rpn.label_anchors(anchors, [(96, 128)], [Targets(gt, torch.tensor([0]), 0)])
-    outside = (anchors[:, 0] < 0) | (anchors[:, 1] < 0) | (anchors[:, 2] > 128) | (anchors[:, 3] > 96)
+    outside = ((anchors[:, 0] < 0) | (anchors[:, 1] < 0)
+               | (anchors[:, 2] > 128) | (anchors[:, 3] > 96))
     assert (labels[0][outside] == -1).all() and (labels[0][~outside] >= 0).any()
 
 

@@ -61,7 +61,8 @@ class AnchorGenerator(nn.Module):
         if not sizes or not aspect_ratios:
             raise ValueError("AnchorGenerator needs at least one size and one aspect ratio")
         if any(s <= 0 or not math.isfinite(s) for s in sizes) or any(r <= 0 for r in aspect_ratios):
-            raise ValueError(f"anchor sizes and aspect ratios must be positive, got {sizes}, {aspect_ratios}")
+            raise ValueError(f"anchor sizes and aspect ratios must be positive, got {sizes}, "
+                             f"{aspect_ratios}")
         self.sizes = tuple(float(s) for s in sizes)
         self.aspect_ratios = tuple(float(r) for r in aspect_ratios)
         self.stride = int(stride)

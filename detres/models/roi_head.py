@@ -34,12 +34,12 @@ def pool_rois(features: Tensor, rois: Tensor, roi_op: RoIOp, output_size: int,
 
     "pool": RoI max pooling (Fast R-CNN, the paper); "align": RoIAlign (He et al. 2017),
     ``aligned=True`` samples pixel centres at half-pixel offsets (detectron2 ROIAlignV2);
-    torchvision's MultiScaleRoIAlign uses aligned=False and sampling_ratio=2.
+    torchvision's MultiScaleRoIAlign uses aligned=False and sampling_ratio=2. Both are
+    torchvision's ops, except RoIAlign on CPU: :func:`roi_align_gather`, equal and faster.
     """
-    if roi_op == "pool" and features.device.type == "cpu":
-        return roi_pool_gather(features, rois, output_size, spatial_scale)
     if roi_op == "pool":  # no autocast rule for roi_pool: run in float32 like roi_align's
-        return roi_pool(features.float(), rois.float(), output_size, spatial_scale).to(features.dtype)
+        pooled = roi_pool(features.float(), rois.float(), output_size, spatial_scale)
+        return pooled.to(features.dtype)
     if features.device.type == "cpu":
         return roi_align_gather(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
     return roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
@@ -54,42 +54,6 @@ def _feature_table(features: Tensor) -> Tensor:
 def _pooled_to_nchw(pooled: Tensor, num_rois: int, size: int, dtype: torch.dtype) -> Tensor:
     """(R*S*S, C) -> (R, C, S, S) in channels_last layout (no copy)."""
     return pooled.view(num_rois, size, size, -1).permute(0, 3, 1, 2).to(dtype)
-
-
-def roi_pool_gather(features: Tensor, rois: Tensor, output_size: int, spatial_scale: float) -> Tensor:
-    """RoI max pooling equal to ``torchvision.ops.roi_pool``, as one ``embedding_bag(max)``.
-
-    Fast R-CNN's quantisation: corners rounded to feature cells (half away from zero), the end
-    cell included, bin edges floor/ceil; empty bins give 0. Every bin is padded to the largest
-    bin (repeating one of its own cells, which leaves the max unchanged), so the largest bin
-    size is read on the host. As for :func:`roi_align_gather`, the backward is a parallel
-    scatter instead of torchvision's single-threaded CPU loop. Ties between equal maxima may
-    route the gradient to a different cell than torchvision does.
-    """
-    num_rois, (n, c, h, w), size = rois.shape[0], features.shape, output_size
-    corners = rois[:, 1:].float() * spatial_scale
-    corners = corners.sign() * (corners.abs() + 0.5).floor()              # C's round()
-    start_w, start_h = corners[:, 0:1], corners[:, 1:2]
-    bin_w = (corners[:, 2:3] - start_w + 1).clamp(min=1) / size             # (R, 1)
-    bin_h = (corners[:, 3:4] - start_h + 1).clamp(min=1) / size
-    p = torch.arange(size, device=rois.device, dtype=torch.float32)
-    h0 = ((p * bin_h).floor() + start_h).clamp(0, h).long()                 # (R, S)
-    h1 = (((p + 1) * bin_h).ceil() + start_h).clamp(0, h).long()
-    w0 = ((p * bin_w).floor() + start_w).clamp(0, w).long()
-    w1 = (((p + 1) * bin_w).ceil() + start_w).clamp(0, w).long()
-    kh = max(int((h1 - h0).max().item()), 1) if num_rois else 1
-    kw = max(int((w1 - w0).max().item()), 1) if num_rois else 1
-    rows = h0[..., None] + torch.arange(kh, device=rois.device)             # (R, S, kh)
-    rows = torch.where(rows < h1[..., None], rows, h0[..., None]).clamp(max=h - 1)
-    cols = w0[..., None] + torch.arange(kw, device=rois.device)
-    cols = torch.where(cols < w1[..., None], cols, w0[..., None]).clamp(max=w - 1)
-    base = rois[:, 0].long()[:, None, None, None, None] * (h * w)
-    index = base + rows[:, :, None, :, None] * w + cols[:, None, :, None, :]   # (R, S, S, kh, kw)
-    pooled = F.embedding_bag(index.reshape(num_rois * size * size, kh * kw), _feature_table(features),
-                             mode="max")                                   # (R*S*S, C)
-    empty = (h1 <= h0)[:, :, None] | (w1 <= w0)[:, None, :]                  # (R, S, S)
-    pooled = torch.where(empty.reshape(-1, 1), 0.0, pooled)
-    return _pooled_to_nchw(pooled, num_rois, size, features.dtype)
 
 
 def _bilinear_axis(coords: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -116,7 +80,7 @@ def roi_align_gather(features: Tensor, rois: Tensor, output_size: int, spatial_s
     Adaptive sampling (``sampling_ratio <= 0``: G = ceil(RoI side / S) per RoI) pads every RoI
     to the largest G with zero weights; that needs the largest G on the host.
     """
-    num_rois, (n, c, h, w), size = rois.shape[0], features.shape, output_size
+    num_rois, (h, w), size = rois.shape[0], features.shape[-2:], output_size
     boxes = rois[:, 1:].float() * spatial_scale - (0.5 if aligned else 0.0)
     roi_w, roi_h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     if not aligned:  # legacy RoIAlign: RoIs at least 1x1 feature cell
@@ -128,22 +92,23 @@ def roi_align_gather(features: Tensor, rois: Tensor, output_size: int, spatial_s
     else:
         grid_w, grid_h = bin_w.ceil(), bin_h.ceil()
         g = max(int(torch.max(grid_w.max(), grid_h.max()).item()), 1) if num_rois else 1
-    steps = torch.arange(g, device=rois.device, dtype=torch.float32) + 0.5
-    bins = torch.arange(size, device=rois.device, dtype=torch.float32)
-    # Sample coordinates (R, S, G): bin start + (i + 0.5) * bin / grid; i >= grid -> weight 0.
-    gh, gw = grid_h.clamp(min=1)[:, None, None], grid_w.clamp(min=1)[:, None, None]  # empty RoIs
-    ys = boxes[:, 1, None, None] + bin_h[:, None, None] * (bins[None, :, None] + steps / gh)
-    xs = boxes[:, 0, None, None] + bin_w[:, None, None] * (bins[None, :, None] + steps / gw)
+    steps = torch.arange(g, device=rois.device, dtype=torch.float32)
+    bins = torch.arange(size, device=rois.device, dtype=torch.float32)[None, :, None]
+    grid_h, grid_w = grid_h[:, None, None], grid_w[:, None, None]             # (R, 1, 1)
+    # Sample coordinates (R, S, G): bin start + (i + 0.5) * bin / grid, for i < grid (else
+    # weight 0); clamp(min=1) only keeps empty aligned RoIs (grid 0) finite.
+    ys = boxes[:, 1, None, None] + bin_h[:, None, None] * (bins + (steps + 0.5) / grid_h.clamp(1))
+    xs = boxes[:, 0, None, None] + bin_w[:, None, None] * (bins + (steps + 0.5) / grid_w.clamp(1))
     y0, y1, wy0, wy1 = _bilinear_axis(ys, h)
     x0, x1, wx0, wx1 = _bilinear_axis(xs, w)
-    wy0, wy1 = wy0 * (steps < grid_h[:, None, None] + 0.5), wy1 * (steps < grid_h[:, None, None] + 0.5)
-    wx0, wx1 = wx0 * (steps < grid_w[:, None, None] + 0.5), wx1 * (steps < grid_w[:, None, None] + 0.5)
-    # Corners (R, S, G, 1, 1, 2) x (R, 1, 1, S, G, 2) -> (R, S, G, S, G, 4).
+    wy0, wy1 = wy0 * (steps < grid_h), wy1 * (steps < grid_h)
+    wx0, wx1 = wx0 * (steps < grid_w), wx1 * (steps < grid_w)
+    # Corners (R, S, G, 1, 1, 2, 1) + (R, 1, 1, S, G, 1, 2) -> (R, S, G, S, G, 2, 2).
     iy = torch.stack((y0, y1), -1)[:, :, :, None, None, :, None]
     ix = torch.stack((x0, x1), -1)[:, None, None, :, :, None, :]
     wy = torch.stack((wy0, wy1), -1)[:, :, :, None, None, :, None]
     wx = torch.stack((wx0, wx1), -1)[:, None, None, :, :, None, :]
-    count = (grid_h * grid_w).clamp(min=1)[:, None, None, None, None, None, None]
+    count = (grid_h * grid_w).clamp(min=1)[..., None, None, None, None]     # samples per bin
     base = rois[:, 0].long()[:, None, None, None, None, None, None] * (h * w)
     index = (base + iy * w + ix).permute(0, 1, 3, 2, 4, 5, 6).reshape(num_rois * size * size, -1)
     weight = (wy * wx / count).permute(0, 1, 3, 2, 4, 5, 6).reshape(num_rois * size * size, -1)
@@ -184,7 +149,8 @@ class C4RoIHead(nn.Module):
                  roi_op: RoIOp = "pool", pooled_size: int = 14, sampling_ratio: int = 0,
                  aligned: bool = True, feature_stride: int = 16,
                  batch_size_per_image: int = 512, positive_fraction: float = 0.25,
-                 fg_iou_threshold: float = 0.5, box_weights: tuple[float, float, float, float] = BOX_WEIGHTS,
+                 fg_iou_threshold: float = 0.5,
+                 box_weights: tuple[float, float, float, float] = BOX_WEIGHTS,
                  box_loss: BoxLoss = "smooth_l1", smooth_l1_beta: float = 1.0,
                  score_threshold: float = 0.05, nms_threshold: float = 0.5,
                  detections_per_image: int = 100, min_box_size: float = 0.0) -> None:
@@ -251,8 +217,10 @@ class C4RoIHead(nn.Module):
         """(N, C, H, W), (R, 5) -> logits (R, K + 1), deltas (R, 4K)."""
         x = pool_rois(features, rois, self.roi_op, self.pooled_size, self.spatial_scale,
                       self.sampling_ratio, self.aligned)               # (R, C, 14, 14)
-        channels_last = features.is_contiguous(memory_format=torch.channels_last) and not features.is_contiguous()
-        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        # conv5_x runs in the trunk's layout (NHWC when FasterRCNN(channels_last=True)).
+        nhwc = (features.is_contiguous(memory_format=torch.channels_last)
+                and not features.is_contiguous())
+        x = x.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         x = self.res5(x)                                                # (R, D, 7, 7)
         x = x.mean(dim=(2, 3))                                          # (R, D) global avg pool
         return self.cls_score(x), self.bbox_pred(x)
@@ -274,7 +242,8 @@ class C4RoIHead(nn.Module):
             gt_classes = target.labels.to(props.device)
             boxes = torch.cat((props.float(), gt_boxes))
             matched_idxs, match_labels = self.matcher(box_ops.box_iou(gt_boxes, boxes))
-            sampled = sample_balanced(match_labels, self.batch_size_per_image, self.positive_fraction)
+            sampled = sample_balanced(match_labels, self.batch_size_per_image,
+                                      self.positive_fraction)
             idx, valid = gather_sampled(sampled, self.batch_size_per_image)
             boxes, matched_idxs, match_labels = boxes[idx], matched_idxs[idx], match_labels[idx]
             if len(gt_boxes):
@@ -317,8 +286,8 @@ class C4RoIHead(nn.Module):
         boxes = boxes.view(-1, self.num_classes, 4)
         classes = torch.arange(self.num_classes, device=boxes.device)
         detections = []
-        for boxes_i, scores_i, size in zip(boxes.split(rois_per_image), scores.split(rois_per_image),
-                                           image_sizes):
+        per_image = zip(boxes.split(rois_per_image), scores.split(rois_per_image), image_sizes)
+        for boxes_i, scores_i, size in per_image:
             labels_i = classes.repeat(boxes_i.shape[0])                 # (P_i * K,)
             boxes_i = box_ops.clip(boxes_i, size).reshape(-1, 4)        # (P_i * K, 4)
             scores_i = scores_i.reshape(-1)

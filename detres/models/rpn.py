@@ -24,7 +24,8 @@ from detres.structures import Targets
 BoxLoss = Literal["smooth_l1", "l1"]
 
 
-def box_regression_loss(pred_deltas: Tensor, gt_deltas: Tensor, kind: BoxLoss, beta: float) -> Tensor:
+def box_regression_loss(pred_deltas: Tensor, gt_deltas: Tensor, kind: BoxLoss,
+                        beta: float) -> Tensor:
     """Elementwise smooth-L1 (Fast R-CNN eq. 3, with transition ``beta``) or L1; float32."""
     pred_deltas = pred_deltas.float()
     if kind == "l1" or beta < 1e-5:
@@ -39,7 +40,8 @@ class RPNHead(nn.Module):
     the paper's 2A-way softmax is equivalent.
     """
 
-    def __init__(self, in_channels: int, num_anchors: int, conv_channels: int | None = None) -> None:
+    def __init__(self, in_channels: int, num_anchors: int,
+                 conv_channels: int | None = None) -> None:
         super().__init__()
         conv_channels = conv_channels or in_channels
         self.conv = nn.Conv2d(in_channels, conv_channels, kernel_size=3, padding=1)
@@ -90,8 +92,8 @@ class RPN(nn.Module):
                  boundary_threshold: float | None = None) -> None:
         super().__init__()
         if head.cls_logits.out_channels != anchor_generator.num_anchors:
-            raise ValueError(f"RPNHead predicts {head.cls_logits.out_channels} anchors per cell but "
-                             f"the anchor generator makes {anchor_generator.num_anchors}")
+            raise ValueError(f"RPNHead predicts {head.cls_logits.out_channels} anchors per cell "
+                             f"but the anchor generator makes {anchor_generator.num_anchors}")
         if box_loss not in ("smooth_l1", "l1"):
             raise ValueError(f"box_loss must be 'smooth_l1' or 'l1', got {box_loss!r}")
         self.head = head
@@ -188,7 +190,7 @@ class RPN(nn.Module):
         normalizer = self.batch_size_per_image * len(targets)
         cls_loss = F.binary_cross_entropy_with_logits(logits.float(), pos.float(), reduction="none")
         box_loss = box_regression_loss(deltas, gt_deltas, self.box_loss, self.smooth_l1_beta)
-        # where, not multiply: regression targets of unmatched anchors may be inf.
+        # where, not multiply: whatever sits at unsampled positions never reaches the loss.
         loss_cls = torch.where(sampled, cls_loss, 0.0).sum() / normalizer
         loss_box = torch.where(pos.unsqueeze(-1), box_loss, 0.0).sum() / normalizer
         num_images = float(len(targets))
