@@ -216,7 +216,8 @@ def build_detector(cfg: DetModelConfig, num_classes: int) -> FasterRCNN:
                          smooth_l1_beta=1.0 if h.box_loss == "smooth_l1" else 0.0,
                          score_threshold=h.score_threshold, nms_threshold=h.nms_threshold,
                          detections_per_image=h.detections_per_image)
-    model = FasterRCNN(trunk, rpn, roi_head, cfg.pixel_mean, cfg.pixel_std)
+    model = FasterRCNN(trunk, rpn, roi_head, cfg.pixel_mean, cfg.pixel_std,
+                       channels_last=cfg.channels_last)
     if cfg.weights:
         load_detector_weights(model, cfg.weights, cfg.reinit_class_layers)
     return model
