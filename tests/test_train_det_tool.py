@@ -130,10 +130,10 @@ def test_weights_for_another_class_count(finished_run, tmp_path):
     out, _ = finished_run
     bigger = [f"model.weights={out / 'model_final.pth'}", "train.max_iter=1"]
     ann = tmp_path / "seven.json"
-    data = json.loads(Path(shapes_split(ensure_builtin_shapes(), "train")[0]).read_text())
+    data = json.loads(Path(shapes_split(ensure_builtin_shapes(num_train=12, num_val=6, image_size=64), "train")[0]).read_text())
     data["categories"] += [{"id": 6, "name": "x"}, {"id": 7, "name": "y"}]
     ann.write_text(json.dumps(data))
-    images = str(shapes_split(ensure_builtin_shapes(), "train")[1])
+    images = str(shapes_split(ensure_builtin_shapes(num_train=12, num_val=6, image_size=64), "train")[1])
     other = ["data.train.type=coco", f"data.train.annotations={ann}",
              f"data.train.images={images}", "data.val.type=coco",
              f"data.val.annotations={ann}", f"data.val.images={images}"]
