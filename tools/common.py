@@ -7,6 +7,7 @@ import logging
 import random
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -14,9 +15,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from detres.config import dump  # noqa: E402
+from detres.config import ConfigError, dump  # noqa: E402
+from detres.data.io import DatasetError  # noqa: E402
 from detres.engine import distributed as du  # noqa: E402
+from detres.engine.checkpoint import CheckpointError  # noqa: E402
 from detres.engine.logging import setup_logger, write_env  # noqa: E402
+from detres.engine.loop import NonFiniteLossError  # noqa: E402
+from detres.models.weights import WeightsMismatchError  # noqa: E402
+
+# What a user can cause and fix: shown as one "error: ..." line, never a traceback.
+USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FileNotFoundError,
+               WeightsMismatchError, NonFiniteLossError)
 
 
 def parse_tool_args(doc: str, default_config: str, example: str,
@@ -71,3 +80,14 @@ def setup_run(cfg: Any, write_config: bool
         torch.set_num_threads(cfg.train.num_threads)
     torch.use_deterministic_algorithms(cfg.train.deterministic)
     return device, dist, output_dir, logger
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """Runs a tool's ``main``: user errors exit 1 with one line; torchrun state is torn down."""
+    try:
+        main()
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        du.cleanup()

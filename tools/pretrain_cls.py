@@ -25,17 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from common import parse_tool_args, setup_run  # noqa: E402
+from common import parse_tool_args, run_main, setup_run  # noqa: E402
 from detres import build  # noqa: E402
-from detres.config import ConfigError, load_config, to_dict  # noqa: E402
-from detres.data.io import DatasetError  # noqa: E402
-from detres.engine import distributed as du  # noqa: E402
+from detres.config import load_config, to_dict  # noqa: E402
 from detres.engine.checkpoint import (  # noqa: E402
-    CheckpointError, atomic_save, atomic_write_bytes, check_task, extract_backbone,
+    atomic_save, atomic_write_bytes, check_task, extract_backbone,
     load_checkpoint, load_model_state)
-from detres.engine.loop import NonFiniteLossError, Trainer, recompute_bn_stats  # noqa: E402
+from detres.engine.loop import Trainer, recompute_bn_stats  # noqa: E402
 from detres.evaluation.classification import evaluate_classifier  # noqa: E402
-from detres.models.resnet import WeightsMismatchError  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cls_builtin.yaml"
 TASK = "classification"
@@ -118,11 +115,4 @@ def precise_bn(model: torch.nn.Module, cfg, train_set, dist, device) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, CheckpointError, DatasetError, FileNotFoundError,
-            WeightsMismatchError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        du.cleanup()
+    run_main(main)

@@ -21,15 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from common import parse_tool_args, setup_run  # noqa: E402
+from common import parse_tool_args, run_main, setup_run  # noqa: E402
 from detres import build  # noqa: E402
 from detres.config import ConfigError, DetectionConfig, load_config, to_dict  # noqa: E402
-from detres.data.io import DatasetError  # noqa: E402
-from detres.engine import distributed as du  # noqa: E402
-from detres.engine.checkpoint import CheckpointError  # noqa: E402
-from detres.engine.loop import AMP_DTYPES, NonFiniteLossError, Trainer  # noqa: E402
+from detres.engine.loop import AMP_DTYPES, Trainer  # noqa: E402
 from detres.evaluation.detection import evaluate_detector  # noqa: E402
-from detres.models.resnet import WeightsMismatchError  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "frcnn_r18_shapes.yaml"
 TASK = "detection"
@@ -90,11 +86,4 @@ def main(argv: list[str] | None = None, summary_only: bool = True) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, CheckpointError, DatasetError, FileNotFoundError,
-            WeightsMismatchError, NonFiniteLossError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        du.cleanup()
+    run_main(main)
