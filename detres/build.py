@@ -1,5 +1,5 @@
 """The only config -> object code (DESIGN.md section 1): backbones, classifier, detector,
-optimizer, LR schedule, datasets and loaders. Each function takes the part of the config it needs.
+localizer, optimizer, LR schedule, datasets and loaders. Each function takes the part of the config it needs.
 """
 from __future__ import annotations
 
@@ -15,16 +15,19 @@ from torch.utils.data import DataLoader
 
 from detres.config import (BackboneConfig, ClassificationConfig, ClsDataConfig,
                            ClsDatasetConfig, ConfigError, DetDataConfig, DetDatasetConfig,
-                           DetectionConfig, DetModelConfig, SolverConfig, from_dict)
+                           DetectionConfig, DetModelConfig, LocalizationConfig, LocDataConfig,
+                           LocDatasetConfig, SolverConfig, from_dict)
 from detres.config import replace as replace_config
 from detres.data.builtin import ensure_builtin_shapes, shapes_split
 from detres.data.builtin_cls import ensure_builtin_cls
+from detres.data.builtin_loc import ensure_builtin_loc
 from detres.data.classification import (BUILTIN_HINT, Cifar10, ClassificationDataset,
                                         DatasetNotFoundError, ImageFolder, InfiniteBatchSampler,
                                         ShardSampler, build_cls_transform, datasets_root,
                                         make_loader)
 from detres.data.coco import COCODetection
 from detres.data.io import DetectionDataset
+from detres.data.localization import LocalizationDataset, LocTrainTransform
 from detres.data.loader import build_detection_loader
 from detres.data.transforms import eval_transform, train_transform
 from detres.data.voc import VOCDetection
@@ -32,9 +35,11 @@ from detres.engine.checkpoint import (CheckpointError, check_task, load_checkpoi
                                       load_model_state)
 from detres.engine.distributed import DistInfo
 from detres.engine.schedule import WarmupMultiStepSchedule, scale_lr
+from detres.evaluation.localize import LocTestSettings
 from detres.models.anchors import AnchorGenerator
 from detres.models.classifier import Classifier
 from detres.models.faster_rcnn import FasterRCNN
+from detres.models.localizer import Localizer, PerClassRPN, PerClassRPNHead, RCNNRefiner
 from detres.models.resnet import ResNet, load_weights
 from detres.models.roi_head import C4RoIHead
 from detres.models.rpn import RPN, RPNHead
@@ -360,3 +365,125 @@ def detector_from_checkpoint(path: str | Path, overrides: Sequence[str] = ()
     cfg = replace_config(cfg, list(overrides))
     model, meta = detector_for_checkpoint(cfg.model, path)
     return model, cfg, meta
+
+
+# ----------------------------------------------------------------------------- localization
+LOC_BUILTIN_HINT = ("python tools/train_loc.py configs/loc_r18_builtin.yaml "
+                    "(built-in data, no download)")
+
+
+def build_loc_dataset(cfg: LocDatasetConfig, data: LocDataConfig, *, train: bool, key: str,
+                      class_names: Sequence[str] | None = None) -> LocalizationDataset:
+    """One split; training sets crop and flip (``data.scale_range``, ``data.crop_size``), test
+    sets keep the original images (the pipeline resizes them per test scale)."""
+    transform = (LocTrainTransform(data.scale_range, data.crop_size, data.flip_prob)
+                 if train else None)
+    if cfg.type == "builtin":
+        b = data.builtin
+        root = ensure_builtin_loc(cfg.root, num_train_per_class=b.num_train_per_class,
+                                  num_val_per_class=b.num_val_per_class,
+                                  image_size=b.image_size, seed=b.seed)
+    else:
+        root = Path(cfg.root) if cfg.root else datasets_root() / "imagenet"
+    image_root = root / cfg.split
+    box_root = Path(cfg.boxes) if cfg.boxes else root / "bbox" / cfg.split
+    for path, what in ((image_root, "image folder"), (box_root, "bounding-box XML folder")):
+        if not path.is_dir():
+            raise DatasetNotFoundError(
+                f"{key}: the {what} {path} does not exist. ImageNet localization is expected as "
+                f"<root>/{{train,val}}/<wnid>/*.JPEG with the ILSVRC2012 box XMLs in "
+                f"<root>/bbox/{{train,val}}/ (https://image-net.org); set DETRES_DATASETS, "
+                f"{key}.root or {key}.boxes. Without it, run {LOC_BUILTIN_HINT}")
+    return LocalizationDataset(image_root, box_root, transform=transform,
+                               class_names=class_names, missing_boxes=cfg.missing_boxes,
+                               skip_bad_images=data.skip_bad_images,
+                               skip_unannotated_classes=data.skip_unannotated_classes)
+
+
+def build_loc_classifier(cfg: LocalizationConfig, num_classes: int) -> Classifier:
+    """The classification network; ``classifier.weights`` is torchvision://NAME or a weights
+    file with ``fc`` (loaded whole), or a tools/pretrain_cls.py checkpoint."""
+    c = cfg.classifier
+    net = build_backbone(dataclasses.replace(c.backbone, weights=None), num_classes)
+    model = Classifier(net, cfg.pixel_mean, cfg.pixel_std)
+    if c.weights:
+        ckpt = None if c.weights.startswith("torchvision://") else load_checkpoint(c.weights)
+        if ckpt is not None and ckpt.get("task") == "classification":
+            load_model_state(model, ckpt, c.weights)
+        else:
+            load_weights(net, c.weights)
+    return model
+
+
+def build_per_class_rpn(cfg: LocalizationConfig, num_classes: int) -> PerClassRPN:
+    r = cfg.rpn
+    trunk, _ = build_backbone(r.backbone).c4_split()
+    anchors = AnchorGenerator(r.anchors.sizes, r.anchors.aspect_ratios, stride=trunk.stride)
+    head = PerClassRPNHead(trunk.out_channels, anchors.num_anchors, num_classes, r.conv_channels)
+    return PerClassRPN(trunk, head, anchors, cfg.pixel_mean, cfg.pixel_std,
+                       iou_thresholds=r.iou_thresholds, anchors_per_image=r.anchors_per_image,
+                       positive_fraction=r.positive_fraction, box_loss=r.box_loss,
+                       smooth_l1_beta=1.0 / 9 if r.box_loss == "smooth_l1" else 0.0)
+
+
+def build_rcnn_refiner(cfg: LocalizationConfig, num_classes: int) -> RCNNRefiner | None:
+    r = cfg.rcnn
+    if not r.enabled:
+        return None
+    return RCNNRefiner(build_backbone(r.backbone), num_classes, r.input_size, cfg.pixel_mean,
+                       cfg.pixel_std, fg_iou_threshold=r.fg_iou_threshold, box_loss=r.box_loss,
+                       smooth_l1_beta=1.0 if r.box_loss == "smooth_l1" else 0.0)
+
+
+def build_localizer(cfg: LocalizationConfig, num_classes: int) -> Localizer:
+    """Classifier, per-class RPN and (when ``rcnn.enabled``) the R-CNN refiner."""
+    return Localizer(build_loc_classifier(cfg, num_classes), build_per_class_rpn(cfg, num_classes),
+                     build_rcnn_refiner(cfg, num_classes))
+
+
+def copy_classifier_weights(classifier: Classifier, target: nn.Module, what: str) -> None:
+    """Starts ``target`` (a trunk or a ResNet without fc) from the classification network's
+    weights, as the paper fine-tunes its classification net (Appendix C); the shapes must
+    agree (same depth and width)."""
+    source = classifier.net.state_dict()
+    own = target.state_dict()
+    wrong = [k for k in own if k not in source or source[k].shape != own[k].shape]
+    if wrong:
+        raise ConfigError(f"{what}.init_from_classifier: {what}.backbone does not match "
+                          f"classifier.backbone ({len(wrong)} parameters differ, e.g. "
+                          f"{wrong[0]}); give both the same depth, width and norm")
+    target.load_state_dict({k: source[k] for k in own})
+
+
+def loc_test_settings(cfg: LocalizationConfig) -> LocTestSettings:
+    t = cfg.test
+    return LocTestSettings(scales=tuple(t.scales), max_size=t.max_size,
+                           topk_classes=t.topk_classes,
+                           proposals_per_class=cfg.rcnn.proposals_per_class,
+                           pre_nms_topk=t.pre_nms_topk, nms_threshold=t.nms_threshold,
+                           cls_test_size=cfg.classifier.test_size, cls_crop=cfg.data.crop_size)
+
+
+def localizer_from_checkpoint(path: str | Path, overrides: Sequence[str] = ()
+                              ) -> tuple[Localizer, LocalizationConfig, dict[str, Any]]:
+    """The localizer of a tools/train_loc.py ``model_final.pth``, rebuilt from its stored
+    config (``overrides`` may change test settings)."""
+    ckpt = load_checkpoint(path)
+    check_task(ckpt, path, "localization")
+    if "config" not in ckpt or not ckpt.get("class_names"):
+        raise CheckpointError(f"{path} does not record its config and class_names; it was not "
+                              f"written by tools/train_loc.py")
+    cfg = replace_config(from_dict(ckpt["config"], LocalizationConfig,
+                                   source=f"{path} (stored config)"), list(overrides))
+    plain = dataclasses.replace(
+        cfg, classifier=dataclasses.replace(cfg.classifier, weights=None,
+                                            backbone=_no_weights(cfg.classifier.backbone)),
+        rpn=dataclasses.replace(cfg.rpn, backbone=_no_weights(cfg.rpn.backbone)),
+        rcnn=dataclasses.replace(cfg.rcnn, backbone=_no_weights(cfg.rcnn.backbone)))
+    model = build_localizer(plain, len(ckpt["class_names"]))
+    load_model_state(model, ckpt, path)
+    return model.eval(), cfg, {"class_names": list(ckpt["class_names"])}
+
+
+def _no_weights(b: BackboneConfig) -> BackboneConfig:
+    return dataclasses.replace(b, weights=None)

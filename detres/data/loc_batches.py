@@ -1,0 +1,131 @@
+"""Batches for the three training stages of the localizer (Appendix C) and its test loader.
+
+All read a ``LocalizationDataset`` (data/localization.py):
+
+- classifier: random crops -> ``(images (N, 3, S, S) uint8, labels (N,))``, the classification
+  recipe on the localization images;
+- per-class RPN: the same crops with their boxes -> ``(ImageBatch, list[Targets])``;
+- R-CNN: RoI-centric samples: each image of a batch contributes ``rois_per_image`` proposals
+  drawn from the RPN's top proposals for its ground-truth classes, plus its ground-truth boxes
+  as candidates (as R-CNN fine-tuning does), on the original image (flipped at random) ->
+  ``(ImageBatch, proposals, classes, list[Targets])``, boxes in original pixels;
+- test: lists of untransformed samples (evaluation/localize.py resizes per scale).
+
+Training loaders take ``InfiniteBatchSampler`` batches of ``(index, seed)``; the seed makes
+the R-CNN's RoI draw and flip a function of the position in the stream, so a resumed run sees
+the same samples.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from detres.data.classification import InfiniteBatchSampler, ShardSampler, _worker_init
+from detres.structures import ImageBatch, Targets
+
+
+def _chw(image: np.ndarray) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+class _Positions(Dataset):
+    """Drops the stream seed of InfiniteBatchSampler items: ``(index, seed) -> dataset[index]``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        return self.dataset[item[0]]
+
+
+def collate_classifier(samples: list[Any]) -> tuple[Tensor, Tensor]:
+    return (torch.stack([_chw(s.image) for s in samples]),
+            torch.tensor([s.image_label for s in samples], dtype=torch.int64))
+
+
+def collate_rpn(samples: list[Any]) -> tuple[ImageBatch, list[Targets]]:
+    images = ImageBatch.from_tensors([_chw(s.image) for s in samples])
+    targets = [Targets(torch.as_tensor(s.boxes, dtype=torch.float32).reshape(-1, 4),
+                       torch.as_tensor(s.labels, dtype=torch.int64), int(s.index),
+                       float(s.scale), tuple(s.orig_size)) for s in samples]
+    return images, targets
+
+
+class RCNNSamples(Dataset):
+    """RoI-centric training samples of the R-CNN stage.
+
+    Args:
+        dataset: a LocalizationDataset without transform (original images).
+        proposals: ``{index: (boxes (P, 4) original pixels, classes (P,))}``, the RPN's top
+            proposals for the ground-truth classes of each image.
+        rois_per_image: RoIs drawn per image (with replacement when it has fewer).
+        flip_prob: probability of a horizontal flip of the image and its boxes.
+    """
+
+    def __init__(self, dataset: Any, proposals: dict[int, tuple[Tensor, Tensor]],
+                 rois_per_image: int, flip_prob: float = 0.5) -> None:
+        self.dataset, self.proposals = dataset, proposals
+        self.rois_per_image, self.flip_prob = rois_per_image, flip_prob
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor, Targets]:
+        index, seed = item
+        rng = np.random.default_rng(seed)
+        sample = self.dataset[index]
+        gt_boxes = np.asarray(sample.boxes, np.float32).reshape(-1, 4)
+        gt_labels = np.asarray(sample.labels, np.int64)
+        boxes, classes = self.proposals.get(index, (torch.zeros(0, 4), torch.zeros(0)))
+        pool_boxes = np.concatenate([boxes.numpy().reshape(-1, 4), gt_boxes])
+        pool_classes = np.concatenate([classes.numpy().astype(np.int64), gt_labels])
+        pick = rng.choice(len(pool_boxes), self.rois_per_image,
+                          replace=len(pool_boxes) < self.rois_per_image)
+        rois, roi_classes = pool_boxes[pick], pool_classes[pick]
+        image = sample.image
+        if rng.uniform() < self.flip_prob:
+            w = image.shape[1]
+            image = image[:, ::-1]
+            rois = np.stack([w - rois[:, 2], rois[:, 1], w - rois[:, 0], rois[:, 3]], 1)
+            gt_boxes = np.stack([w - gt_boxes[:, 2], gt_boxes[:, 1], w - gt_boxes[:, 0],
+                                 gt_boxes[:, 3]], 1)
+        h, w = image.shape[:2]
+        target = Targets(torch.from_numpy(gt_boxes.astype(np.float32)),
+                         torch.from_numpy(gt_labels), int(index), 1.0, (h, w))
+        return (_chw(image), torch.from_numpy(rois.astype(np.float32)),
+                torch.from_numpy(roi_classes), target)
+
+
+def collate_rcnn(samples: list[tuple[Tensor, Tensor, Tensor, Targets]]
+                 ) -> tuple[ImageBatch, list[Tensor], list[Tensor], list[Targets]]:
+    images = ImageBatch.from_tensors([s[0] for s in samples])
+    return images, [s[1] for s in samples], [s[2] for s in samples], [s[3] for s in samples]
+
+
+def collate_list(samples: list[Any]) -> list[Any]:
+    return list(samples)
+
+
+def train_loader(dataset: Dataset, collate: Any, sampler: InfiniteBatchSampler,
+                 num_workers: int, pin_memory: bool = False, positions: bool = True
+                 ) -> DataLoader:
+    """An endless loader over ``sampler``'s batches; ``positions=False`` passes the
+    ``(index, seed)`` items to the dataset unchanged (``RCNNSamples``)."""
+    return DataLoader(_Positions(dataset) if positions else dataset, batch_sampler=sampler,
+                      collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
+                      worker_init_fn=_worker_init if num_workers else None)
+
+
+def test_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int,
+                num_workers: int) -> DataLoader:
+    """Lists of untransformed samples; each image on exactly one rank, in order."""
+    return DataLoader(dataset, sampler=ShardSampler(len(dataset), rank, world_size),
+                      batch_size=batch_size, collate_fn=collate_list, num_workers=num_workers,
+                      worker_init_fn=_worker_init if num_workers else None)

@@ -1,0 +1,113 @@
+"""tools/train_loc.py and tools/eval_loc.py end to end on a tiny built-in localization set."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+
+import eval_loc  # noqa: E402
+import train_loc  # noqa: E402
+from detres.config import ConfigError  # noqa: E402
+from detres.data.classification import DatasetNotFoundError  # noqa: E402
+
+ERRORS = ("gt_cls_loc_err", "top1_loc_err", "top5_loc_err", "top1_cls_err", "top5_cls_err")
+
+
+def tiny(output_dir: Path, *extra: str) -> list[str]:
+    return ["data.builtin.num_train_per_class=3", "data.builtin.num_val_per_class=2",
+            "data.builtin.image_size=64", "data.scale_range=[64,64]", "data.crop_size=64",
+            "classifier.test_size=64", "test.scales=[64]",
+            "classifier.max_iter=3", "classifier.solver.ims_per_batch=8",
+            "rpn.max_iter=3", "rpn.solver.ims_per_batch=4",
+            "rcnn.max_iter=3", "rcnn.solver.ims_per_batch=4", "rcnn.input_size=32",
+            "rcnn.proposals_per_class=4", "rcnn.rois_per_image=4",
+            "train.num_workers=0", "train.log_period=1", "train.checkpoint_period=2",
+            f"train.output_dir={output_dir}", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DETRES_CACHE", str(cache))
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("run")
+    metrics = train_loc.main(tiny(out))
+    yield out, metrics
+    mp.undo()
+
+
+def test_run_writes_every_output(trained):
+    out, metrics = trained
+    for name in ("config.yaml", "env.json", "log.txt", "model_final.pth", "eval/metrics.json",
+                 "eval/predictions.json", "classifier/model_final.pth", "rpn/model_final.pth",
+                 "rcnn/model_final.pth", "rcnn/proposals.pth", "rpn/metrics.jsonl"):
+        assert (out / name).is_file(), name
+    stored = json.loads((out / "eval" / "metrics.json").read_text())
+    assert set(stored) == {"RPN", "RPN+R-CNN"} and stored == metrics
+    for method in stored.values():
+        assert set(method) == set(ERRORS)
+        assert all(0.0 <= v <= 100.0 for v in method.values())
+    # the classifier's guesses are the same for both methods
+    assert stored["RPN"]["top5_cls_err"] == stored["RPN+R-CNN"]["top5_cls_err"]
+    preds = json.loads((out / "eval" / "predictions.json").read_text())
+    assert len(preds) == 20 and all(len(p["guesses"]) == 5 and len(p["RPN"]) == 5 for p in preds)
+    ckpt = torch.load(out / "model_final.pth", weights_only=True)
+    assert ckpt["task"] == "localization" and len(ckpt["class_names"]) == 10
+
+
+def test_eval_only_reproduces_the_final_metrics(trained, tmp_path):
+    out, metrics = trained
+    again = train_loc.main(tiny(tmp_path / "eval") + ["--eval-only", "--weights",
+                                                      str(out / "model_final.pth")])
+    assert again == metrics
+
+
+def test_eval_loc_uses_the_stored_config_and_writes_out(trained, tmp_path):
+    out, metrics = trained
+    result = eval_loc.main(["--weights", str(out / "model_final.pth"),
+                            f"train.output_dir={tmp_path / 'e'}", "--out",
+                            str(tmp_path / "m.json")])
+    assert result == metrics
+    assert json.loads((tmp_path / "m.json").read_text()) == metrics
+
+
+def test_resume_continues_an_interrupted_stage(trained, tmp_path):
+    out, _ = trained
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    # as if killed after the RPN's checkpoint at iteration 2: its final and later stages are gone
+    for name in ("rpn/model_final.pth", "model_final.pth"):
+        (run / name).unlink()
+    shutil.rmtree(run / "rcnn")
+    assert (run / "rpn" / "model_0000001.pth").is_file()
+    (run / "rpn" / "last_checkpoint").write_text("model_0000001.pth")
+    classifier_log = (run / "classifier" / "metrics.jsonl").read_text()
+    train_loc.main(tiny(run) + ["--resume"])
+    assert (run / "classifier" / "metrics.jsonl").read_text() == classifier_log   # not retrained
+    log = (run / "log.txt").read_text()
+    assert "model_0000001.pth at iteration 2" in log                      # resumed mid-stage
+    records = [json.loads(x) for x in (run / "rpn" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if r["phase"] == "train"] == [1, 2, 3]
+    assert (run / "model_final.pth").is_file() and (run / "rcnn" / "model_final.pth").is_file()
+
+
+def test_missing_imagenet_says_where_and_what_runs_without_it(tmp_path):
+    with pytest.raises(DatasetNotFoundError) as e:
+        train_loc.main(["configs/loc_r101_imagenet.yaml", f"data.train.root={tmp_path / 'no'}",
+                        "classifier.weights=null", "rpn.backbone.weights=null",
+                        "rcnn.backbone.weights=null", f"train.output_dir={tmp_path / 'o'}"])
+    message = str(e.value)
+    assert str(tmp_path / "no") in message and "loc_r18_builtin.yaml" in message
+
+
+def test_init_from_classifier_needs_matching_backbones(trained, tmp_path):
+    with pytest.raises(ConfigError, match="rpn.init_from_classifier"):
+        train_loc.main(tiny(tmp_path / "o", "rpn.backbone.width=8"))

@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Evaluate a localizer trained by tools/train_loc.py on data.val (Table 13 of He et al. 2015).
+
+    python tools/eval_loc.py [CONFIG] --weights W [key=value ...] [--out FILE]
+
+Without CONFIG the config stored in the checkpoint is used; key=value overrides change it (e.g.
+``test.scales=[224,288,352]`` for multi-scale dense testing, ``data.val.root=...``). Prints the
+errors of the RPN alone and of RPN + R-CNN side by side (localization error on the ground-truth
+class, top-1/top-5 localization error, top-1/top-5 classification error, percent), writes
+eval/metrics.json and eval/predictions.json under train.output_dir, and ``--out`` the metrics
+JSON. Under torchrun every rank evaluates a shard.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+from common import run_main  # noqa: E402
+from detres.engine.checkpoint import atomic_write_bytes  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default=None,
+                        help="YAML config (default: the one stored in the checkpoint)")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value")
+    parser.add_argument("--weights", required=True, help="model_final.pth of tools/train_loc.py")
+    parser.add_argument("--out", type=Path, help="also write the metrics here as JSON")
+    args = parser.parse_intermixed_args(argv)
+    if args.config is not None and "=" in args.config:  # only overrides were given
+        args.overrides.insert(0, args.config)
+        args.config = None
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import train_loc  # tools/ is on sys.path as the script's own folder
+    metrics = train_loc.main([*([args.config] if args.config else []), *args.overrides,
+                              "--eval-only", "--weights", args.weights])
+    if args.out is not None:
+        text = json.dumps(metrics, indent=1)
+        atomic_write_bytes(args.out, lambda f: f.write(text.encode()))
+        print(f"wrote {args.out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    run_main(main)
