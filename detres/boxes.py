@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou as _box_iou
@@ -91,3 +92,18 @@ def decode(deltas: Tensor, anchors: Tensor,
     cx, cy = dx * aw + ax, dy * ah + ay
     w, h = torch.exp(dw) * aw, torch.exp(dh) * ah
     return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+
+
+def box_iou_numpy(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
+    """(P, 4), (Q, 4) numpy xyxy -> (P, Q) IoU, widths without +1; degenerate boxes give 0.
+
+    For evaluation, where the arrays of one image are tiny and a tensor round trip would cost
+    several times the arithmetic.
+    """
+    lt = np.maximum(boxes1[:, None, :2], boxes2[None, :, :2])
+    rb = np.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area1 = np.prod(np.clip(boxes1[:, 2:] - boxes1[:, :2], 0, None), axis=1)
+    area2 = np.prod(np.clip(boxes2[:, 2:] - boxes2[:, :2], 0, None), axis=1)
+    union = area1[:, None] + area2[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)

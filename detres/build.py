@@ -1,5 +1,6 @@
 """The only config -> object code (DESIGN.md section 1): backbones, classifier, detector,
-localizer, optimizer, LR schedule, datasets and loaders. Each function takes the part of the config it needs.
+localizer, optimizer, LR schedule, datasets and loaders. Each function takes the part of the
+config it needs.
 """
 from __future__ import annotations
 
@@ -373,11 +374,13 @@ LOC_BUILTIN_HINT = ("python tools/train_loc.py configs/loc_r18_builtin.yaml "
 
 
 def build_loc_dataset(cfg: LocDatasetConfig, data: LocDataConfig, *, train: bool, key: str,
-                      class_names: Sequence[str] | None = None) -> LocalizationDataset:
-    """One split; training sets crop and flip (``data.scale_range``, ``data.crop_size``), test
-    sets keep the original images (the pipeline resizes them per test scale)."""
-    transform = (LocTrainTransform(data.scale_range, data.crop_size, data.flip_prob)
-                 if train else None)
+                      class_names: Sequence[str] | None = None,
+                      crops: tuple[tuple[int, int], int] | None = None) -> LocalizationDataset:
+    """One split; training sets crop and flip (``crops`` = (scale range, crop size), default
+    ``data.scale_range``, ``data.crop_size``), test sets keep the original images (the
+    pipeline resizes them per test scale)."""
+    scale_range, crop_size = crops or (data.scale_range, data.crop_size)
+    transform = LocTrainTransform(scale_range, crop_size, data.flip_prob) if train else None
     if cfg.type == "builtin":
         b = data.builtin
         root = ensure_builtin_loc(cfg.root, num_train_per_class=b.num_train_per_class,
@@ -455,13 +458,21 @@ def copy_classifier_weights(classifier: Classifier, target: nn.Module, what: str
     target.load_state_dict({k: source[k] for k in own})
 
 
+def loc_classifier_crops(cfg: LocalizationConfig) -> tuple[tuple[int, int], int]:
+    """(scale range, crop size) of the classifier's training crops."""
+    c = cfg.classifier
+    return c.scale_range or cfg.data.scale_range, c.crop_size or cfg.data.crop_size
+
+
 def loc_test_settings(cfg: LocalizationConfig) -> LocTestSettings:
     t = cfg.test
     return LocTestSettings(scales=tuple(t.scales), max_size=t.max_size,
                            topk_classes=t.topk_classes,
                            proposals_per_class=cfg.rcnn.proposals_per_class,
                            pre_nms_topk=t.pre_nms_topk, nms_threshold=t.nms_threshold,
-                           cls_test_size=cfg.classifier.test_size, cls_crop=cfg.data.crop_size)
+                           cls_test_size=cfg.classifier.test_size,
+                           cls_crop=(cfg.classifier.crop_size or cfg.data.crop_size)
+                           if cfg.classifier.test_crop else None)
 
 
 def localizer_from_checkpoint(path: str | Path, overrides: Sequence[str] = ()

@@ -274,7 +274,7 @@ class LocDatasetConfig:
     # builtin: the cache folder (null: $DETRES_CACHE or ~/.cache/detres)
     root: str | None = None
     split: str = "train"
-    boxes: str | None = None             # imagenet: the split's XML folder (null: <root>/bbox/<split>)
+    boxes: str | None = None             # imagenet: the XML folder (null: <root>/bbox/<split>)
     # ImageNet train has boxes for about 40% of its images: skip uses those and counts the rest
     missing_boxes: Literal["skip", "error"] = "skip"
 
@@ -301,7 +301,14 @@ class LocClassifierConfig:
     # torchvision://resnet101 (ImageNet classifier, fc included), a tools/pretrain_cls.py
     # checkpoint, or null: trained here first for max_iter iterations
     weights: str | None = None
-    test_size: int = 256                       # shorter side, then a centre crop of data.crop_size
+    # training crops of the classifier: null takes data.scale_range / data.crop_size; a small
+    # CIFAR-style net (stem: cifar) learns shapes far faster on small crops of the same images
+    scale_range: tuple[int, int] | None = None
+    crop_size: int | None = None
+    test_size: int = 256                       # shorter side, then a centre crop of crop_size
+    # false: the whole image, fully convolutionally (the paper's test form, Sec. 3.4), so no
+    # object is cut off by the crop
+    test_crop: bool = True
     max_iter: int = 0
     solver: SolverConfig = field(default_factory=lambda: SolverConfig(base_lr=0.1))
 
@@ -317,8 +324,8 @@ class LocRPNConfig:
         sizes=(64.0, 128.0, 256.0, 512.0)))
     conv_channels: int | None = None               # the 3x3 conv; null: the trunk's channels
     iou_thresholds: tuple[float, float] = (0.3, 0.7)
-    anchors_per_image: int = 8                      # "8 anchors are randomly sampled for each image"
-    positive_fraction: float = 0.5                  # "positive and negative anchors have a ratio of 1:1"
+    anchors_per_image: int = 8          # "8 anchors are randomly sampled for each image"
+    positive_fraction: float = 0.5      # "positive and negative anchors have a ratio of 1:1"
     box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
     max_iter: int = 10000
     # "a mini-batch size of 256 images for fine-tuning"

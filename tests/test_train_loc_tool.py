@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -110,4 +113,35 @@ def test_missing_imagenet_says_where_and_what_runs_without_it(tmp_path):
 
 def test_init_from_classifier_needs_matching_backbones(trained, tmp_path):
     with pytest.raises(ConfigError, match="rpn.init_from_classifier"):
-        train_loc.main(tiny(tmp_path / "o", "rpn.backbone.width=8"))
+        # the demo's classifier is a CIFAR-style ResNet-20, its RPN an ImageNet-style ResNet-18
+        train_loc.main(tiny(tmp_path / "o", "rpn.init_from_classifier=true"))
+
+
+def test_help_and_bad_key_as_a_script(tmp_path):
+    tool = str(ROOT / "tools" / "train_loc.py")
+    res = subprocess.run([sys.executable, tool, "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "--resume" in res.stdout
+    res = subprocess.run([sys.executable, tool, "rpn.anchor_per_image=4",
+                          f"train.output_dir={tmp_path}"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1].startswith(
+        "error: <command line>: unknown key 'rpn.anchor_per_image'")
+
+
+@pytest.mark.slow
+def test_two_process_torchrun_trains_and_evaluates(trained, tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={port}", str(ROOT / "tools" / "train_loc.py"), *tiny(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "world size 2" in (tmp_path / "log.txt").read_text()
+    assert set(json.loads((tmp_path / "eval" / "metrics.json").read_text())) == {
+        "RPN", "RPN+R-CNN"}
+    # every val image scored exactly once, though each rank saw half of them
+    assert len(json.loads((tmp_path / "eval" / "predictions.json").read_text())) == 20

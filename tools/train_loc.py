@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
     meta = {"config": to_dict(cfg), "class_names": names}
 
     if not cfg.classifier.weights:
-        run_stage("classifier", model.classifier, train_set, loc_batches.collate_classifier,
+        cls_set = build.build_loc_dataset(cfg.data.train, cfg.data, train=True, key="data.train",
+                                          class_names=names,
+                                          crops=build.loc_classifier_crops(cfg))
+        run_stage("classifier", model.classifier, cls_set, loc_batches.collate_classifier,
                   cfg.classifier.solver, cfg.classifier.max_iter, cfg, output_dir, device, dist,
                   args.resume, meta)
     if cfg.rpn.init_from_classifier and not _finished(output_dir / "rpn", args.resume):

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from detres.data.io import DatasetError, ImageDecodeError, read_image
+from detres.data.io import BadImageSkipper, DatasetError, ImageDecodeError, read_image
 
 logger = logging.getLogger(__name__)
 
@@ -111,39 +111,25 @@ class ImageFolder(ClassificationDataset):
         self.paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.skip_bad_images = skip_bad_images
-        self._bad = torch.zeros(len(paths), dtype=torch.bool).share_memory_()  # seen by workers
+        self.skipper = BadImageSkipper(len(paths), skip_bad_images, str(self.root), self.path,
+                                       errors=(ImageDecodeError,),
+                                       hint="set data.skip_bad_images=true to skip "
+                                            "undecodable images")
 
     def path(self, i: int) -> Path:
         return Path(os.fsdecode(bytes(self.paths[i])))
 
     def read(self, i: int) -> tuple[np.ndarray, int]:
-        n = len(self)
-        for k in range(n):
-            j = (i + k) % n
-            if self.skip_bad_images and bool(self._bad[j]):
-                continue
-            try:
-                return read_image(self.path(j)), int(self.labels[j])
-            except ImageDecodeError as e:
-                if not self.skip_bad_images:
-                    raise ImageDecodeError(f"{e} (set data.skip_bad_images=true to skip "
-                                           f"undecodable images)") from None
-                self._bad[j] = True
-                logger.warning("skipping %s", e)
-        raise DatasetError(f"{self.root}: none of the {n} images could be decoded")
+        image, j = self.skipper.read(i, lambda k: read_image(self.path(k)))
+        return image, int(self.labels[j])
 
     @property
     def num_skipped_images(self) -> int:
-        return int(self._bad.sum())
+        return self.skipper.count
 
     def report_skipped_images(self) -> int:
         """Logs how many (and which) images were skipped as undecodable; returns the count."""
-        bad = np.flatnonzero(self._bad.numpy())
-        if len(bad):
-            names = ", ".join(str(self.path(i)) for i in bad[:10])
-            logger.warning("%s: skipped %d of %d images that could not be decoded: %s%s",
-                           self.root, len(bad), len(self), names, " ..." if len(bad) > 10 else "")
-        return len(bad)
+        return self.skipper.report()
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

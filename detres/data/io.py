@@ -19,7 +19,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 # (image HWC uint8, boxes (M, 4) float32, labels (M,) int64) -> (image, boxes, labels, scale)
 Transform = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple]
+T = TypeVar("T")
 
 
 class DatasetError(ValueError):
@@ -172,6 +173,71 @@ def _concat(parts: list[np.ndarray], empty_shape: tuple[int, ...], dtype) -> np.
     return np.concatenate(parts) if parts else np.zeros(empty_shape, dtype)
 
 
+class BadImageSkipper:
+    """``skip_bad_images`` for any dataset: an image that cannot be read is logged, counted and
+    replaced by the next readable one, instead of stopping the run.
+
+    The flags live in shared memory, so skips made in DataLoader workers are seen (and
+    reported) by the main process. With ``enabled`` False, reading errors pass through.
+
+    Args:
+        size: number of images.
+        enabled: whether to skip at all.
+        source: what to name in messages (a folder or annotation file).
+        path_of: image index -> its file, for the up-front check and the report.
+        errors: the exceptions that mean "this image is bad".
+        hint: appended to a passing-through error (e.g. how to turn skipping on).
+    """
+
+    def __init__(self, size: int, enabled: bool, source: str, path_of: Callable[[int], Path],
+                 errors: tuple[type[Exception], ...] = (DatasetError,), hint: str = "") -> None:
+        self.size, self.enabled, self.source, self.path_of = size, enabled, source, path_of
+        self.errors, self.hint = errors, hint
+        self.bad = torch.zeros(size, dtype=torch.bool).share_memory_()
+        if enabled:
+            # Missing and empty files are found up front (one stat each), so they are skipped
+            # without a warning per epoch; truncated or corrupt ones are found when read.
+            for i in range(size):
+                try:
+                    self.bad[i] = path_of(i).stat().st_size == 0
+                except OSError:
+                    self.bad[i] = True
+            if self.count:
+                self.report()
+
+    def read(self, i: int, read: Callable[[int], T]) -> tuple[T, int]:
+        """``(read(j), j)`` for the first readable image j from i on (i itself unless skipping)."""
+        for k in range(self.size):
+            j = (i + k) % self.size
+            if self.enabled and bool(self.bad[j]):
+                continue
+            try:
+                return read(j), j
+            except self.errors as e:
+                if not self.enabled:
+                    if self.hint:
+                        raise type(e)(f"{e} ({self.hint})") from None
+                    raise
+                self.bad[j] = True
+                logger.warning("skipping %s", e)
+        raise DatasetError(f"{self.source}: none of the {self.size} images could be read")
+
+    @property
+    def count(self) -> int:
+        """Images skipped so far, by any DataLoader worker."""
+        return int(self.bad.sum())
+
+    def report(self) -> int:
+        """Logs how many images were skipped, and which; returns the count."""
+        bad = np.flatnonzero(self.bad.numpy())
+        if len(bad):
+            names = ", ".join(str(self.path_of(int(i))) for i in bad[:10])
+            logger.warning("%s: skipped %d of %d images that could not be read: %s%s",
+                           self.source, len(bad), self.size, names,
+                           " ..." if len(bad) > 10 else "")
+        return len(bad)
+
+
 class DetectionDataset(Dataset):
     """A detection dataset over an ``AnnotationIndex``.
 
@@ -201,22 +267,7 @@ class DetectionDataset(Dataset):
         self.keep_ignored = keep_ignored
         self.skip_bad_images = skip_bad_images
         self.source = source
-        # Shared memory, so the flags that DataLoader workers set are seen by the main process.
-        self._bad = torch.zeros(len(index), dtype=torch.bool).share_memory_()
-        if skip_bad_images:
-            self._mark_missing_files()
-
-    def _mark_missing_files(self) -> None:
-        # Missing and empty files are found up front (one stat each) so they are skipped
-        # without a warning per epoch; truncated or corrupt ones are found when read.
-        for i in range(len(self)):
-            try:
-                bad = self.index.path(i).stat().st_size == 0
-            except OSError:
-                bad = True
-            self._bad[i] = bad
-        if self.num_skipped_images:
-            self.report_skipped_images()
+        self.skipper = BadImageSkipper(len(index), skip_bad_images, source, index.path)
 
     @property
     def num_classes(self) -> int:
@@ -257,7 +308,7 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, Targets]:
         i = int(i)
-        image, i = self._read_or_skip(i)
+        image, i = self.skipper.read(i, self.read_image)
         r = self.index.rows(i)
         keep = slice(None) if self.keep_ignored else ~self.index.ignore[r]
         boxes = self.index.boxes[r][keep]
@@ -273,32 +324,11 @@ class DetectionDataset(Dataset):
                           orig_size=orig_size)
         return tensor, targets
 
-    def _read_or_skip(self, i: int) -> tuple[np.ndarray, int]:
-        n = len(self)
-        for k in range(n):
-            j = (i + k) % n
-            if self.skip_bad_images and bool(self._bad[j]):
-                continue
-            try:
-                return self.read_image(j), j
-            except DatasetError as e:
-                if not self.skip_bad_images:
-                    raise
-                self._bad[j] = True
-                logger.warning("skipping image id %d: %s", int(self.index.image_ids[j]), e)
-        raise DatasetError(f"{self.source}: no image of the {n} could be read")
-
     @property
     def num_skipped_images(self) -> int:
         """How many images were skipped so far (by any DataLoader worker) as unreadable."""
-        return int(self._bad.sum())
+        return self.skipper.count
 
     def report_skipped_images(self) -> int:
         """Logs how many images were skipped as unreadable, and which; returns the count."""
-        bad = np.flatnonzero(self._bad.numpy())
-        if len(bad):
-            names = ", ".join(str(self.index.path(i)) for i in bad[:10])
-            logger.warning("%s: skipped %d of %d images that could not be read: %s%s",
-                           self.source, len(bad), len(self), names,
-                           " ..." if len(bad) > 10 else "")
-        return len(bad)
+        return self.skipper.report()

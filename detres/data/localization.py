@@ -62,7 +62,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from detres.data.classification import IMAGE_EXTENSIONS, DatasetNotFoundError
-from detres.data.io import AnnotationIndex, DatasetError, Transform, read_image
+from detres.data.io import (AnnotationIndex, BadImageSkipper, DatasetError, Transform,
+                            read_image)
 from detres.data.transforms import TransformOutput, resize, resize_scale
 from detres.structures import SIZE_DIVISIBILITY, ImageBatch
 
@@ -245,9 +246,8 @@ class LocalizationDataset(Dataset):
         label_of = {c: k for k, c in enumerate(self.class_names)}
         self._index_files(label_of, set(folders), skip_unannotated_classes)
         # Shared memory, so the flags that DataLoader workers set are seen by the main process.
-        self._bad = torch.zeros(len(self), dtype=torch.bool).share_memory_()
-        if skip_bad_images:
-            self._mark_missing_files()
+        self.skipper = BadImageSkipper(len(self), skip_bad_images, str(self.image_root),
+                                       self.path)
 
     def _index_files(self, label_of: dict[str, int], folders: set[str],
                      skip_unannotated_classes: bool) -> None:
@@ -337,16 +337,6 @@ class LocalizationDataset(Dataset):
                            self.image_root, len(self.skipped_classes),
                            ", ".join(self.skipped_classes[:10]))
 
-    def _mark_missing_files(self) -> None:
-        # Missing and empty files are found up front (one stat each); corrupt ones when read.
-        for i in range(len(self)):
-            try:
-                self._bad[i] = self.path(i).stat().st_size == 0
-            except OSError:
-                self._bad[i] = True
-        if self.num_skipped_images:
-            self.report_skipped_images()
-
     # ------------------------------------------------------------------ accessors
     @property
     def num_classes(self) -> int:
@@ -389,7 +379,7 @@ class LocalizationDataset(Dataset):
         return image
 
     def __getitem__(self, i: int) -> LocSample:
-        image, i = self._read_or_skip(int(i))
+        image, i = self.skipper.read(int(i), self.read_image)
         boxes, labels = self.annotations(i)
         orig_size = (int(image.shape[0]), int(image.shape[1]))
         scale = 1.0
@@ -399,36 +389,15 @@ class LocalizationDataset(Dataset):
                          np.asarray(labels, np.int64), int(self.image_labels[i]), i,
                          float(scale), orig_size)
 
-    def _read_or_skip(self, i: int) -> tuple[np.ndarray, int]:
-        n = len(self)
-        for k in range(n):
-            j = (i + k) % n
-            if self.skip_bad_images and bool(self._bad[j]):
-                continue
-            try:
-                return self.read_image(j), j
-            except DatasetError as e:
-                if not self.skip_bad_images:
-                    raise
-                self._bad[j] = True
-                logger.warning("skipping %s", e)
-        raise DatasetError(f"{self.image_root}: none of the {n} images could be read")
-
     # ------------------------------------------------------------------ skip reports
     @property
     def num_skipped_images(self) -> int:
         """Images skipped so far (by any DataLoader worker) as unreadable or mis-sized."""
-        return int(self._bad.sum())
+        return self.skipper.count
 
     def report_skipped_images(self) -> int:
         """Logs how many images were skipped as unreadable, and which; returns the count."""
-        bad = np.flatnonzero(self._bad.numpy())
-        if len(bad):
-            names = ", ".join(str(self.path(i)) for i in bad[:10])
-            logger.warning("%s: skipped %d of %d images that could not be read: %s%s",
-                           self.image_root, len(bad), len(self), names,
-                           " ..." if len(bad) > 10 else "")
-        return len(bad)
+        return self.skipper.report()
 
     def report_skipped(self, log: logging.Logger | None = None) -> dict[str, int]:
         """Logs every count of left-out data (end of a run); returns the counts."""

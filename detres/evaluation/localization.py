@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from detres.boxes import box_iou_numpy
+
 # (key of localization_errors, column title of format_table), in Table 13's order
 COLUMNS = (
     ("gt_cls_loc_err", "LOC err on GT CLS"),
@@ -107,21 +109,6 @@ def _check_params(k: int | None, iou_threshold: float) -> None:
         raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
 
 
-def _iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
-    """(P, 4), (Q, 4) -> (P, Q) IoU; degenerate boxes give 0, never nan.
-
-    numpy rather than torchvision.ops.box_iou: per image the arrays are tiny and the tensor
-    round trip costs several times the arithmetic (ImageNet val has 50k images).
-    """
-    lt = np.maximum(boxes1[:, None, :2], boxes2[None, :, :2])
-    rb = np.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area1 = np.prod(np.clip(boxes1[:, 2:] - boxes1[:, :2], 0, None), axis=1)
-    area2 = np.prod(np.clip(boxes2[:, 2:] - boxes2[:, :2], 0, None), axis=1)
-    union = area1[:, None] + area2[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
 def _found(classes: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """(n,) bool: class C_j is among ``labels`` (np.isin, without its overhead on tiny arrays)."""
     return (classes[:, None] == labels[None, :]).any(axis=1)
@@ -134,7 +121,7 @@ def _class_hits(labels: np.ndarray, boxes: np.ndarray, gt_labels: np.ndarray,
     Classes C_j are ``np.unique(gt_labels)``, so a class with several boxes is counted once.
     """
     classes = np.unique(gt_labels)
-    iou = _iou(boxes, gt_boxes)                                                    # (P, M)
+    iou = box_iou_numpy(boxes, gt_boxes)                                                    # (P, M)
     good = (iou >= iou_threshold) & (labels[:, None] == gt_labels[None, :])        # (P, M)
     box_of_class = gt_labels[:, None] == classes[None, :]                          # (M, n)
     return (good.astype(np.int64) @ box_of_class.astype(np.int64)) > 0

@@ -3,7 +3,7 @@
 For each image (original pixels throughout the output):
 
 1. the classifier sees the shorter side resized to ``cls_test_size`` and a centre crop of
-   ``cls_crop``; its top-k classes are the guesses (paper: top-5);
+   ``cls_crop`` (or the whole image); its top-k classes are the guesses (paper: top-5);
 2. the per-class RPN runs densely over the whole image at each test scale; for each guessed
    class (and each ground-truth class, for the oracle "error on the ground-truth class") the
    proposals of all scales are merged, NMS-ed and cut to the top ``proposals_per_class``;
@@ -55,7 +55,7 @@ class LocTestSettings:
     pre_nms_topk: int = 6000
     nms_threshold: float | None = 0.7
     cls_test_size: int = 256
-    cls_crop: int = 224
+    cls_crop: int | None = 224          # None: the whole image, fully convolutional
 
 
 def _chw(image: np.ndarray) -> Tensor:
@@ -127,14 +127,30 @@ def _best(boxes: Tensor, scores: Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
+def classify(model: Localizer, images: Sequence[np.ndarray], settings: LocTestSettings,
+             device: torch.device) -> Tensor:
+    """(N, K) class logits: centre crops in one batch, or each whole image on its own (their
+    sizes differ, and padding would change the global average)."""
+    if settings.cls_crop is not None:
+        views = [_chw(classifier_view(im, settings.cls_test_size, settings.cls_crop))
+                 for im in images]
+        return model.classifier(torch.stack(views).to(device)).logits.float()
+    out = []
+    for im in images:
+        h, w = im.shape[:2]
+        view, _ = resize(im, np.zeros((0, 4), np.float32),
+                         resize_scale(h, w, settings.cls_test_size, None))
+        out.append(model.classifier(_chw(view)[None].to(device)).logits.float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def localize_batch(model: Localizer, images: Sequence[np.ndarray], gt_classes: list[np.ndarray],
                    settings: LocTestSettings, device: torch.device
                    ) -> list[dict[str, Any]]:
     """The pipeline on a few original images; returns per image ``guesses`` (k,) and, per
     method, ``boxes`` (k, 4) for the guesses and ``gt_boxes`` {class: (4,)} for the oracle."""
-    cls_in = torch.stack([_chw(classifier_view(im, settings.cls_test_size, settings.cls_crop))
-                          for im in images]).to(device)
-    logits = model.classifier(cls_in).logits.float()
+    logits = classify(model, images, settings, device)
     k = min(settings.topk_classes, logits.shape[1])
     guesses = logits.topk(k, dim=1).indices.cpu()
     wanted = []

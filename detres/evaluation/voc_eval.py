@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from detres.boxes import box_iou_numpy
+
 METRICS = ("voc07", "voc12")
 
 
@@ -62,17 +64,6 @@ def _get(obj: Any, name: str, default: Any = None) -> np.ndarray | None:
     return np.asarray(value)
 
 
-def _iou(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
-    """(P, 4), (Q, 4) -> (P, Q) IoU, widths without +1."""
-    lt = np.maximum(boxes1[:, None, :2], boxes2[None, :, :2])
-    rb = np.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area1 = np.prod(np.clip(boxes1[:, 2:] - boxes1[:, :2], 0, None), axis=1)
-    area2 = np.prod(np.clip(boxes2[:, 2:] - boxes2[:, :2], 0, None), axis=1)
-    union = area1[:, None] + area2[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
 def _match_image(det_boxes: np.ndarray, gt_boxes: np.ndarray, gt_difficult: np.ndarray,
                  iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """True-positive and ignore flags (D,) for one image and class; detections sorted by score.
@@ -83,7 +74,7 @@ def _match_image(det_boxes: np.ndarray, gt_boxes: np.ndarray, gt_difficult: np.n
     num_dets = len(det_boxes)
     if len(gt_boxes) == 0:
         return np.zeros(num_dets, bool), np.zeros(num_dets, bool)
-    iou = _iou(det_boxes, gt_boxes)                           # (D, M)
+    iou = box_iou_numpy(det_boxes, gt_boxes)                           # (D, M)
     best = iou.argmax(axis=1)                                 # (D,) first box among equals
     hit = iou[np.arange(num_dets), best] >= iou_threshold
     ignore = hit & gt_difficult[best]
