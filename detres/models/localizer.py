@@ -54,6 +54,10 @@ class LocOutput:
     stats: dict[str, Tensor] = field(default_factory=dict)
 
 
+def _channel_values(values: Sequence[float]) -> Tensor:
+    return torch.tensor(values, dtype=torch.float32).view(3, 1, 1)
+
+
 def _normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return (images.float() - mean) / std
 
@@ -106,8 +110,8 @@ class PerClassRPN(nn.Module):
             raise ValueError(f"the head predicts {head.num_anchors} anchors per cell but the "
                              f"anchor generator makes {anchor_generator.num_anchors}")
         self.trunk, self.head, self.anchor_generator = trunk, head, anchor_generator
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1))
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1))
+        self.register_buffer("pixel_mean", _channel_values(pixel_mean))
+        self.register_buffer("pixel_std", _channel_values(pixel_std))
         self.matcher = Matcher(*iou_thresholds, allow_low_quality_matches=True)
         self.anchors_per_image = anchors_per_image
         self.positive_fraction = positive_fraction
@@ -127,12 +131,9 @@ class PerClassRPN(nn.Module):
         """Training: the per-class logistic and box losses over the sampled anchors, summed
         and divided by ``anchors_per_image * N`` (as the RPN's mini-batch normalisation)."""
         logits, deltas, anchors = self.predict(images)
-        num_images, num_anchors, num_classes = logits.shape
-        cls_target = torch.zeros_like(logits, dtype=torch.float32)
-        cls_weight = torch.zeros_like(logits, dtype=torch.bool)
-        box_target = torch.zeros(num_images, num_anchors, 4, device=logits.device)
-        pos_class = torch.full((num_images, num_anchors), -1, dtype=torch.int64,
-                               device=logits.device)
+        # Only the sampled (image, anchor, class) entries enter the loss: gather them rather
+        # than weight a dense (N, R, K) target (K = 1000 makes that gigabytes per batch).
+        cls_idx, cls_target, box_idx, box_target = [], [], [], []
         for i, target in enumerate(targets):
             gt_boxes = target.boxes.to(anchors.device, torch.float32)
             gt_labels = target.labels.to(anchors.device)
@@ -140,27 +141,31 @@ class PerClassRPN(nn.Module):
                 continue
             matched, labels = self.matcher(box_ops.box_iou(gt_boxes, anchors))
             sampled = sample_balanced(labels, self.anchors_per_image, self.positive_fraction)
-            pos = sampled & (labels == 1)
-            neg = sampled & (labels == 0)
-            image_classes = torch.zeros(num_classes, dtype=torch.bool, device=logits.device)
-            image_classes[gt_labels] = True
-            cls_weight[i] |= neg[:, None] & image_classes[None, :]
-            pos_idx = pos.nonzero().squeeze(1)
-            pos_labels = gt_labels[matched[pos_idx]]
-            cls_weight[i, pos_idx, pos_labels] = True
-            cls_target[i, pos_idx, pos_labels] = 1.0
-            pos_class[i, pos_idx] = pos_labels
-            box_target[i, pos_idx] = box_ops.encode(gt_boxes[matched[pos_idx]], anchors[pos_idx])
-        normalizer = float(self.anchors_per_image * num_images)
-        cls_loss = F.binary_cross_entropy_with_logits(logits.float(), cls_target, reduction="none")
-        loss_cls = torch.where(cls_weight, cls_loss, 0.0).sum() / normalizer
-        is_pos = pos_class >= 0
-        # deltas of each positive anchor's own class: (N, R, 4)
-        own = torch.gather(deltas, 2, pos_class.clamp(min=0)[..., None, None].expand(-1, -1, 1, 4))
-        box_loss = box_regression_loss(own.squeeze(2), box_target, self.box_loss,
-                                       self.smooth_l1_beta)
-        loss_box = torch.where(is_pos[..., None], box_loss, 0.0).sum() / normalizer
-        stats = {"num_pos_anchors": is_pos.sum() / float(num_images)}
+            pos = (sampled & (labels == 1)).nonzero().squeeze(1)
+            neg = (sampled & (labels == 0)).nonzero().squeeze(1)
+            pos_labels = gt_labels[matched[pos]]
+            image_classes = torch.unique(gt_labels)
+            neg_anchor = neg.repeat_interleave(len(image_classes))
+            neg_class = image_classes.repeat(len(neg))
+            image = torch.full((len(pos) + len(neg_anchor),), i, device=anchors.device)
+            cls_idx.append(torch.stack([image, torch.cat([pos, neg_anchor]),
+                                        torch.cat([pos_labels, neg_class])]))
+            cls_target.append(torch.cat([torch.ones(len(pos), device=anchors.device),
+                                         torch.zeros(len(neg_anchor), device=anchors.device)]))
+            box_idx.append(torch.stack([image[:len(pos)], pos, pos_labels]))
+            box_target.append(box_ops.encode(gt_boxes[matched[pos]], anchors[pos]))
+        normalizer = float(self.anchors_per_image * len(targets))
+        if not cls_idx:  # no image with a box: zero losses that still reach every output
+            zero = logits.sum() * 0.0 + deltas.sum() * 0.0
+            return LocOutput({"loss_cls": zero, "loss_box": zero},
+                             {"num_pos_anchors": zero.detach()})
+        i, a, c = torch.cat(cls_idx, 1)
+        loss_cls = F.binary_cross_entropy_with_logits(
+            logits[i, a, c].float(), torch.cat(cls_target), reduction="sum") / normalizer
+        i, a, c = torch.cat(box_idx, 1)
+        loss_box = box_regression_loss(deltas[i, a, c], torch.cat(box_target), self.box_loss,
+                                       self.smooth_l1_beta).sum() / normalizer
+        stats = {"num_pos_anchors": torch.tensor(len(i) / len(targets))}
         return LocOutput({"loss_cls": loss_cls, "loss_box": loss_box}, stats)
 
     @torch.no_grad()
@@ -246,8 +251,8 @@ class RCNNRefiner(nn.Module):
         nn.init.normal_(self.bbox_pred.weight, std=0.001)
         nn.init.zeros_(self.cls_score.bias)
         nn.init.zeros_(self.bbox_pred.bias)
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1))
-        self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1))
+        self.register_buffer("pixel_mean", _channel_values(pixel_mean))
+        self.register_buffer("pixel_std", _channel_values(pixel_std))
         self.fg_iou_threshold = fg_iou_threshold
         self.box_loss, self.smooth_l1_beta = box_loss, smooth_l1_beta
         self.box_weights = tuple(box_weights)
@@ -285,7 +290,7 @@ class RCNNRefiner(nn.Module):
         box_loss = box_regression_loss(deltas, torch.cat(gt_deltas), self.box_loss,
                                        self.smooth_l1_beta)
         loss_box = torch.where(fg[:, None], box_loss, 0.0).sum()
-        stats = {"fg_fraction": fg.float().mean() if len(fg) else fg.new_zeros((), dtype=torch.float32)}
+        stats = {"fg_fraction": fg.float().sum() / num}
         return LocOutput({"loss_cls": loss_cls / num, "loss_box": loss_box / num}, stats)
 
     @torch.no_grad()
