@@ -175,3 +175,18 @@ def test_partial_section_keeps_the_parents_defaults(tmp_path):
     assert cfg.train.max_iter == 5
     assert load_config(dump(cfg, tmp_path / "out.yaml") and tmp_path / "out.yaml",
                        schema=DetectionConfig) == cfg
+
+
+def test_localization_configs_load_and_state_the_papers_values():
+    from detres.config import LocalizationConfig
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted(root.glob("loc_*.yaml")):
+        load_config(path, schema=LocalizationConfig)
+    cfg = load_config(root / "loc_r101_imagenet.yaml", schema=LocalizationConfig)
+    # Appendix C: 224x224 crops, 256 images per batch, 8 anchors per image at 1:1; R-CNN on
+    # the top 200 proposals per class warped to 224x224, RoI-centric batches of 256
+    assert cfg.data.crop_size == 224 and cfg.rpn.solver.ims_per_batch == 256
+    assert cfg.rpn.anchors_per_image == 8 and cfg.rpn.positive_fraction == 0.5
+    assert cfg.rcnn.proposals_per_class == 200 and cfg.rcnn.input_size == 224
+    assert cfg.rcnn.solver.ims_per_batch * cfg.rcnn.rois_per_image == 256
+    assert cfg.classifier.weights == "torchvision://resnet101" and cfg.test.topk_classes == 5
