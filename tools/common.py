@@ -82,11 +82,12 @@ def setup_run(cfg: Any, write_config: bool
     return device, dist, output_dir, logger
 
 
-def run_main(main: Callable[[], Any]) -> None:
-    """Runs a tool's ``main``: user errors exit 1 with one line; torchrun state is torn down."""
+def run_main(main: Callable[[], Any], extra_errors: tuple[type[Exception], ...] = ()) -> None:
+    """Runs a tool's ``main``: user errors (and ``extra_errors``) exit 1 with one line;
+    torchrun state is torn down."""
     try:
         main()
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, *extra_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:

@@ -13,7 +13,7 @@ crowd region, is a difficult box (neither a true nor a false positive). All numb
 The table goes to the console; ``--out`` writes ``{"bbox": metrics}`` as JSON (``nan``, a class
 without ground truth, is written as ``null``).
 
-From a trained model (wired by the lead):
+From a trained model:
 
     python tools/eval_det.py CONFIG --weights W [key=value ...]
 """
@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -114,11 +113,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from detres.config import ConfigError
-    from detres.data.io import DatasetError
-    from detres.engine.checkpoint import CheckpointError
-    try:
-        main()
-    except (ConfigError, CheckpointError, DatasetError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    from common import run_main  # tools/ is on sys.path as the script's own folder
+    run_main(main)

@@ -21,9 +21,9 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 from detres import build  # noqa: E402
-from detres.config import ConfigError, DetectionConfig, load_config  # noqa: E402
+from detres.config import DetectionConfig, load_config  # noqa: E402
 from detres.data.io import DatasetError, read_image  # noqa: E402
-from detres.engine.checkpoint import CheckpointError, atomic_write_bytes  # noqa: E402
+from detres.engine.checkpoint import atomic_write_bytes  # noqa: E402
 from detres.engine.distributed import resolve_device  # noqa: E402
 from detres.predictor import Predictor  # noqa: E402
 from detres.visualize import save_detections  # noqa: E402
@@ -106,8 +106,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, CheckpointError, DatasetError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    from common import run_main  # tools/ is on sys.path as the script's own folder
+    run_main(main, extra_errors=(ValueError,))   # e.g. an image or a checkpoint it cannot use

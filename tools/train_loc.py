@@ -62,7 +62,7 @@ def run_stage(name: str, module: torch.nn.Module, dataset: Any, collate: Any,
         return
     if solver.ims_per_batch % dist.world_size:
         raise ConfigError(f"{name}.solver.ims_per_batch={solver.ims_per_batch} is not "
-                                f"divisible by the {dist.world_size} processes")
+                          f"divisible by the {dist.world_size} processes")
     sampler = InfiniteBatchSampler(len(dataset), solver.ims_per_batch, seed=cfg.train.seed,
                                    rank=dist.rank, world_size=dist.world_size)
     loader = loc_batches.train_loader(dataset, collate, sampler, cfg.train.num_workers,
