@@ -84,15 +84,13 @@ def run_stage(name: str, module: torch.nn.Module, dataset: Any, collate: Any,
 def main(argv: list[str] | None = None) -> dict:
     """Trains (or with --eval-only evaluates); returns the metrics per method."""
     args = parse_args(argv)
-    if args.eval_only and args.config is None:  # the config stored in the checkpoint
-        cfg = build.localizer_from_checkpoint(args.weights, args.overrides)[1]
-    else:
-        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides,
-                          schema=LocalizationConfig)
+    if args.eval_only:
+        model, stored_cfg, meta = build.localizer_from_checkpoint(args.weights, args.overrides)
+    cfg = (stored_cfg if args.eval_only and args.config is None else
+           load_config(args.config or DEFAULT_CONFIG, args.overrides, schema=LocalizationConfig))
     device, dist, output_dir, logger = setup_run(cfg, write_config=not args.eval_only)
     settings = build.loc_test_settings(cfg)
     if args.eval_only:
-        model, _, meta = build.localizer_from_checkpoint(args.weights, args.overrides)
         val_set = build.build_loc_dataset(cfg.data.val, cfg.data, train=False, key="data.val",
                                           class_names=meta["class_names"])
         return evaluate_localizer(model.to(device), _test_loader(cfg, val_set, dist), val_set,
