@@ -13,8 +13,9 @@ from detres.data.builtin_loc import (LOC_CLASSES, builtin_loc_split, ensure_buil
                                      ilsvrc_xml)
 from detres.data.classification import DatasetNotFoundError
 from detres.data.io import DatasetError
+from detres.data.loc_batches import collate_classifier, collate_rpn
 from detres.data.localization import (LocalizationDataset, LocTestTransform, LocTrainTransform,
-                                      collate_loc, parse_ilsvrc_xml)
+                                      parse_ilsvrc_xml)
 
 A, B, C = "n01440764", "n01443537", "n01484850"
 SMALL = {"num_train_per_class": 4, "num_val_per_class": 2, "image_size": 64}
@@ -382,15 +383,15 @@ def test_dataset_applies_the_transform(ilsvrc):
 # ----------------------------------------------------------------------------- collate
 def test_collate_pads_to_a_multiple_of_32(ilsvrc):
     ds = LocalizationDataset.from_root(ilsvrc, "train", transform=LocTestTransform(50))
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_loc)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_rpn)
     images, targets = next(iter(loader))
     assert images.tensor.shape == (2, 3, 64, 96) and images.tensor.dtype == torch.float32
     assert images.sizes == [(50, 75), (50, 75)]
     assert (images.tensor[:, :, 50:] == 0).all() and (images.tensor[:, :, :, 75:] == 0).all()
     assert images.tensor[0, :, :50, :75].max() > 0
     t = targets[1]
-    assert t.image_label == 1 and t.index == 1 and t.scale == 1.25
-    assert t.orig_size == (40, 60) and t.size == (50, 75)
+    assert t.image_id == 1 and t.scale == 1.25 and t.orig_size == (40, 60)
     assert t.boxes.dtype == torch.float32 and t.labels.tolist() == [1]
-    batch = collate_loc([ds[0], ds[1]])
-    assert batch.image_labels.tolist() == [0, 1] and len(batch.targets[0].boxes) == 2
+    assert len(targets[0].boxes) == 2
+    crops, image_labels = collate_classifier([ds[0], ds[1]])
+    assert crops.shape == (2, 3, 50, 75) and image_labels.tolist() == [0, 1]

@@ -45,27 +45,24 @@ decoded image's size is found when the image is read (``__getitem__``), naming b
 Transforms: ``LocTrainTransform`` is the paper's classification augmentation (Sec. 3.4,
 Appendix C: shorter side drawn from [256, 480], random 224x224 crop, flip) carrying the boxes
 along; ``LocTestTransform`` resizes the whole image (dense fully-convolutional testing).
-``collate_loc`` pads a batch into an ``ImageBatch``.
+``detres.data.loc_batches`` makes the batches of each training stage and of testing.
 """
 from __future__ import annotations
 
 import logging
 import os
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from detres.data.classification import IMAGE_EXTENSIONS, DatasetNotFoundError
 from detres.data.io import (AnnotationIndex, BadImageSkipper, DatasetError, Transform,
                             read_image)
 from detres.data.transforms import TransformOutput, resize, resize_scale
-from detres.structures import SIZE_DIVISIBILITY, ImageBatch
 
 logger = logging.getLogger(__name__)
 
@@ -515,68 +512,3 @@ class LocTestTransform:
         image, boxes = resize(image, boxes, scale)
         return TransformOutput(np.ascontiguousarray(image), boxes,
                                np.asarray(labels, np.int64), float(scale))
-
-
-# ----------------------------------------------------------------------------- batching
-@dataclass(frozen=True)
-class LocTarget:
-    """Ground truth of one image of a localization batch.
-
-    Attributes:
-        boxes: (M, 4) float32 xyxy, pixels of the transformed image.
-        labels: (M,) int64 box labels.
-        image_label: the image's class.
-        index: its dataset index.
-        scale: transformed / original; divide boxes by it to get original pixels.
-        orig_size: (h, w) on disk.
-        size: (h, w) after the transform, before padding.
-    """
-
-    boxes: Tensor
-    labels: Tensor
-    image_label: int
-    index: int
-    scale: float
-    orig_size: tuple[int, int]
-    size: tuple[int, int]
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> LocTarget:
-        return replace(self, boxes=self.boxes.to(device, non_blocking=non_blocking),
-                       labels=self.labels.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> LocTarget:
-        return replace(self, boxes=self.boxes.pin_memory(), labels=self.labels.pin_memory())
-
-
-class LocBatch(NamedTuple):
-    """``collate_loc``'s output; unpacks as ``images, targets``."""
-
-    images: ImageBatch        # (N, 3, H, W) float32 0..255, zero-padded to a multiple of 32
-    targets: list[LocTarget]
-
-    @property
-    def image_labels(self) -> Tensor:
-        """(N,) int64 class of each image."""
-        return torch.tensor([t.image_label for t in self.targets], dtype=torch.int64)
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> LocBatch:
-        return LocBatch(self.images.to(device, non_blocking),
-                        [t.to(device, non_blocking) for t in self.targets])
-
-    def pin_memory(self) -> LocBatch:
-        images = ImageBatch(self.images.tensor.pin_memory(), list(self.images.sizes))
-        return LocBatch(images, [t.pin_memory() for t in self.targets])
-
-
-def collate_loc(samples: Sequence[LocSample], size_divisibility: int = SIZE_DIVISIBILITY
-                ) -> LocBatch:
-    """[LocSample] -> LocBatch(ImageBatch zero-padded to ``size_divisibility``, [LocTarget])."""
-    tensors = [torch.from_numpy(np.ascontiguousarray(s.image.transpose(2, 0, 1)))
-               for s in samples]
-    images = ImageBatch.from_tensors(tensors, size_divisibility)
-    targets = [LocTarget(boxes=torch.as_tensor(np.asarray(s.boxes, np.float32).reshape(-1, 4)),
-                         labels=torch.as_tensor(np.asarray(s.labels, np.int64)),
-                         image_label=int(s.image_label), index=int(s.index),
-                         scale=float(s.scale), orig_size=tuple(s.orig_size), size=size)
-               for s, size in zip(samples, images.sizes)]
-    return LocBatch(images, targets)
