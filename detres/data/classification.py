@@ -29,7 +29,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from detres.data.io import BadImageSkipper, DatasetError, ImageDecodeError, read_image
+from detres.data.io import (BadImageSkipper, DatasetError, ImageDecodeError, image_to_tensor,
+                            read_image)
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class ClassificationDataset(Dataset):
         image, label = self.read(int(index))
         if self.transform is not None:
             return self.transform(image, seed), label
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), label
+        return image_to_tensor(image), label
 
 
 class ImageFolder(ClassificationDataset):
@@ -199,7 +200,7 @@ class ClsTransform:
         if self.ten_crop_size is not None:
             crops = ten_crop(image, self.ten_crop_size)
             return torch.from_numpy(np.ascontiguousarray(crops.transpose(0, 3, 1, 2)))
-        return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return image_to_tensor(image)
 
 
 def ten_crop(image: np.ndarray, size: int) -> np.ndarray:

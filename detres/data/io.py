@@ -72,6 +72,11 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ImageDecodeError(f"{path}: cannot decode image: {e}") from e
 
 
+def image_to_tensor(image: np.ndarray) -> Tensor:
+    """(H, W, 3) uint8 RGB array -> (3, H, W) uint8 tensor (contiguous, no value change)."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
 def _to_rgb(im: Image.Image) -> np.ndarray:
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16-bit grayscale (PNG, TIFF); "I" is how older Pillow opens 16-bit PNGs. Keep the
@@ -317,7 +322,7 @@ class DetectionDataset(Dataset):
         scale = 1.0
         if self.transform is not None:
             image, boxes, labels, scale = self.transform(image, boxes, labels)
-        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        tensor = image_to_tensor(image)
         targets = Targets(boxes=torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4)),
                           labels=torch.as_tensor(np.asarray(labels, np.int64)),
                           image_id=int(self.index.image_ids[i]), scale=float(scale),

@@ -25,11 +25,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from detres.data.classification import InfiniteBatchSampler, ShardSampler, _worker_init
+from detres.data.io import image_to_tensor
 from detres.structures import ImageBatch, Targets
-
-
-def _chw(image: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
 class _Positions(Dataset):
@@ -46,12 +43,12 @@ class _Positions(Dataset):
 
 
 def collate_classifier(samples: list[Any]) -> tuple[Tensor, Tensor]:
-    return (torch.stack([_chw(s.image) for s in samples]),
+    return (torch.stack([image_to_tensor(s.image) for s in samples]),
             torch.tensor([s.image_label for s in samples], dtype=torch.int64))
 
 
 def collate_rpn(samples: list[Any]) -> tuple[ImageBatch, list[Targets]]:
-    images = ImageBatch.from_tensors([_chw(s.image) for s in samples])
+    images = ImageBatch.from_tensors([image_to_tensor(s.image) for s in samples])
     targets = [Targets(torch.as_tensor(s.boxes, dtype=torch.float32).reshape(-1, 4),
                        torch.as_tensor(s.labels, dtype=torch.int64), int(s.index),
                        float(s.scale), tuple(s.orig_size)) for s in samples]
@@ -99,7 +96,7 @@ class RCNNSamples(Dataset):
         h, w = image.shape[:2]
         target = Targets(torch.from_numpy(gt_boxes.astype(np.float32)),
                          torch.from_numpy(gt_labels), int(index), 1.0, (h, w))
-        return (_chw(image), torch.from_numpy(rois.astype(np.float32)),
+        return (image_to_tensor(image), torch.from_numpy(rois.astype(np.float32)),
                 torch.from_numpy(roi_classes), target)
 
 

@@ -32,6 +32,7 @@ from torch import Tensor
 from torchvision.ops import nms
 from tqdm import tqdm
 
+from detres.data.io import image_to_tensor
 from detres.data.transforms import resize, resize_scale
 from detres.engine import distributed as du
 from detres.engine.checkpoint import atomic_write_bytes
@@ -58,15 +59,17 @@ class LocTestSettings:
     cls_crop: int | None = 224          # None: the whole image, fully convolutional
 
 
-def _chw(image: np.ndarray) -> Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+def _resized(image: np.ndarray, short_side: int, max_size: int | None
+             ) -> tuple[np.ndarray, float]:
+    """The image with its shorter side at ``short_side`` (longer capped at ``max_size``)."""
+    scale = resize_scale(image.shape[0], image.shape[1], short_side, max_size)
+    return resize(image, np.zeros((0, 4), np.float32), scale)[0], scale
 
 
 def classifier_view(image: np.ndarray, test_size: int, crop: int) -> np.ndarray:
     """Shorter side to ``test_size``, then the centre ``crop`` x ``crop`` (zero-padded if the
     resized image is smaller), as the classification test recipe."""
-    h, w = image.shape[:2]
-    image, _ = resize(image, np.zeros((0, 4), np.float32), resize_scale(h, w, test_size, None))
+    image, _ = _resized(image, test_size, None)
     h, w = image.shape[:2]
     out = np.zeros((crop, crop, 3), np.uint8)
     top, left = max((h - crop) // 2, 0), max((w - crop) // 2, 0)
@@ -81,10 +84,8 @@ def scaled_batch(images: Sequence[np.ndarray], short_side: int, max_size: int | 
     """The images resized to ``short_side`` (capped at ``max_size``), padded into one batch."""
     tensors, scales = [], []
     for image in images:
-        h, w = image.shape[:2]
-        s = resize_scale(h, w, short_side, max_size)
-        resized, _ = resize(image, np.zeros((0, 4), np.float32), s)
-        tensors.append(_chw(resized))
+        resized, s = _resized(image, short_side, max_size)
+        tensors.append(image_to_tensor(resized))
         scales.append(s)
     return ImageBatch.from_tensors(tensors).to(device), scales
 
@@ -132,15 +133,13 @@ def classify(model: Localizer, images: Sequence[np.ndarray], settings: LocTestSe
     """(N, K) class logits: centre crops in one batch, or each whole image on its own (their
     sizes differ, and padding would change the global average)."""
     if settings.cls_crop is not None:
-        views = [_chw(classifier_view(im, settings.cls_test_size, settings.cls_crop))
+        views = [image_to_tensor(classifier_view(im, settings.cls_test_size, settings.cls_crop))
                  for im in images]
         return model.classifier(torch.stack(views).to(device)).logits.float()
     out = []
     for im in images:
-        h, w = im.shape[:2]
-        view, _ = resize(im, np.zeros((0, 4), np.float32),
-                         resize_scale(h, w, settings.cls_test_size, None))
-        out.append(model.classifier(_chw(view)[None].to(device)).logits.float())
+        view, _ = _resized(im, settings.cls_test_size, None)
+        out.append(model.classifier(image_to_tensor(view)[None].to(device)).logits.float())
     return torch.cat(out)
 
 
@@ -160,7 +159,7 @@ def localize_batch(model: Localizer, images: Sequence[np.ndarray], gt_classes: l
     proposals = dense_proposals(model.rpn, images, wanted, settings, device)
     refined = None
     if model.rcnn is not None:
-        originals = ImageBatch.from_tensors([_chw(im) for im in images]).to(device)
+        originals = ImageBatch.from_tensors([image_to_tensor(im) for im in images]).to(device)
         boxes = [torch.cat([b for b, _ in per_class]).to(device) if per_class else
                  torch.zeros(0, 4, device=device) for per_class in proposals]
         classes = [torch.cat([torch.full((len(b),), int(c), dtype=torch.int64)
