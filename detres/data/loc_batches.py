@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from detres import boxes as box_ops
 from detres.data.classification import InfiniteBatchSampler, ShardSampler, _worker_init
 from detres.data.io import image_to_tensor
 from detres.structures import ImageBatch, Targets
@@ -85,19 +86,14 @@ class RCNNSamples(Dataset):
         pool_classes = np.concatenate([classes.numpy().astype(np.int64), gt_labels])
         pick = rng.choice(len(pool_boxes), self.rois_per_image,
                           replace=len(pool_boxes) < self.rois_per_image)
-        rois, roi_classes = pool_boxes[pick], pool_classes[pick]
+        rois = torch.from_numpy(pool_boxes[pick].astype(np.float32))
+        gt = torch.from_numpy(gt_boxes)
         image = sample.image
         if rng.uniform() < self.flip_prob:
-            w = image.shape[1]
             image = image[:, ::-1]
-            rois = np.stack([w - rois[:, 2], rois[:, 1], w - rois[:, 0], rois[:, 3]], 1)
-            gt_boxes = np.stack([w - gt_boxes[:, 2], gt_boxes[:, 1], w - gt_boxes[:, 0],
-                                 gt_boxes[:, 3]], 1)
-        h, w = image.shape[:2]
-        target = Targets(torch.from_numpy(gt_boxes.astype(np.float32)),
-                         torch.from_numpy(gt_labels), int(index), 1.0, (h, w))
-        return (image_to_tensor(image), torch.from_numpy(rois.astype(np.float32)),
-                torch.from_numpy(roi_classes), target)
+            rois, gt = box_ops.hflip(rois, image.shape[1]), box_ops.hflip(gt, image.shape[1])
+        target = Targets(gt, torch.from_numpy(gt_labels), int(index), 1.0, image.shape[:2])
+        return image_to_tensor(image), rois, torch.from_numpy(pool_classes[pick]), target
 
 
 def collate_rcnn(samples: list[tuple[Tensor, Tensor, Tensor, Targets]]
