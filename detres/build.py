@@ -373,14 +373,11 @@ LOC_BUILTIN_HINT = ("python tools/train_loc.py configs/loc_r18_builtin.yaml "
                     "(built-in data, no download)")
 
 
-def build_loc_dataset(cfg: LocDatasetConfig, data: LocDataConfig, *, train: bool, key: str,
-                      class_names: Sequence[str] | None = None,
-                      crops: tuple[tuple[int, int], int] | None = None) -> LocalizationDataset:
-    """One split; training sets crop and flip (``crops`` = (scale range, crop size), default
-    ``data.scale_range``, ``data.crop_size``), test sets keep the original images (the
-    pipeline resizes them per test scale)."""
-    scale_range, crop_size = crops or (data.scale_range, data.crop_size)
-    transform = LocTrainTransform(scale_range, crop_size, data.flip_prob) if train else None
+def build_loc_dataset(cfg: LocDatasetConfig, data: LocDataConfig, *, key: str,
+                      class_names: Sequence[str] | None = None) -> LocalizationDataset:
+    """One split with its original images (the test pipeline resizes them per scale); give
+    training views their crops with ``dataset.with_transform(build_loc_train_transform(...))``.
+    """
     if cfg.type == "builtin":
         b = data.builtin
         root = ensure_builtin_loc(cfg.root, num_train_per_class=b.num_train_per_class,
@@ -397,8 +394,8 @@ def build_loc_dataset(cfg: LocDatasetConfig, data: LocDataConfig, *, train: bool
                 f"<root>/{{train,val}}/<wnid>/*.JPEG with the ILSVRC2012 box XMLs in "
                 f"<root>/bbox/{{train,val}}/ (https://image-net.org); set DETRES_DATASETS, "
                 f"{key}.root or {key}.boxes. Without it, run {LOC_BUILTIN_HINT}")
-    return LocalizationDataset(image_root, box_root, transform=transform,
-                               class_names=class_names, missing_boxes=cfg.missing_boxes,
+    return LocalizationDataset(image_root, box_root, class_names=class_names,
+                               missing_boxes=cfg.missing_boxes,
                                skip_bad_images=data.skip_bad_images,
                                skip_unannotated_classes=data.skip_unannotated_classes)
 
@@ -458,10 +455,11 @@ def copy_classifier_weights(classifier: Classifier, target: nn.Module, what: str
     target.load_state_dict({k: source[k] for k in own})
 
 
-def loc_classifier_crops(cfg: LocalizationConfig) -> tuple[tuple[int, int], int]:
-    """(scale range, crop size) of the classifier's training crops."""
-    c = cfg.classifier
-    return c.scale_range or cfg.data.scale_range, c.crop_size or cfg.data.crop_size
+def build_loc_train_transform(data: LocDataConfig, scale_range: tuple[int, int] | None = None,
+                              crop_size: int | None = None) -> LocTrainTransform:
+    """Random crops and flips of ``data`` (or of the given scale range and crop size)."""
+    return LocTrainTransform(scale_range or data.scale_range, crop_size or data.crop_size,
+                             data.flip_prob)
 
 
 def loc_test_settings(cfg: LocalizationConfig) -> LocTestSettings:

@@ -395,3 +395,12 @@ def test_collate_pads_to_a_multiple_of_32(ilsvrc):
     assert len(targets[0].boxes) == 2
     crops, image_labels = collate_classifier([ds[0], ds[1]])
     assert crops.shape == (2, 3, 50, 75) and image_labels.tolist() == [0, 1]
+
+
+def test_with_transform_shares_the_index_and_leaves_the_original_alone(ilsvrc):
+    ds = LocalizationDataset.from_root(ilsvrc, "train")
+    scaled = ds.with_transform(LocTestTransform(80))
+    assert scaled.index is ds.index and scaled.skipper is ds.skipper
+    assert ds[0].scale == 1.0 and ds[0].image.shape == (40, 60, 3)
+    assert scaled[0].scale == 2.0 and scaled[0].image.shape == (80, 120, 3)
+    np.testing.assert_array_equal(scaled[0].boxes, ds[0].boxes * 2)

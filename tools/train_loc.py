@@ -91,24 +91,24 @@ def main(argv: list[str] | None = None) -> dict:
     device, dist, output_dir, logger = setup_run(cfg, write_config=not args.eval_only)
     settings = build.loc_test_settings(cfg)
     if args.eval_only:
-        val_set = build.build_loc_dataset(cfg.data.val, cfg.data, train=False, key="data.val",
+        val_set = build.build_loc_dataset(cfg.data.val, cfg.data, key="data.val",
                                           class_names=meta["class_names"])
         return evaluate_localizer(model.to(device), _test_loader(cfg, val_set, dist), val_set,
                                   settings, device, output_dir)
 
-    train_set = build.build_loc_dataset(cfg.data.train, cfg.data, train=True, key="data.train")
-    names = list(train_set.class_names)
-    val_set = build.build_loc_dataset(cfg.data.val, cfg.data, train=False, key="data.val",
-                                      class_names=names)
+    # indexed once; the stages see it through their own transforms
+    train_images = build.build_loc_dataset(cfg.data.train, cfg.data, key="data.train")
+    names = list(train_images.class_names)
+    train_set = train_images.with_transform(build.build_loc_train_transform(cfg.data))
+    val_set = build.build_loc_dataset(cfg.data.val, cfg.data, key="data.val", class_names=names)
     model = build.build_localizer(cfg, len(names)).to(device)
     logger.info(f"{len(train_set)} training and {len(val_set)} test images, {len(names)} "
                 f"classes; R-CNN {'on' if model.rcnn is not None else 'off'}")
     meta = {"config": to_dict(cfg), "class_names": names}
 
     if not cfg.classifier.weights:
-        cls_set = build.build_loc_dataset(cfg.data.train, cfg.data, train=True, key="data.train",
-                                          class_names=names,
-                                          crops=build.loc_classifier_crops(cfg))
+        cls_set = train_images.with_transform(build.build_loc_train_transform(
+            cfg.data, cfg.classifier.scale_range, cfg.classifier.crop_size))
         run_stage("classifier", model.classifier, cls_set, loc_batches.collate_classifier,
                   cfg.classifier.solver, cfg.classifier.max_iter, cfg, output_dir, device, dist,
                   args.resume, meta)
@@ -119,11 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     if model.rcnn is not None:
         if cfg.rcnn.init_from_classifier and not _finished(output_dir / "rcnn", args.resume):
             build.copy_classifier_weights(model.classifier, model.rcnn.net, "rcnn")
-        plain_train = build.build_loc_dataset(cfg.data.train, cfg.data, train=False,
-                                              key="data.train", class_names=names)
-        proposals = _training_proposals(model, plain_train, cfg, settings, output_dir, device,
+        proposals = _training_proposals(model, train_images, cfg, settings, output_dir, device,
                                         dist, args.resume)
-        samples = loc_batches.RCNNSamples(plain_train, proposals, cfg.rcnn.rois_per_image,
+        samples = loc_batches.RCNNSamples(train_images, proposals, cfg.rcnn.rois_per_image,
                                           cfg.data.flip_prob)
         run_stage("rcnn", model.rcnn, samples, loc_batches.collate_rcnn, cfg.rcnn.solver,
                   cfg.rcnn.max_iter, cfg, output_dir, device, dist, args.resume, meta,

@@ -49,6 +49,7 @@ along; ``LocTestTransform`` resizes the whole image (dense fully-convolutional t
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import xml.etree.ElementTree as ET
@@ -374,6 +375,13 @@ class LocalizationDataset(Dataset):
                                f"but its bounding-box file {self.xml_path(i)} says "
                                f"{w}x{h}{hint}")
         return image
+
+    def with_transform(self, transform: Transform | None) -> LocalizationDataset:
+        """The same images and boxes under another transform, without indexing them again
+        (the copy shares the index and the skip flags)."""
+        other = copy.copy(self)
+        other.transform = transform
+        return other
 
     def __getitem__(self, i: int) -> LocSample:
         image, i = self.skipper.read(int(i), self.read_image)
