@@ -200,16 +200,3 @@ def test_channels_last_gives_the_same_losses_gradients_and_detections():
     for a, b in zip(det_a, det_b):
         torch.testing.assert_close(a.boxes, b.boxes, rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(a.scores, b.scores, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_autocast_training_step(dtype):
-    model = make_model(roi_batch_size_per_image=16, proposals_train=32).train()  # bf16 CPU: slow
-    with torch.autocast("cpu", dtype=dtype):
-        out = model(make_batch([(64, 96)]), make_targets()[1:])
-    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.losses.values())
-    sum(out.losses.values()).backward()
-    model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
-        detections = model(make_batch([(64, 96)])).detections
-    assert all(d.boxes.dtype == torch.float32 for d in detections)

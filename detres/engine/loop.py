@@ -93,7 +93,8 @@ class Trainer:
             makes the next iterator over ``data`` start at batch n (exact resume).
         task, meta: stored in every checkpoint (``task`` is checked on resume; ``meta`` holds
             e.g. ``arch``, ``config`` and ``class_names``).
-        amp: "none", "bf16" or "fp16" (with a grad scaler); ignored unless on CUDA.
+        amp: "none", "bf16" or "fp16" (with a grad scaler); on CUDA only: a CPU trains in
+            float32 whatever ``amp`` says (and logs that it does).
         clip_grad_norm: max global gradient norm, or None.
         checkpoint_period, eval_period, log_period: in iterations (0: only at the end).
     """
@@ -120,6 +121,11 @@ class Trainer:
             raise ValueError(f"unknown amp {amp!r}; valid: none, bf16, fp16")
         on_cuda = self.device.type == "cuda"
         self.amp_dtype = AMP_DTYPES.get(amp) if on_cuda else None
+        if amp != "none" and not on_cuda:
+            # CPU autocast trains slower than float32 on most CPUs, and oneDNN's bf16
+            # backward kernels have crashed on some (see models.resnet.StridedConv1x1).
+            logger.info(f"mixed precision ({amp}) applies on CUDA only; training in float32 "
+                        f"on {self.device}")
         self.scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and amp == "fp16")
         self.clip_grad_norm = clip_grad_norm
         self.checkpoint_period, self.log_period = checkpoint_period, max(log_period, 1)
