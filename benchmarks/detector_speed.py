@@ -11,7 +11,7 @@ depends on the number of RoIs.
 
 Timings are interleaved (ours, torchvision, ours, ...) in one process with the same threads;
 the median of ``--iters`` runs after ``--warmup`` is reported, with ratio = ours / torchvision
-(goal: <= 0.9). ``--variants`` picks the models: ours as ``from_resnet`` builds it
+(goal: <= 0.9). ``--variants`` picks the models: ours as ``build_detector`` builds it
 (channels_last), with frozen BN folded into the convolutions (``fused``, inference only), in
 NCHW layout like torchvision (``nchw``), and torchvision with channels_last weights for
 reference. ``--profile`` prints torch.profiler's top operators for each model.
@@ -23,73 +23,38 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import platform
 import resource
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models.detection import FasterRCNN as TVFasterRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.models.detection.rpn import RPNHead as TVRPNHead
-from torchvision.ops import MultiScaleRoIAlign
 
+from detres.config import replace as replace_config
 from detres.models.faster_rcnn import FasterRCNN
-from detres.models.resnet import ResNet
 from detres.structures import ImageBatch, Targets
+from detres.tasks.detection.build import build_detector
+from detres.tasks.detection.config import DetModelConfig
+
+
+def _load_test_helpers():
+    """tests/helpers.py, where the torchvision twin lives (it is the detector tests' oracle)."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "helpers.py"
+    spec = importlib.util.spec_from_file_location("detres_test_helpers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+torchvision_twin = _load_test_helpers().torchvision_twin
 
 
 VARIANTS = ("torchvision", "ours", "ours+fused", "ours-nchw", "ours-nchw+fused", "torchvision+cl")
-
-
-def torchvision_twin(model: FasterRCNN, image_size: tuple[int, int]) -> TVFasterRCNN:
-    """torchvision's FasterRCNN with ``model``'s weights (deep copies) and settings.
-
-    ``model`` must use RoIAlign with aligned=False (MultiScaleRoIAlign's only mode). Inputs are
-    RGB 0..255 batches of ``image_size``; torchvision's resize is disabled.
-    """
-    rpn, head = model.rpn, model.roi_head
-    if head.roi_op != "align" or head.aligned:
-        raise ValueError("torchvision's MultiScaleRoIAlign is roi_op='align' with aligned=False")
-    num_classes, anchors = head.num_classes, rpn.anchor_generator
-    trunk = copy.deepcopy(model.trunk)
-    trunk.out_channels = rpn.head.conv.in_channels
-    rpn_head = TVRPNHead(rpn.head.conv.in_channels, anchors.num_anchors)
-    rpn_head.load_state_dict({"conv.0.0." + k[len("conv."):] if k.startswith("conv.") else k: v
-                              for k, v in rpn.head.state_dict().items()})
-    d = head.cls_score.in_features
-    predictor = FastRCNNPredictor(d, num_classes + 1)
-    w, b = head.cls_score.weight.detach(), head.cls_score.bias.detach()
-    with torch.no_grad():  # torchvision's background is class 0 and has (unused) deltas
-        predictor.cls_score.weight.copy_(torch.cat((w[num_classes:], w[:num_classes])))
-        predictor.cls_score.bias.copy_(torch.cat((b[num_classes:], b[:num_classes])))
-        predictor.bbox_pred.weight.copy_(torch.cat((torch.zeros_like(w[:4]),
-                                                    head.bbox_pred.weight)))
-        predictor.bbox_pred.bias.copy_(torch.cat((torch.zeros_like(b[:4]), head.bbox_pred.bias)))
-    box_head = nn.Sequential(copy.deepcopy(head.res5), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    tv = TVFasterRCNN(
-        trunk, num_classes=None, min_size=min(image_size), max_size=max(image_size),
-        image_mean=model.pixel_mean.flatten().tolist(),
-        image_std=model.pixel_std.flatten().tolist(),
-        rpn_anchor_generator=TVAnchorGenerator((anchors.sizes,), (anchors.aspect_ratios,)),
-        rpn_head=rpn_head, rpn_pre_nms_top_n_train=rpn.pre_nms_topk[True],
-        rpn_pre_nms_top_n_test=rpn.pre_nms_topk[False],
-        rpn_post_nms_top_n_train=rpn.post_nms_topk[True],
-        rpn_post_nms_top_n_test=rpn.post_nms_topk[False], rpn_nms_thresh=rpn.nms_threshold,
-        rpn_fg_iou_thresh=rpn.matcher.high_threshold, rpn_bg_iou_thresh=rpn.matcher.low_threshold,
-        rpn_batch_size_per_image=rpn.batch_size_per_image,
-        rpn_positive_fraction=rpn.positive_fraction,
-        box_roi_pool=MultiScaleRoIAlign(["0"], head.pooled_size, head.sampling_ratio),
-        box_head=box_head, box_predictor=predictor, box_score_thresh=head.score_threshold,
-        box_nms_thresh=head.nms_threshold, box_detections_per_img=head.detections_per_image,
-        box_fg_iou_thresh=head.matcher.high_threshold, box_bg_iou_thresh=head.matcher.low_threshold,
-        box_batch_size_per_image=head.batch_size_per_image,
-        box_positive_fraction=head.positive_fraction, bbox_reg_weights=head.box_weights)
-    tv.transform.resize = lambda image, target=None: (image, target)  # inputs are pre-resized
-    return tv.to(memory_format=torch.contiguous_format)
 
 
 def fix_proposals(model: nn.Module, proposals: dict[bool, list[torch.Tensor]]) -> None:
@@ -161,13 +126,13 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def build(args: argparse.Namespace, device: torch.device) -> tuple[FasterRCNN, TVFasterRCNN]:
     torch.manual_seed(0)
-    resnet = ResNet(args.depth, num_classes=None, width=args.width, norm="frozen_bn", freeze_at=2)
-    ours = FasterRCNN.from_resnet(resnet, args.num_classes, channels_last=False, roi_op="align",
-                                  aligned=False, sampling_ratio=2,
-                                  proposals_test=args.proposals_test,
-                                  proposals_train=args.proposals_train,
-                                  pre_nms_topk_test=6000, pre_nms_topk_train=12000,
-                                  roi_batch_size_per_image=args.roi_batch)
+    cfg = replace_config(DetModelConfig(), [   # as the tools build it, with the twin's RoIAlign
+        f"backbone.depth={args.depth}", f"backbone.width={args.width}", "channels_last=false",
+        "anchors.sizes=[128,256,512]", "roi_head.roi_op=align", "roi_head.aligned=false",
+        "roi_head.sampling_ratio=2", f"rpn.proposals_test={args.proposals_test}",
+        f"rpn.proposals_train={args.proposals_train}", "rpn.pre_nms_topk_test=6000",
+        "rpn.pre_nms_topk_train=12000", f"roi_head.batch_size_per_image={args.roi_batch}"])
+    ours = build_detector(cfg, args.num_classes)
     ours.rpn.min_box_size = 1e-3      # torchvision's fixed minimum sizes, for equal work
     ours.roi_head.min_box_size = 1e-2
     return ours.to(device), torchvision_twin(ours, args.size).to(device)
@@ -190,7 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--proposals-test", type=int, default=300)
     p.add_argument("--proposals-train", type=int, default=2000)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS[:4]),
-                   help="models to time: ours as from_resnet builds it (channels_last), with "
+                   help="models to time: ours as build_detector builds it (channels_last), with "
                         "frozen BN folded into the convolutions ('fused', inference only), in "
                         "NCHW layout ('nchw'), and torchvision with channels_last weights")
     p.add_argument("--profile", action="store_true", help="print torch.profiler top operators")
@@ -258,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     ours, tv = build(args, device)
     variants = {
         "torchvision": lambda: tv,
-        "ours": lambda: copy.deepcopy(ours).use_channels_last(),   # from_resnet's default
+        "ours": lambda: copy.deepcopy(ours).use_channels_last(),   # build_detector's default
         "ours+fused": lambda: copy.deepcopy(ours).use_channels_last().fuse_frozen_bn(),
         "ours-nchw": lambda: ours,
         "ours-nchw+fused": lambda: copy.deepcopy(ours).fuse_frozen_bn(),

@@ -50,6 +50,15 @@ def hflip(boxes: Tensor, width: int) -> Tensor:
     return torch.stack((width - boxes[..., 2], boxes[..., 1], width - boxes[..., 0], boxes[..., 3]), dim=-1)
 
 
+def boxes_to_rois(boxes_per_image: list[Tensor]) -> Tensor:
+    """N tensors (P_i, 4) -> (sum P_i, 5) float32 [image index, x1, y1, x2, y2], the RoI
+    format of torchvision's roi_pool / roi_align; (0, 5) when there are no boxes."""
+    if not boxes_per_image:
+        return torch.zeros(0, 5)
+    return torch.cat([torch.cat((torch.full_like(b[:, :1], i), b), dim=1)
+                      for i, b in enumerate(boxes_per_image)]).float()
+
+
 def _centre_size(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     w = boxes[..., 2] - boxes[..., 0]
     h = boxes[..., 3] - boxes[..., 1]

@@ -55,8 +55,9 @@ class Predictor:
 
         ``overrides`` (``key=value``) adjust that config, e.g. ``model.roi_head.score_threshold=0.3``.
         """
-        from detres import build  # build is above this module in the layering
-        model, cfg, meta = build.detector_from_checkpoint(path, overrides)
+        # the detection task's build sits above this module in the layering
+        from detres.tasks.detection.build import detector_from_checkpoint
+        model, cfg, meta = detector_from_checkpoint(path, overrides)
         return cls(model, meta["class_names"], cfg.data.min_size_test, cfg.data.max_size_test,
                    resolve_device(device), meta.get("category_ids"), batch_size)
 

@@ -45,6 +45,17 @@ def test_nonempty_and_hflip():
     torch.testing.assert_close(B.hflip(B.hflip(b, 200), 200), b)
 
 
+def test_boxes_to_rois_hand_values_and_empty():
+    boxes = [torch.tensor([[1.0, 2, 3, 4], [5, 6, 7, 8]]), torch.zeros(0, 4),
+             torch.tensor([[9, 10, 11, 12]], dtype=torch.float64)]
+    rois = B.boxes_to_rois(boxes)
+    assert rois.dtype == torch.float32
+    torch.testing.assert_close(rois, torch.tensor([[0.0, 1, 2, 3, 4], [0, 5, 6, 7, 8],
+                                                   [2, 9, 10, 11, 12]]), rtol=0, atol=0)
+    assert B.boxes_to_rois([]).shape == (0, 5)
+    assert B.boxes_to_rois([torch.zeros(0, 4)] * 2).shape == (0, 5)
+
+
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 1.0, 1.0), (10.0, 10.0, 5.0, 5.0)])
 def test_encode_decode_match_torchvision_box_coder(weights):
     anchors, gt = random_boxes(64, seed=3), random_boxes(64, seed=4)

@@ -5,8 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from detres import build
-from detres.config import ConfigError, load_config, replace
+from detres import config
+from detres.config import ConfigError, replace
+from detres.tasks.classification import build
+from detres.tasks.classification.config import ClassificationConfig
+from detres.tasks.common import build_optimizer
+
+
+def load_config(path, overrides=()):
+    return config.load_config(path, overrides, schema=ClassificationConfig)
 from detres.models.classifier import Classifier
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -37,12 +44,12 @@ def test_optimizer_groups_lr_scaling_and_adamw():
                              "model.backbone.width=4", "solver.ims_per_batch=512",
                              "solver.reference_batch=256"])
     model = build.build_classifier(cfg, 3)
-    sgd = build.build_optimizer(cfg.solver, model)
+    sgd = build_optimizer(cfg.solver, model)
     assert len(sgd.param_groups) == 1 and sgd.param_groups[0]["lr"] == pytest.approx(0.2)
     assert sgd.param_groups[0]["momentum"] == 0.9
     cfg = replace(cfg, ["solver.optimizer=adamw", "solver.no_decay_norm_bias=true",
                         "solver.reference_batch=null"])
-    adamw = build.build_optimizer(cfg.solver, model)
+    adamw = build_optimizer(cfg.solver, model)
     assert isinstance(adamw, torch.optim.AdamW)
     decay, no_decay = adamw.param_groups
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 1e-4

@@ -4,8 +4,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from detres.config import (BackboneConfig, ClassificationConfig, ConfigError, dump, load_config,
-                           replace)
+from detres import config
+from detres.config import ConfigError, dump, replace
+from detres.tasks.classification.config import ClassificationConfig
+from detres.tasks.common import BackboneConfig
+from detres.tasks.detection.config import DetectionConfig
+from detres.tasks.localization.config import LocalizationConfig
+
+
+def load_config(path, overrides=(), schema=ClassificationConfig):
+    return config.load_config(path, overrides, schema=schema)
 
 
 def write(path: Path, text: str) -> Path:
@@ -166,7 +174,6 @@ def test_shipped_configs_load():
 
 
 def test_partial_section_keeps_the_parents_defaults(tmp_path):
-    from detres.config import DetectionConfig
     path = write(tmp_path / "d.yaml", "model:\n  backbone:\n    depth: 50\nsolver:\n  base_lr: 0.01\n")
     cfg = load_config(path, ["train.max_iter=5"], schema=DetectionConfig)
     assert cfg.model.backbone.depth == 50
@@ -178,7 +185,6 @@ def test_partial_section_keeps_the_parents_defaults(tmp_path):
 
 
 def test_localization_configs_load_and_state_the_papers_values():
-    from detres.config import LocalizationConfig
     root = Path(__file__).resolve().parents[1] / "configs"
     for path in sorted(root.glob("loc_*.yaml")):
         load_config(path, schema=LocalizationConfig)

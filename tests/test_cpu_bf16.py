@@ -56,20 +56,14 @@ SCRIPT = textwrap.dedent("""
 @pytest.mark.parametrize("isa", [None, "AVX512_CORE_BF16"])
 def test_bf16_cpu_training_step_runs_in_a_subprocess(isa, tmp_path):
     (tmp_path / "tests_bf16_model.py").write_text(textwrap.dedent("""
-        import torch
-        from detres.models.faster_rcnn import FasterRCNN
-        from detres.models.resnet import ResNet
+        from helpers import narrow_detector as build
 
         def narrow_detector():
-            torch.manual_seed(0)
-            resnet = ResNet(18, num_classes=None, width=8, norm="frozen_bn", freeze_at=2)
-            return FasterRCNN.from_resnet(resnet, 3, anchor_sizes=(32, 64, 128),
-                                          pre_nms_topk_train=500, pre_nms_topk_test=300,
-                                          proposals_train=32, proposals_test=50,
-                                          roi_batch_size_per_image=16)
+            return build("rpn.proposals_train=32", "roi_head.batch_size_per_image=16")
     """))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ONEDNN_", "DNNL_"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    tests = os.path.dirname(os.path.abspath(__file__))   # helpers.narrow_detector
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), tests, env.get("PYTHONPATH", "")])
     if isa is not None:
         env["ONEDNN_MAX_CPU_ISA"] = isa
     proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,

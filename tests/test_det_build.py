@@ -3,8 +3,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from detres import build
-from detres.config import DetectionConfig, load_config
+from detres.config import load_config
+from detres.tasks.common import build_backbone, build_optimizer
+from detres.tasks.detection import build
+from detres.tasks.detection.config import DetectionConfig
 from detres.models.faster_rcnn import FasterRCNN
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -32,7 +34,7 @@ def test_schedule_scales_with_the_batch():
     assert scaled.train.max_iter == 160000 and scaled.solver.steps == (120000,)
     assert scaled.train.checkpoint_period == 5000
     model = torch.nn.Linear(2, 2)
-    assert build.build_optimizer(scaled.solver, model).param_groups[0]["lr"] == pytest.approx(0.002)
+    assert build_optimizer(scaled.solver, model).param_groups[0]["lr"] == pytest.approx(0.002)
     same = load_config(CONFIGS / "frcnn_r101_coco.yaml", schema=DetectionConfig)
     assert build.scale_schedule(same) is same
 
@@ -50,7 +52,7 @@ def test_build_detector_from_config_has_the_configured_parts():
 def test_backbone_weights_file_initialises_trunk_and_head(tmp_path):
     cfg = load_config(CONFIGS / "frcnn_r18_shapes.yaml", ["model.backbone.width=8"],
                       schema=DetectionConfig)
-    resnet = build.build_backbone(cfg.model.backbone, num_classes=None)
+    resnet = build_backbone(cfg.model.backbone, num_classes=None)
     torch.save(resnet.state_dict(), tmp_path / "backbone.pth")
     import dataclasses
     model_cfg = dataclasses.replace(cfg.model, backbone=dataclasses.replace(

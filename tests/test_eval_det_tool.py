@@ -12,14 +12,16 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
+eval_det = load_tool("eval_det")
+
+
 TOOL = ROOT / "tools" / "eval_det.py"
 COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128" / "annotations.json"
 STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
-sys.path.insert(0, str(ROOT / "tools"))
-import eval_det  # noqa: E402
 
 
 def write_perturbed_results(gt_path: Path, out: Path, seed: int = 1) -> None:

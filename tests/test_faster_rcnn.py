@@ -1,14 +1,12 @@
 """FasterRCNN end to end: outputs, losses, gradients, bad targets, weight transfer, and
 torchvision's FasterRCNN built from the same parts as an oracle."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
+from helpers import narrow_detector, torchvision_twin
 
 from detres.models.faster_rcnn import (FasterRCNN, detector_to_resnet_keys, fuse_frozen_bn,
                                        resnet_to_detector_keys)
-from detres.models.resnet import ResNet, load_weights
+from detres.models.resnet import ResNet
 from detres.structures import DetectorOutput, ImageBatch, Targets
 
 K = 3
@@ -16,20 +14,9 @@ SIZES = [(96, 128), (80, 112)]
 LOSSES = {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box"}
 
 
-def load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "detector_speed.py"
-    spec = importlib.util.spec_from_file_location("detector_speed", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def make_model(**kwargs) -> FasterRCNN:
-    torch.manual_seed(0)
-    resnet = ResNet(18, num_classes=None, width=8, norm="frozen_bn", freeze_at=2)
-    options = dict(anchor_sizes=(32, 64, 128), pre_nms_topk_train=500, pre_nms_topk_test=300,
-                   proposals_train=100, proposals_test=50, roi_batch_size_per_image=64)
-    return FasterRCNN.from_resnet(resnet, K, **{**options, **kwargs})
+def make_model(*overrides: str) -> FasterRCNN:
+    """The narrow detector as the tools build it, with ``model.``-relative overrides."""
+    return narrow_detector(*overrides, num_classes=K)
 
 
 def make_confident(model: FasterRCNN) -> None:
@@ -122,12 +109,13 @@ def test_padding_is_zero_after_normalization():
 
 
 def test_matches_torchvision_faster_rcnn_with_same_parts():
-    model = make_model(roi_op="align", aligned=False, sampling_ratio=2).eval()
+    model = make_model("roi_head.roi_op=align", "roi_head.aligned=false",
+                       "roi_head.sampling_ratio=2").eval()
     model.rpn.min_box_size, model.roi_head.min_box_size = 1e-3, 1e-2   # torchvision's
     for p in model.rpn.head.parameters():   # proposals that differ from the anchors
         torch.nn.init.normal_(p, std=0.1)
     make_confident(model)
-    tv = load_benchmark().torchvision_twin(model, SIZES[0]).eval()
+    tv = torchvision_twin(model, SIZES[0]).eval()
     batch = make_batch()
     images = [batch.tensor[i, :, :h, :w] for i, (h, w) in enumerate(batch.sizes)]
     with torch.no_grad():
@@ -149,9 +137,7 @@ def test_weights_transfer_from_a_pretrained_backbone_file(tmp_path):
             m.running_var.uniform_(0.5, 2)
     path = tmp_path / "backbone.pth"
     torch.save(pretrained.state_dict(), path)
-    resnet = ResNet(18, num_classes=None, width=8, norm="frozen_bn", freeze_at=2)
-    load_weights(resnet, str(path), ignore_prefixes=("fc.",))
-    model = FasterRCNN.from_resnet(resnet, K)
+    model = make_model(f"backbone.weights={path}")   # as model.backbone.weights in a config
     state = model.state_dict()
     for key, value in resnet_to_detector_keys(pretrained.state_dict()).items():
         assert torch.equal(state[key], value), key
@@ -162,7 +148,7 @@ def test_weights_transfer_from_a_pretrained_backbone_file(tmp_path):
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fused_frozen_bn_gives_the_same_detections(channels_last):
-    model = make_model(channels_last=channels_last).eval()
+    model = make_model(f"channels_last={str(channels_last).lower()}").eval()
     for m in model.modules():
         if hasattr(m, "running_var") and m.running_var is not None:
             m.running_mean.uniform_(-0.5, 0.5)
@@ -185,7 +171,7 @@ def test_channels_last_gives_the_same_losses_gradients_and_detections():
     batch, targets = make_batch(), make_targets()
     outputs = []
     for channels_last in (False, True):
-        model = make_model(channels_last=channels_last)
+        model = make_model(f"channels_last={str(channels_last).lower()}")
         make_confident(model)
         torch.manual_seed(3)   # same RoI samples
         out = model.train()(batch, targets)

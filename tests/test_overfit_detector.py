@@ -13,9 +13,9 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from helpers import narrow_detector
+
 from detres.data.builtin import SHAPE_CLASSES, render_shapes_image
-from detres.models.faster_rcnn import FasterRCNN
-from detres.models.resnet import ResNet
 from detres.structures import Detections, ImageBatch, Targets
 
 IMAGE_INDICES = (1, 4)   # 3 + 4 shapes, 14..75 px, four classes
@@ -65,11 +65,12 @@ def coco_ap50(targets: list[Targets], detections: list[Detections]) -> float:
 def test_small_detector_memorises_two_builtin_images():
     torch.manual_seed(0)
     batch, targets = builtin_images()
-    resnet = ResNet(18, num_classes=None, width=16, norm="gn", gn_groups=8, freeze_at=0)
-    model = FasterRCNN.from_resnet(
-        resnet, len(SHAPE_CLASSES), anchor_sizes=(16, 32, 64, 128), roi_op="align", pooled_size=8,
-        pre_nms_topk_train=1000, pre_nms_topk_test=500, proposals_train=256, proposals_test=100,
-        roi_batch_size_per_image=32, rpn_box_loss="l1", roi_box_loss="l1")
+    model = narrow_detector(   # built as the tools build it
+        "backbone.width=16", "backbone.norm=gn", "backbone.gn_groups=8", "backbone.freeze_at=0",
+        "anchors.sizes=[16,32,64,128]", "roi_head.roi_op=align", "roi_head.pooled_size=8",
+        "rpn.pre_nms_topk_train=1000", "rpn.pre_nms_topk_test=500", "rpn.proposals_train=256",
+        "rpn.proposals_test=100", "roi_head.batch_size_per_image=32", "rpn.box_loss=l1",
+        "roi_head.box_loss=l1", num_classes=len(SHAPE_CLASSES), seed=None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=MAX_ITERS,

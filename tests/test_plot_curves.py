@@ -6,10 +6,12 @@ from pathlib import Path
 import matplotlib.image
 import numpy as np
 import pytest
+from helpers import load_tool
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import plot_curves  # noqa: E402
+plot_curves = load_tool("plot_curves")
+
+
 
 
 def write_run(folder: Path, final_err: float, with_eval: bool = True) -> Path:

@@ -9,7 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import load_tool
+
 from detres.config import ConfigError, load_config
+from detres.tasks.classification.config import ClassificationConfig
 from detres.data.builtin_cls import CLASS_NAMES, render
 from detres.data.classification import DatasetNotFoundError
 from detres.engine.checkpoint import CheckpointError, atomic_save
@@ -17,8 +20,9 @@ from detres.engine.logging import read_metrics
 from detres.models.resnet import ResNet, load_weights
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import pretrain_cls  # noqa: E402
+pretrain_cls = load_tool("pretrain_cls")
+
+
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +72,7 @@ def test_run_writes_the_output_directory(tiny_set, tmp_path):
     names = {p.name for p in out.iterdir()}
     assert {"config.yaml", "env.json", "log.txt", "metrics.jsonl", "model_0000001.pth",
             "model_final.pth", "last_checkpoint", "backbone.pth", "eval"} <= names
-    assert load_config(out / "config.yaml").train.max_iter == 4          # resolved, reloadable
+    assert load_config(out / "config.yaml", schema=ClassificationConfig).train.max_iter == 4          # resolved, reloadable
     assert json.loads((out / "env.json").read_text())["git_revision"]
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
     assert set(metrics) == {"top1_err", "top5_err"} and metrics["top1_err"] == results["top1_err"]

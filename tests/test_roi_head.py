@@ -9,7 +9,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align, roi_pool
 
 from detres import boxes as box_ops
 from detres.models.resnet import ResNet
-from detres.models.roi_head import C4RoIHead, pool_rois, rois_from_boxes
+from detres.models.roi_head import C4RoIHead, pool_rois
 from detres.structures import Targets
 
 K = 3
@@ -35,7 +35,7 @@ def random_boxes(n, size=(96, 128), seed=0):
 def test_roi_pool_equals_torchvision_roi_pool():
     features = torch.randn(2, 4, 6, 8)
     boxes = [random_boxes(5), random_boxes(3, seed=1)]
-    got = pool_rois(features, rois_from_boxes(boxes), "pool", 14, 1 / 16, 0, True)
+    got = pool_rois(features, box_ops.boxes_to_rois(boxes), "pool", 14, 1 / 16, 0, True)
     torch.testing.assert_close(got, roi_pool(features, boxes, 14, 1 / 16), rtol=0, atol=0)
     assert got.shape == (8, 4, 14, 14)
 
@@ -97,7 +97,7 @@ def test_eval_matches_torchvision_roi_heads():
         tv_pooled = ref.box_roi_pool({"0": features}, proposals, sizes)
         tv_logits, _ = ref.box_predictor(ref.box_head(tv_pooled))
         expected, _ = ref({"0": features}, proposals, sizes)
-        logits, _ = head.predict(features, rois_from_boxes(proposals))
+        logits, _ = head.predict(features, box_ops.boxes_to_rois(proposals))
         _, detections, _ = head(features, proposals, sizes)
     torch.testing.assert_close(F.softmax(logits, -1)[:, :K], F.softmax(tv_logits, -1)[:, 1:],
                                rtol=1e-5, atol=1e-6)

@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import load_tool
+
 from detres.config import ConfigError
 from detres.data.builtin import ensure_builtin_shapes, shapes_split
 from detres.data.classification import DatasetNotFoundError
@@ -20,10 +22,11 @@ from detres.engine.logging import read_metrics
 from detres.evaluation.coco_eval import evaluate_coco
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-import eval_det  # noqa: E402
-import infer  # noqa: E402
-import train_det  # noqa: E402
+eval_det = load_tool("eval_det")
+infer = load_tool("infer")
+train_det = load_tool("train_det")
+
+
 
 TINY = ["data.builtin.num_train=12", "data.builtin.num_val=6", "data.builtin.image_size=64",
         "data.min_size_train=[64]", "data.max_size_train=64", "data.min_size_test=64",

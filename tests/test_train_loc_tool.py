@@ -12,13 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 
-import eval_loc  # noqa: E402
-import train_loc  # noqa: E402
-from detres.config import ConfigError  # noqa: E402
-from detres.data.classification import DatasetNotFoundError  # noqa: E402
+from helpers import load_tool
+
+from detres.config import ConfigError
+from detres.data.classification import DatasetNotFoundError
+
+ROOT = Path(__file__).resolve().parents[1]
+eval_loc = load_tool("eval_loc")
+train_loc = load_tool("train_loc")
+
 
 ERRORS = ("gt_cls_loc_err", "top1_loc_err", "top5_loc_err", "top1_cls_err", "top5_cls_err")
 

@@ -13,14 +13,12 @@ JSON. Under torchrun every rank evaluates a shard.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-
-from common import run_main  # noqa: E402
-from detres.engine.checkpoint import atomic_write_bytes  # noqa: E402
+from detres.cli import run_main
+from detres.config import load_config
+from detres.engine.logging import write_json
+from detres.tasks import localization
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,12 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    import train_loc  # tools/ is on sys.path as the script's own folder
-    metrics = train_loc.main([*([args.config] if args.config else []), *args.overrides,
-                              "--eval-only", "--weights", args.weights])
+    cfg = (load_config(args.config, args.overrides, schema=localization.LocalizationConfig)
+           if args.config else None)
+    metrics = localization.evaluate(cfg, args.weights, args.overrides)
     if args.out is not None:
-        text = json.dumps(metrics, indent=1)
-        atomic_write_bytes(args.out, lambda f: f.write(text.encode()))
+        write_json(args.out, metrics, indent=1)
         print(f"wrote {args.out}")
     return metrics
 

@@ -12,21 +12,19 @@ the checkpoint is used; key=value overrides apply either way, e.g.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-
-from detres import build  # noqa: E402
-from detres.config import DetectionConfig, load_config  # noqa: E402
-from detres.data.io import DatasetError, read_image  # noqa: E402
-from detres.engine.checkpoint import atomic_write_bytes  # noqa: E402
-from detres.engine.distributed import resolve_device  # noqa: E402
-from detres.predictor import Predictor  # noqa: E402
-from detres.visualize import save_detections  # noqa: E402
+from detres.cli import run_main
+from detres.config import load_config
+from detres.data.io import DatasetError, read_image
+from detres.engine.distributed import resolve_device
+from detres.engine.logging import write_json
+from detres.predictor import Predictor
+from detres.tasks.detection.build import detector_for_checkpoint
+from detres.tasks.detection.config import DetectionConfig
+from detres.visualize import save_detections
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -75,7 +73,7 @@ def make_predictor(args: argparse.Namespace) -> Predictor:
         return Predictor.from_checkpoint(args.weights, str(device), args.overrides,
                                          args.batch_size)
     cfg = load_config(args.config, args.overrides, schema=DetectionConfig)
-    model, meta = build.detector_for_checkpoint(cfg.model, args.weights)
+    model, meta = detector_for_checkpoint(cfg.model, args.weights)
     return Predictor(model, meta["class_names"], cfg.data.min_size_test, cfg.data.max_size_test,
                      device, meta.get("category_ids"), args.batch_size)
 
@@ -97,8 +95,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             predictor.class_names, args.min_score)
         bar.update(len(chunk))
     bar.close()
-    text = json.dumps(results)
-    atomic_write_bytes(out / "results.json", lambda f: f.write(text.encode()))
+    write_json(out / "results.json", results, indent=None)
     print(f"{len(files)} images, {len(results)} detections "
           f"({sum(r['score'] >= args.min_score for r in results)} drawn at score >= "
           f"{args.min_score}) -> {out}")
@@ -106,5 +103,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from common import run_main  # tools/ is on sys.path as the script's own folder
     run_main(main, extra_errors=(ValueError,))   # e.g. an image or a checkpoint it cannot use

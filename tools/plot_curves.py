@@ -15,17 +15,15 @@ the paper; test error is that of the evaluations.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from detres.cli import run_main
+from detres.engine.logging import read_metrics
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-from detres.engine.logging import read_metrics  # noqa: E402
+matplotlib.use("Agg")   # before pyplot is first imported (in plot): files only, no display
 
 
 def parse_run(spec: str) -> tuple[str, Path]:
@@ -54,6 +52,7 @@ def curves(records: list[dict], metric: str, smooth: int
 def plot(panels: list[list[str]], out: Path, metric: str = "top1_err", smooth: int = 1,
          title: str | None = None, ylim: float | None = None) -> Path:
     """Draws one subplot per panel of run specs; writes a PNG to ``out``."""
+    import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False,
                              sharey=True)
     for ax, runs in zip(axes[0], panels):
@@ -101,8 +100,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        print(main())
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_main(lambda: print(main()), extra_errors=(ValueError,))

@@ -157,6 +157,36 @@ def load_model_state(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -
     model.load_state_dict(ckpt["model"], strict=True)
 
 
+def load_task_weights(model: nn.Module, path: str | Path, task: str, *,
+                      ckpt: dict[str, Any] | None = None,
+                      class_layers: tuple[str, ...] = (),
+                      reinit_class_layers: bool = False) -> dict[str, Any]:
+    """Loads the weights of a detres checkpoint written by a ``task`` run into ``model``;
+    returns the checkpoint (its metadata: ``class_names``, ``config``, ...).
+
+    The state dict must fit the model exactly (the architecture check: a mismatch names the
+    checkpoint's ``arch`` and the differing keys). Parameters under ``class_layers`` (e.g. the
+    box predictor) of another shape mean another class set: an error, unless
+    ``reinit_class_layers``, when they keep the model's fresh initialisation. ``ckpt`` is the
+    already-read checkpoint, if the caller needed it first.
+    """
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
+    check_task(ckpt, path, task)
+    state, own = dict(ckpt["model"]), model.state_dict()
+    class_keys = [k for k in state if class_layers and k.startswith(class_layers)]
+    if any(k in own and state[k].shape != own[k].shape for k in class_keys):
+        if not reinit_class_layers:
+            names = ckpt.get("class_names")
+            found = len(names) if names is not None else "another number of"
+            raise CheckpointError(
+                f"{path} detects {found} classes but this model has "
+                f"{getattr(model, 'num_classes', 'another number')}; set "
+                f"model.reinit_class_layers=true to start its class layers afresh")
+        state.update({k: v for k, v in own.items() if k.startswith(class_layers)})
+    load_model_state(model, {**ckpt, "model": state}, path)
+    return ckpt
+
+
 def extract_backbone(model_state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     """The ResNet part of a classifier's state dict, renamed to torchvision names minus ``fc``.
 

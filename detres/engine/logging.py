@@ -1,5 +1,6 @@
 """Run records: a readable console log (and ``log.txt``), ``metrics.jsonl``, TensorBoard when
-installed, and the environment (git revision, versions, hardware) of every run.
+installed, the environment (git revision, versions, hardware) of every run, and the JSON files
+of results (``write_json``: every ``eval/*.json`` is written by it).
 
 Only rank 0 writes files; other ranks log warnings and errors to the console.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -172,6 +174,25 @@ def collect_env() -> dict[str, Any]:
 
 def write_env(output_dir: str | Path) -> dict[str, Any]:
     env = collect_env()
-    text = json.dumps(env, indent=2)
-    atomic_write_bytes(Path(output_dir) / "env.json", lambda f: f.write(text.encode()))
+    write_json(Path(output_dir) / "env.json", env)
     return env
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON values: numpy scalars and arrays become numbers and lists, NaN becomes None
+    (``null``: e.g. the AP of a class without ground truth)."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "tolist"):              # numpy arrays and scalars, 0-dim tensors
+        return json_safe(value.tolist())
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
+    """Writes ``obj`` (made JSON-safe) to ``path`` atomically: a reader never sees half a file."""
+    text = json.dumps(json_safe(obj), indent=indent)
+    atomic_write_bytes(path, lambda f: f.write(text.encode()))

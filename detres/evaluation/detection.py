@@ -7,23 +7,22 @@ format: original pixels, dataset category ids).
 """
 from __future__ import annotations
 
-import json
 import logging
-import math
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from detres.engine import distributed as du
-from detres.engine.checkpoint import atomic_write_bytes
+from detres.engine.logging import write_json
 from detres.evaluation.coco_eval import (detections_to_coco_results, evaluate_coco,
-                                         format_metrics_table, merge_results)
-from detres.evaluation.voc_eval import evaluate_voc
+                                         format_metrics_table, load_ground_truth, load_results,
+                                         merge_results)
+from detres.evaluation.voc_eval import coco_to_voc_inputs, evaluate_voc
 from detres.structures import Detections, ImageBatch, Targets
 
 logger = logging.getLogger("detres")
@@ -72,14 +71,15 @@ def voc_inputs(dataset: Any, pairs: Sequence[tuple[Targets, Detections]]
 
 def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: torch.device,
                       metric: str = "coco", output_dir: str | Path | None = None,
-                      amp_dtype: torch.dtype | None = None,
-                      summary_only: bool = True) -> dict[str, Any]:
+                      amp_dtype: torch.dtype | None = None, summary_only: bool = True,
+                      engine: str = "faster") -> dict[str, Any]:
     """Scores ``model`` on ``dataset`` (whose test loader is ``loader``) on every rank.
 
     Args:
         metric: ``coco`` for COCO-format datasets (``dataset.annotation_file`` is the ground
             truth, crowd regions included), ``voc07`` or ``voc12`` for any dataset with
             ``get_annotations`` (difficult boxes ignored).
+        engine: the COCO engine, ``faster`` (faster-coco-eval) or ``pycocotools``.
         output_dir: the run's folder; the main rank writes ``eval/`` there.
 
     Returns:
@@ -92,7 +92,7 @@ def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: 
         results = merge_results(gathered)
         metrics = {}
         if du.get_dist_info().is_main:
-            metrics = evaluate_coco(dataset.annotation_file, results,
+            metrics = evaluate_coco(dataset.annotation_file, results, engine=engine,
                                     class_names=list(dataset.class_names),
                                     image_ids=[int(i) for i in dataset.image_ids])
     else:
@@ -107,21 +107,23 @@ def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: 
         logger.info(f"{metric} box evaluation on {len(dataset)} images:\n"
                     + format_metrics_table(metrics))
         if output_dir is not None:
-            write_eval(Path(output_dir), metrics, results)
+            write_eval(Path(output_dir) / "eval" / "metrics.json", metrics)
+            if results is not None:
+                write_json(Path(output_dir) / "eval" / "coco_results.json", results, indent=None)
     return {k: v for k, v in metrics.items() if not (summary_only and k == "per_class")}
 
 
-def write_eval(output_dir: Path, metrics: dict[str, Any], results: list[dict] | None) -> None:
-    """``eval/metrics.json`` (nan written as null) and ``eval/coco_results.json``, atomically."""
-    def clean(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, (float, np.floating)):
-            return None if math.isnan(v) else float(v)
-        return v
-    text = json.dumps({"bbox": clean(metrics)}, indent=2)
-    atomic_write_bytes(output_dir / "eval" / "metrics.json", lambda f: f.write(text.encode()))
-    if results is not None:
-        body = json.dumps(results)
-        atomic_write_bytes(output_dir / "eval" / "coco_results.json",
-                           lambda f: f.write(body.encode()))
+def write_eval(path: str | Path, metrics: dict[str, Any]) -> None:
+    """``{"bbox": metrics}`` as JSON at ``path`` (percent; nan written as null)."""
+    write_json(path, {"bbox": metrics})
+
+
+def evaluate_files(gt: str | os.PathLike, dt: str | os.PathLike, metric: str = "coco",
+                   engine: str = "faster") -> dict[str, Any]:
+    """Metrics of a COCO results file against a COCO-format ground-truth file."""
+    if metric == "coco":
+        return evaluate_coco(gt, dt, engine=engine)
+    gt_dataset = load_ground_truth(gt)
+    results = load_results(dt, gt_dataset)
+    gt_per_image, dets_per_image, class_names = coco_to_voc_inputs(gt_dataset, results)
+    return evaluate_voc(gt_per_image, dets_per_image, class_names, metric=metric)

@@ -15,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from detres.models.pixels import channel_values, normalize
 from detres.models.resnet import ResNet
 
 
@@ -45,10 +45,8 @@ class Classifier(nn.Module):
         if net.fc is None:
             raise ValueError("Classifier needs a ResNet built with num_classes")
         self.net = net
-        mean = torch.as_tensor(pixel_mean, dtype=torch.float32)
-        self.register_buffer("pixel_mean", mean.view(3, 1, 1) if mean.dim() == 1 else mean)
-        self.register_buffer("pixel_std",
-                             torch.as_tensor(pixel_std, dtype=torch.float32).view(3, 1, 1))
+        self.register_buffer("pixel_mean", channel_values(pixel_mean))
+        self.register_buffer("pixel_std", channel_values(pixel_std))
 
     @property
     def num_classes(self) -> int:
@@ -58,8 +56,7 @@ class Classifier(nn.Module):
         """images (N, 3, H, W) in 0..255 -> logits (N, K); with labels (N,) also the
         cross-entropy loss and the batch's top-1 error in percent (the training error of
         the paper's curves, Fig. 1, 4, 6)."""
-        x = (images.float() - self.pixel_mean) / self.pixel_std
-        logits = self.net(x)                                      # (N, K)
+        logits = self.net(normalize(images, self.pixel_mean, self.pixel_std))   # (N, K)
         if labels is None:
             return ClassifierOutput(logits)
         loss = F.cross_entropy(logits.float(), labels)

@@ -18,15 +18,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from detres.models.anchors import ANCHOR_SIZES_VOC, ASPECT_RATIOS, AnchorGenerator
-from detres.models.resnet import FrozenBatchNorm2d, ResNet
-from detres.models.roi_head import BoxLoss, C4RoIHead, RoIOp
+from detres.models import pixels
+from detres.models.pixels import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
+from detres.models.resnet import FrozenBatchNorm2d
+from detres.models.roi_head import C4RoIHead
 from detres.models.rpn import RPN, RPNHead
 from detres.structures import DetectorOutput, ImageBatch, Targets
 
-# torchvision's ImageNet statistics on the 0..255 scale (RGB); the checkpoint carries them.
-IMAGENET_PIXEL_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_PIXEL_STD = (58.395, 57.12, 57.375)
 TRUNK_PREFIX, HEAD_PREFIX = "trunk.", "roi_head.res5."
 
 
@@ -52,8 +50,8 @@ class FasterRCNN(nn.Module):
         self.trunk = trunk
         self.rpn = rpn
         self.roi_head = roi_head
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).float().view(1, 3, 1, 1))
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).float().view(1, 3, 1, 1))
+        self.register_buffer("pixel_mean", pixels.channel_values(pixel_mean).view(1, 3, 1, 1))
+        self.register_buffer("pixel_std", pixels.channel_values(pixel_std).view(1, 3, 1, 1))
         self.check_targets = check_targets
         self.channels_last = False
         if channels_last:
@@ -68,51 +66,9 @@ class FasterRCNN(nn.Module):
     def num_classes(self) -> int:
         return self.roi_head.num_classes
 
-    @classmethod
-    def from_resnet(cls, resnet: ResNet, num_classes: int, *,
-                    anchor_sizes: Sequence[float] = ANCHOR_SIZES_VOC,
-                    aspect_ratios: Sequence[float] = ASPECT_RATIOS,
-                    roi_op: RoIOp = "pool", pooled_size: int = 14, sampling_ratio: int = 0,
-                    aligned: bool = True, pre_nms_topk_train: int = 12000,
-                    pre_nms_topk_test: int = 6000, proposals_train: int = 2000,
-                    proposals_test: int = 300, rpn_box_loss: BoxLoss = "smooth_l1",
-                    roi_box_loss: BoxLoss = "smooth_l1", rpn_batch_size_per_image: int = 256,
-                    roi_batch_size_per_image: int = 512, nms_threshold: float = 0.5,
-                    pixel_mean: Sequence[float] = IMAGENET_PIXEL_MEAN,
-                    pixel_std: Sequence[float] = IMAGENET_PIXEL_STD,
-                    channels_last: bool = True) -> FasterRCNN:
-        """Builds the detector around a (pretrained, loaded) ResNet, sharing its modules.
-
-        Defaults are the paper preset (RoIPool, 300 test proposals, smooth-L1); the modern
-        preset is ``roi_op="align", proposals_test=1000, *_box_loss="l1"``. Frozen BN and
-        ``freeze_at`` are the ResNet's own options and carry over unchanged. ``channels_last``
-        is on by default here (the ResNet's weights are converted in place): 1.3-1.5x faster
-        on CPU at R-50 C4 sizes (benchmarks/detector_speed.py).
-        """
-        trunk, head = resnet.c4_split()
-        anchors = AnchorGenerator(anchor_sizes, aspect_ratios, stride=trunk.stride)
-        rpn = RPN(RPNHead(trunk.out_channels, anchors.num_anchors), anchors,
-                  pre_nms_topk_train=pre_nms_topk_train, pre_nms_topk_test=pre_nms_topk_test,
-                  post_nms_topk_train=proposals_train, post_nms_topk_test=proposals_test,
-                  batch_size_per_image=rpn_batch_size_per_image, box_loss=rpn_box_loss,
-                  smooth_l1_beta=1.0 / 9 if rpn_box_loss == "smooth_l1" else 0.0)
-        roi_head = C4RoIHead(head, num_classes, head.out_channels, roi_op=roi_op,
-                             pooled_size=pooled_size, sampling_ratio=sampling_ratio,
-                             aligned=aligned, feature_stride=trunk.stride,
-                             batch_size_per_image=roi_batch_size_per_image, box_loss=roi_box_loss,
-                             smooth_l1_beta=1.0 if roi_box_loss == "smooth_l1" else 0.0,
-                             nms_threshold=nms_threshold)
-        return cls(trunk, rpn, roi_head, pixel_mean, pixel_std, channels_last=channels_last)
-
     def normalize(self, images: ImageBatch) -> Tensor:
         """(x - mean) / std, with the padding kept at 0 (as if padded after normalizing)."""
-        x = (images.tensor - self.pixel_mean) / self.pixel_std
-        height, width = x.shape[-2:]
-        for i, (h, w) in enumerate(images.sizes):
-            if h < height:
-                x[i, :, h:] = 0
-            if w < width:
-                x[i, :, :, w:] = 0
+        x = pixels.normalize(images.tensor, self.pixel_mean, self.pixel_std, images.sizes)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def forward(self, images: ImageBatch, targets: list[Targets] | None = None) -> DetectorOutput:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,13 +36,12 @@ from torchvision.ops import batched_nms, roi_align
 from detres import boxes as box_ops
 from detres.models.anchors import AnchorGenerator
 from detres.models.classifier import Classifier
+from detres.models.losses import BoxLoss, box_regression_loss
 from detres.models.matching import Matcher, sample_balanced
+from detres.models.pixels import channel_values, normalize
 from detres.models.resnet import ResNet, ResNetTrunk
-from detres.models.roi_head import BOX_WEIGHTS
-from detres.models.rpn import box_regression_loss
+from detres.models.roi_head import BOX_WEIGHTS, init_box_predictor
 from detres.structures import ImageBatch, Targets
-
-BoxLoss = Literal["smooth_l1", "l1"]
 
 
 @dataclass
@@ -52,14 +50,6 @@ class LocOutput:
 
     losses: dict[str, Tensor] = field(default_factory=dict)
     stats: dict[str, Tensor] = field(default_factory=dict)
-
-
-def _channel_values(values: Sequence[float]) -> Tensor:
-    return torch.tensor(values, dtype=torch.float32).view(3, 1, 1)
-
-
-def _normalize(images: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    return (images.float() - mean) / std
 
 
 class PerClassRPNHead(nn.Module):
@@ -110,8 +100,8 @@ class PerClassRPN(nn.Module):
             raise ValueError(f"the head predicts {head.num_anchors} anchors per cell but the "
                              f"anchor generator makes {anchor_generator.num_anchors}")
         self.trunk, self.head, self.anchor_generator = trunk, head, anchor_generator
-        self.register_buffer("pixel_mean", _channel_values(pixel_mean))
-        self.register_buffer("pixel_std", _channel_values(pixel_std))
+        self.register_buffer("pixel_mean", channel_values(pixel_mean))
+        self.register_buffer("pixel_std", channel_values(pixel_std))
         self.matcher = Matcher(*iou_thresholds, allow_low_quality_matches=True)
         self.anchors_per_image = anchors_per_image
         self.positive_fraction = positive_fraction
@@ -123,7 +113,7 @@ class PerClassRPN(nn.Module):
 
     def predict(self, images: ImageBatch) -> tuple[Tensor, Tensor, Tensor]:
         """logits (N, R, K), deltas (N, R, K, 4) and anchors (R, 4) of a batch."""
-        features = self.trunk(_normalize(images.tensor, self.pixel_mean, self.pixel_std))
+        features = self.trunk(normalize(images.tensor, self.pixel_mean, self.pixel_std))
         logits, deltas = self.head(features)
         return logits, deltas, self.anchor_generator(features)
 
@@ -218,9 +208,8 @@ def crop_and_warp(images: Tensor, boxes: list[Tensor], size: int) -> Tensor:
     adaptive sampling grid averages about one sample per source pixel, so shrinking a large box
     is anti-aliased. Returns (sum P_i, 3, size, size).
     """
-    rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1)
-                      for i, b in enumerate(boxes)]) if boxes else images.new_zeros(0, 5)
-    return roi_align(images.float(), rois.float(), size, 1.0, 0, aligned=True)
+    rois = box_ops.boxes_to_rois(boxes).to(images.device)
+    return roi_align(images.float(), rois, size, 1.0, 0, aligned=True)
 
 
 class RCNNRefiner(nn.Module):
@@ -247,12 +236,9 @@ class RCNNRefiner(nn.Module):
         channels = net.feature_specs[list(net.feature_specs)[-1]].channels
         self.cls_score = nn.Linear(channels, num_classes)
         self.bbox_pred = nn.Linear(channels, 4 * num_classes)
-        nn.init.normal_(self.cls_score.weight, std=0.01)
-        nn.init.normal_(self.bbox_pred.weight, std=0.001)
-        nn.init.zeros_(self.cls_score.bias)
-        nn.init.zeros_(self.bbox_pred.bias)
-        self.register_buffer("pixel_mean", _channel_values(pixel_mean))
-        self.register_buffer("pixel_std", _channel_values(pixel_std))
+        init_box_predictor(self.cls_score, self.bbox_pred)
+        self.register_buffer("pixel_mean", channel_values(pixel_mean))
+        self.register_buffer("pixel_std", channel_values(pixel_std))
         self.fg_iou_threshold = fg_iou_threshold
         self.box_loss, self.smooth_l1_beta = box_loss, smooth_l1_beta
         self.box_weights = tuple(box_weights)
@@ -262,7 +248,7 @@ class RCNNRefiner(nn.Module):
         """Logit (P,) and deltas (P, 4) of each box for its own class; boxes in image pixels,
         ``classes[i]`` (P_i,) the class of each box of image i."""
         crops = crop_and_warp(images.tensor, boxes, self.input_size)
-        x = self.net(_normalize(crops, self.pixel_mean, self.pixel_std))
+        x = self.net(normalize(crops, self.pixel_mean, self.pixel_std))
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         cls = torch.cat(classes)
         logits = self.cls_score(x).gather(1, cls[:, None]).squeeze(1)

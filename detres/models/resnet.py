@@ -273,6 +273,11 @@ def _make_stage(block: type[nn.Module], in_channels: int, channels: int, num_blo
     return nn.Sequential(*layers)
 
 
+def _stem(net: nn.Module, x: Tensor) -> Tensor:
+    """conv1 -> bn1 -> ReLU -> max pool (Identity for CIFAR) of a ResNet or its C4 trunk."""
+    return net.maxpool(net.relu(net.bn1(net.conv1(x))))
+
+
 class ResNet(nn.Module):
     """A residual (or plain) network of He et al. 2015.
 
@@ -377,7 +382,7 @@ class ResNet(nn.Module):
 
         CIFAR nets give res2..res4 at strides 1, 2, 4. See ``feature_specs``.
         """
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = _stem(self, x)
         features = {}
         for stage_name, feature_name in zip(self.stage_names, self.feature_specs):
             x = getattr(self, stage_name)(x)
@@ -386,7 +391,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 3, H, W) -> logits (N, num_classes); without fc, the last stage's features."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = _stem(self, x)
         for name in self.stage_names:
             x = getattr(self, name)(x)
         if self.fc is None:
@@ -418,7 +423,7 @@ class ResNetTrunk(nn.Module):
         self.stride = resnet.feature_specs["res4"].stride
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = _stem(self, x)
         return self.layer3(self.layer2(self.layer1(x)))
 
 

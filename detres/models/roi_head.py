@@ -17,11 +17,11 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import nms, roi_align, roi_pool
+from torchvision.ops import batched_nms, roi_align, roi_pool
 
 from detres import boxes as box_ops
+from detres.models.losses import BoxLoss, box_regression_loss
 from detres.models.matching import Matcher, gather_sampled, sample_balanced
-from detres.models.rpn import BoxLoss, box_regression_loss
 from detres.structures import Detections, Targets
 
 RoIOp = Literal["pool", "align"]
@@ -117,14 +117,13 @@ def roi_align_gather(features: Tensor, rois: Tensor, output_size: int, spatial_s
     return _pooled_to_nchw(pooled, num_rois, size, features.dtype)
 
 
-def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, threshold: float) -> Tensor:
-    """NMS independently per group in one call: groups are moved apart so they never overlap
-    (torchvision's coordinate trick, used here at any size: one kernel, no loop over classes).
-    Returns kept indices by decreasing score."""
-    if boxes.numel() == 0:
-        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    offsets = groups.to(boxes) * (boxes.max() + 1)
-    return nms(boxes + offsets[:, None], scores, threshold)
+def init_box_predictor(cls_score: nn.Linear, bbox_pred: nn.Linear) -> None:
+    """Fast R-CNN 2.3 / detectron2: weights N(0, 0.01) for scores, N(0, 0.001) for deltas;
+    zero biases."""
+    nn.init.normal_(cls_score.weight, std=0.01)
+    nn.init.normal_(bbox_pred.weight, std=0.001)
+    nn.init.zeros_(cls_score.bias)
+    nn.init.zeros_(bbox_pred.bias)
 
 
 class C4RoIHead(nn.Module):
@@ -162,10 +161,7 @@ class C4RoIHead(nn.Module):
         self.res5 = res5
         self.cls_score = nn.Linear(out_channels, num_classes + 1)
         self.bbox_pred = nn.Linear(out_channels, 4 * num_classes)
-        nn.init.normal_(self.cls_score.weight, std=0.01)  # Fast R-CNN 2.3 / detectron2
-        nn.init.normal_(self.bbox_pred.weight, std=0.001)
-        nn.init.zeros_(self.cls_score.bias)
-        nn.init.zeros_(self.bbox_pred.bias)
+        init_box_predictor(self.cls_score, self.bbox_pred)
         self.num_classes = num_classes
         self.roi_op: RoIOp = roi_op
         self.pooled_size = pooled_size
@@ -208,7 +204,7 @@ class C4RoIHead(nn.Module):
                      "roi_num_bg": (valid & ~fg).sum() / float(len(targets))}
         detections = None
         if not self.training:
-            rois = rois_from_boxes(proposals)
+            rois = box_ops.boxes_to_rois(proposals)
             logits, deltas = self.predict(features, rois)
             detections = self.detect(logits, deltas, rois, [len(p) for p in proposals], image_sizes)
         return losses, detections, stats
@@ -236,8 +232,8 @@ class C4RoIHead(nn.Module):
             gt_deltas: (R, 4) float32; valid: (R,) bool (False for padding RoIs, see
             :func:`gather_sampled`). R = sum_i min(512, P_i + M_i).
         """
-        rois, labels_all, deltas_all, valid_all = [], [], [], []
-        for i, (props, target) in enumerate(zip(proposals, targets)):
+        boxes_all, labels_all, deltas_all, valid_all = [], [], [], []
+        for props, target in zip(proposals, targets):
             gt_boxes = target.boxes.to(device=props.device, dtype=torch.float32)
             gt_classes = target.labels.to(props.device)
             boxes = torch.cat((props.float(), gt_boxes))
@@ -252,11 +248,12 @@ class C4RoIHead(nn.Module):
             else:  # background image: every RoI is background, regress onto itself (unused)
                 matched = boxes
                 classes = torch.full_like(matched_idxs, self.num_classes)
-            rois.append(torch.cat((torch.full_like(boxes[:, :1], i), boxes), dim=1))
+            boxes_all.append(boxes)
             labels_all.append(classes)
             deltas_all.append(box_ops.encode(matched, boxes, self.box_weights))
             valid_all.append(valid)
-        return torch.cat(rois), torch.cat(labels_all), torch.cat(deltas_all), torch.cat(valid_all)
+        return (box_ops.boxes_to_rois(boxes_all), torch.cat(labels_all), torch.cat(deltas_all),
+                torch.cat(valid_all))
 
     def losses(self, logits: Tensor, deltas: Tensor, gt_labels: Tensor, gt_deltas: Tensor,
                valid: Tensor) -> dict[str, Tensor]:
@@ -298,8 +295,3 @@ class C4RoIHead(nn.Module):
             detections.append(Detections(boxes_i[keep], scores_i[keep], labels_i[keep]))
         return detections
 
-
-def rois_from_boxes(boxes_per_image: list[Tensor]) -> Tensor:
-    """N tensors (P_i, 4) -> (R, 5) [image index, x1, y1, x2, y2] float32."""
-    return torch.cat([torch.cat((torch.full_like(b[:, :1], i), b), dim=1).float()
-                      for i, b in enumerate(boxes_per_image)])

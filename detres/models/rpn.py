@@ -9,8 +9,6 @@ Nouns: ``logits`` objectness before the sigmoid, ``deltas`` encoded box offsets 
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,19 +16,9 @@ from torchvision.ops import nms
 
 from detres import boxes as box_ops
 from detres.models.anchors import AnchorGenerator
+from detres.models.losses import BoxLoss, box_regression_loss
 from detres.models.matching import Matcher, sample_balanced
 from detres.structures import Targets
-
-BoxLoss = Literal["smooth_l1", "l1"]
-
-
-def box_regression_loss(pred_deltas: Tensor, gt_deltas: Tensor, kind: BoxLoss,
-                        beta: float) -> Tensor:
-    """Elementwise smooth-L1 (Fast R-CNN eq. 3, with transition ``beta``) or L1; float32."""
-    pred_deltas = pred_deltas.float()
-    if kind == "l1" or beta < 1e-5:
-        return (pred_deltas - gt_deltas).abs()
-    return F.smooth_l1_loss(pred_deltas, gt_deltas, beta=beta, reduction="none")
 
 
 class RPNHead(nn.Module):

@@ -1,0 +1,59 @@
+"""What every tool does the same way: its command line and how user errors end it (the run's
+setup is ``detres.engine.launch.setup_run``, called by the tasks' ``train`` / ``evaluate``).
+
+The tools in ``tools/`` are thin entry points over this module and the tasks' ``train`` /
+``evaluate`` functions (``detres/tasks``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from detres.config import ConfigError
+from detres.data.io import DatasetError
+from detres.engine import distributed as du
+from detres.engine.checkpoint import CheckpointError
+from detres.engine.loop import NonFiniteLossError
+from detres.models.weights import WeightsMismatchError
+
+# What a user can cause and fix: shown as one "error: ..." line, never a traceback.
+USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FileNotFoundError,
+               WeightsMismatchError, NonFiniteLossError)
+
+
+def parse_tool_args(doc: str, default_config: str, example: str,
+                    argv: list[str] | None = None) -> argparse.Namespace:
+    """``[CONFIG] [key=value ...] [--resume] [--eval-only --weights W]`` (the command-line
+    contract of docs/architecture.md)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=example,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default=None,
+                        help=f"YAML config (default: {default_config})")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                        help="config overrides, e.g. solver.base_lr=0.01 train.max_iter=100")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from train.output_dir/last_checkpoint")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="only evaluate --weights on data.val")
+    parser.add_argument("--weights", default=None,
+                        help="checkpoint to evaluate (model_final.pth of a run of this tool)")
+    args = parser.parse_intermixed_args(argv)  # options may stand between key=value items
+    if args.config is not None and "=" in args.config:  # only overrides were given
+        args.overrides.insert(0, args.config)
+        args.config = None
+    if args.eval_only and not args.weights:
+        parser.error("--eval-only needs --weights W")
+    return args
+
+
+def run_main(main: Callable[[], Any], extra_errors: tuple[type[Exception], ...] = ()) -> None:
+    """Runs a tool's ``main``: user errors (and ``extra_errors``) exit 1 with one line;
+    torchrun state is torn down."""
+    try:
+        main()
+    except (*USER_ERRORS, *extra_errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        du.cleanup()

@@ -1,0 +1,5 @@
+"""ResNet pretraining by image classification (He et al. 2015, Sec 3.4 and 4.2)."""
+from detres.tasks.classification.config import ClassificationConfig
+from detres.tasks.classification.run import evaluate, train
+
+__all__ = ["ClassificationConfig", "evaluate", "train"]

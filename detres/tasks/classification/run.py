@@ -1,0 +1,95 @@
+"""Classification runs: ``train(cfg)`` pretrains a ResNet (Sec 3.4, 4.2) and writes
+``backbone.pth``, the detector's initial weights; ``evaluate(cfg, weights)`` scores a
+checkpoint on ``data.val``. Both write ``eval/metrics.json`` ({"top1_err", "top5_err"},
+percent) into ``train.output_dir`` and return the metrics."""
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detres.config import to_dict
+from detres.engine.checkpoint import atomic_save, extract_backbone, load_task_weights
+from detres.engine.launch import setup_run
+from detres.engine.logging import write_json
+from detres.engine.loop import Trainer, recompute_bn_stats
+from detres.evaluation.classification import evaluate_classifier
+from detres.tasks.classification.build import (TASK, build_classifier, build_cls_datasets,
+                                               build_cls_test_loader, build_cls_train_loader,
+                                               describe_classifier)
+from detres.tasks.classification.config import ClassificationConfig
+from detres.tasks.common import build_lr_schedule, build_optimizer
+
+logger = logging.getLogger("detres")
+
+
+def _write_eval(output_dir: Path, results: dict[str, Any]) -> None:
+    write_json(output_dir / "eval" / "metrics.json",
+               {k: results[k] for k in ("top1_err", "top5_err")})
+
+
+def _setup(cfg: ClassificationConfig, write_config: bool):
+    device, dist, output_dir, log = setup_run(cfg, write_config=write_config)
+    train_set, val_set, mean_image = build_cls_datasets(cfg.data)
+    model = build_classifier(cfg, train_set.num_classes, mean_image).to(device)
+    val_loader = build_cls_test_loader(cfg, val_set, dist, device)
+    log.info(f"{len(train_set)} training and {len(val_set)} test images, "
+             f"{train_set.num_classes} classes; {describe_classifier(model, cfg.model.backbone)}")
+    eval_fn = functools.partial(evaluate_classifier, loader=val_loader, device=device)
+    return device, dist, output_dir, train_set, val_set, model, eval_fn
+
+
+def evaluate(cfg: ClassificationConfig, weights: str) -> dict[str, Any]:
+    """Top-1/top-5 error of checkpoint ``weights`` on ``data.val``."""
+    _, dist, output_dir, _, _, model, eval_fn = _setup(cfg, write_config=False)
+    load_task_weights(model, weights, TASK)
+    results = eval_fn(model)
+    if dist.is_main:
+        _write_eval(output_dir, results)
+    logger.info(f"{weights}: top-1 error {results['top1_err']:.2f}%, "
+                f"top-5 error {results['top5_err']:.2f}% on {results['num_images']} images")
+    return results
+
+
+def train(cfg: ClassificationConfig, resume: bool = False) -> dict[str, Any]:
+    """Trains (continuing from ``last_checkpoint`` with ``resume``), evaluates, and writes
+    ``backbone.pth``; returns the final metrics."""
+    device, dist, output_dir, train_set, val_set, model, eval_fn = _setup(cfg, write_config=True)
+    train_loader, sampler = build_cls_train_loader(cfg, train_set, dist, device)
+    trainer = Trainer(
+        model, build_optimizer(cfg.solver, model), build_lr_schedule(cfg.solver),
+        train_loader, max_iter=cfg.train.max_iter, device=device, output_dir=output_dir,
+        sampler=sampler, task=TASK,
+        meta={"arch": describe_classifier(model, cfg.model.backbone), "config": to_dict(cfg),
+              "class_names": list(train_set.class_names)},
+        amp=cfg.train.amp, clip_grad_norm=cfg.solver.clip_grad_norm,
+        checkpoint_period=cfg.train.checkpoint_period, log_period=cfg.train.log_period,
+        eval_fn=eval_fn, eval_period=cfg.train.eval_period,
+        finish_fn=functools.partial(precise_bn, cfg=cfg, train_set=train_set, dist=dist,
+                                    device=device) if cfg.precise_bn.num_batches else None)
+    if resume:
+        trainer.resume()
+    result = trainer.run()
+    trainer.close()
+    if dist.is_main:
+        atomic_save(extract_backbone(model.state_dict(), "net."), output_dir / "backbone.pth")
+        _write_eval(output_dir, result.eval_results)
+    for dataset in (train_set, val_set):
+        if hasattr(dataset, "report_skipped_images"):      # data.skip_bad_images
+            dataset.report_skipped_images()
+    logger.info(f"done: top-1 error {result.eval_results['top1_err']:.2f}%, top-5 error "
+                f"{result.eval_results['top5_err']:.2f}%; backbone weights in "
+                f"{output_dir / 'backbone.pth'}")
+    return result.eval_results
+
+
+def precise_bn(model: torch.nn.Module, cfg: ClassificationConfig, train_set, dist,
+               device) -> None:
+    """Recomputes BN statistics over cfg.precise_bn.num_batches augmented training batches."""
+    loader, _ = build_cls_train_loader(cfg, train_set, dist, device, seed=cfg.train.seed + 1)
+    used = recompute_bn_stats(model, ((images,) for images, _ in loader),
+                              cfg.precise_bn.num_batches, device)
+    logger.info(f"precise BN: statistics recomputed over {used} batches")

@@ -1,0 +1,216 @@
+"""Detection: config -> detector, datasets and loaders, and checkpoint -> detector.
+
+The only place where a detection config becomes objects (the tools and ``run.py`` call these).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from detres.config import ConfigError, from_dict
+from detres.config import replace as replace_config
+from detres.data.builtin import ensure_builtin_shapes, shapes_split
+from detres.data.classification import DatasetNotFoundError, datasets_root
+from detres.data.coco import COCODetection
+from detres.data.io import DetectionDataset
+from detres.data.loader import build_detection_loader
+from detres.data.transforms import eval_transform, train_transform
+from detres.data.voc import VOCDetection
+from detres.engine.checkpoint import (CheckpointError, check_task, load_checkpoint,
+                                      load_task_weights)
+from detres.engine.distributed import DistInfo
+from detres.models.anchors import AnchorGenerator
+from detres.models.faster_rcnn import FasterRCNN
+from detres.models.roi_head import C4RoIHead
+from detres.models.rpn import RPN, RPNHead
+from detres.tasks.common import build_backbone
+from detres.tasks.detection.config import (DetDataConfig, DetDatasetConfig, DetectionConfig,
+                                           DetModelConfig)
+
+TASK = "detection"
+# the class-specific layers, re-initialised when weights come from another class set
+CLASS_LAYER_PREFIXES = ("roi_head.cls_score.", "roi_head.bbox_pred.")
+
+
+def scale_schedule(cfg: DetectionConfig) -> DetectionConfig:
+    """Adapts a schedule written for ``solver.reference_batch`` images to ``ims_per_batch``.
+
+    The paper states its detection schedules for a fixed batch (e.g. 8 images: 240k + 80k
+    iterations on COCO). With k = ims_per_batch / reference_batch, iterations (max_iter, steps,
+    warmup, checkpoint and eval periods) are divided by k, so the run sees as many images, and
+    ``build_optimizer`` multiplies the LR by k. Identity when reference_batch is unset or equal.
+    """
+    ref, ims = cfg.solver.reference_batch, cfg.solver.ims_per_batch
+    if not ref or ref == ims:
+        return cfg
+    def scaled(n: int) -> int:
+        return max(int(round(n * ref / ims)), 1) if n else 0
+    solver = dataclasses.replace(cfg.solver, steps=tuple(scaled(s) for s in cfg.solver.steps),
+                                 warmup_iters=scaled(cfg.solver.warmup_iters))
+    train = dataclasses.replace(cfg.train, max_iter=scaled(cfg.train.max_iter),
+                                checkpoint_period=scaled(cfg.train.checkpoint_period),
+                                eval_period=scaled(cfg.train.eval_period))
+    return dataclasses.replace(cfg, solver=solver, train=train)
+
+
+DET_BUILTIN_HINT = ("python tools/train_det.py configs/frcnn_r18_shapes.yaml "
+                    "(built-in data, no download)")
+
+
+def build_detector(cfg: DetModelConfig, num_classes: int) -> FasterRCNN:
+    """Faster R-CNN C4 (Appendix A) on ``model.backbone``, whose weights load first (a
+    torchvision ImageNet file or a pretraining backbone file); ``model.weights`` (a detres
+    detection checkpoint) then loads over the whole detector."""
+    resnet = build_backbone(cfg.backbone, num_classes=None)
+    trunk, head = resnet.c4_split()
+    anchors = AnchorGenerator(cfg.anchors.sizes, cfg.anchors.aspect_ratios, stride=trunk.stride)
+    r = cfg.rpn
+    rpn = RPN(RPNHead(trunk.out_channels, anchors.num_anchors, r.conv_channels), anchors,
+              pre_nms_topk_train=r.pre_nms_topk_train, pre_nms_topk_test=r.pre_nms_topk_test,
+              post_nms_topk_train=r.proposals_train, post_nms_topk_test=r.proposals_test,
+              nms_threshold=r.nms_threshold, iou_thresholds=r.iou_thresholds,
+              batch_size_per_image=r.batch_size_per_image,
+              positive_fraction=r.positive_fraction, box_loss=r.box_loss)
+    h = cfg.roi_head
+    roi_head = C4RoIHead(head, num_classes, head.out_channels, roi_op=h.roi_op,
+                         pooled_size=h.pooled_size, sampling_ratio=h.sampling_ratio,
+                         aligned=h.aligned, feature_stride=trunk.stride,
+                         batch_size_per_image=h.batch_size_per_image,
+                         positive_fraction=h.positive_fraction,
+                         fg_iou_threshold=h.fg_iou_threshold, box_loss=h.box_loss,
+                         score_threshold=h.score_threshold, nms_threshold=h.nms_threshold,
+                         detections_per_image=h.detections_per_image)
+    model = FasterRCNN(trunk, rpn, roi_head, cfg.pixel_mean, cfg.pixel_std,
+                       channels_last=cfg.channels_last)
+    if cfg.weights:
+        load_detector_weights(model, cfg.weights, cfg.reinit_class_layers)
+    return model
+
+
+def load_detector_weights(model: FasterRCNN, path: str, reinit_class_layers: bool = False) -> None:
+    """Loads a detection checkpoint; another class count is an error unless
+    ``reinit_class_layers`` (then the class-specific layers keep their fresh init)."""
+    load_task_weights(model, path, TASK, class_layers=CLASS_LAYER_PREFIXES,
+                      reinit_class_layers=reinit_class_layers)
+
+
+def _require_file(path: Path, key: str, what: str, how: str) -> Path:
+    if not path.exists():
+        raise DatasetNotFoundError(
+            f"{key}: {what} not found at {path}. {how} Set DETRES_DATASETS or {key} to where it "
+            f"is, or run the built-in demo without it: {DET_BUILTIN_HINT}")
+    return path
+
+
+def build_det_dataset(cfg: DetDatasetConfig, data: DetDataConfig, train: bool,
+                      key: str) -> DetectionDataset:
+    """One split of ``data.train`` / ``data.val`` (``key`` names it in errors)."""
+    if train:
+        transform = train_transform(data.min_size_train, data.max_size_train,
+                                    flip_prob=data.flip_prob, color_jitter=data.color_jitter)
+    else:
+        transform = eval_transform(data.min_size_test, data.max_size_test)
+    common = dict(transform=transform, filter_empty=train and data.filter_empty,
+                  skip_bad_images=data.skip_bad_images)
+    if cfg.type == "builtin":
+        b = data.builtin
+        folder = ensure_builtin_shapes(cfg.root, num_train=b.num_train, num_val=b.num_val,
+                                       image_size=b.image_size, seed=b.seed,
+                                       min_object_size=b.min_object_size)
+        if len(cfg.splits) != 1 or cfg.splits[0] not in ("train", "val"):
+            raise ConfigError(f"{key}.splits must be [train] or [val] for the built-in set, "
+                              f"got {list(cfg.splits)}")
+        annotations, images = shapes_split(folder, cfg.splits[0])
+        return COCODetection(annotations, images, **common)
+    if cfg.type == "coco":
+        split = "train2017" if train else "val2017"
+        coco = datasets_root() / "coco"
+        how = "COCO 2017 comes from https://cocodataset.org (images and annotations)."
+        annotations = _require_file(
+            Path(cfg.annotations) if cfg.annotations else
+            coco / "annotations" / f"instances_{split}.json", f"{key}.annotations",
+            "the annotation file", how)
+        images = _require_file(Path(cfg.images) if cfg.images else coco / split,
+                               f"{key}.images", "the image folder", how)
+        return COCODetection(annotations, images, **common)
+    root = Path(cfg.root) if cfg.root else datasets_root() / "VOCdevkit"
+    sources = []
+    for item in cfg.splits:
+        year, sep, split = item.partition("/")
+        if not sep:
+            raise ConfigError(f"{key}.splits: {item!r} is not YEAR/SPLIT (e.g. 2007/trainval)")
+        folder = _require_file(root / f"VOC{year}", f"{key}.root", f"VOC{year}",
+                               "PASCAL VOC comes from http://host.robots.ox.ac.uk/pascal/VOC/.")
+        sources.append((folder, split))
+    return VOCDetection(sources, keep_difficult=train and data.keep_difficult, **common)
+
+
+def build_det_train_loader(cfg: DetectionConfig, dataset: DetectionDataset, dist: DistInfo,
+                           device: torch.device) -> DataLoader:
+    """Endless, aspect-grouped per-rank batches of ``solver.ims_per_batch / world_size``."""
+    per_rank = _per_rank_batch(cfg.solver.ims_per_batch, dist)
+    return build_detection_loader(dataset, per_rank, infinite=True, shuffle=True,
+                                  aspect_grouping=cfg.data.aspect_grouping,
+                                  num_workers=cfg.train.num_workers,
+                                  pin_memory=device.type == "cuda", seed=cfg.train.seed,
+                                  rank=dist.rank, world_size=dist.world_size)
+
+
+def build_det_test_loader(cfg: DetectionConfig, dataset: DetectionDataset, dist: DistInfo,
+                          device: torch.device) -> DataLoader:
+    """Each test image on exactly one rank, in order."""
+    return build_detection_loader(dataset, cfg.test.ims_per_batch, infinite=False,
+                                  shuffle=False, num_workers=cfg.train.num_workers,
+                                  pin_memory=device.type == "cuda", rank=dist.rank,
+                                  world_size=dist.world_size, persistent_workers=False)
+
+
+def _per_rank_batch(global_batch: int, dist: DistInfo) -> int:
+    if global_batch % dist.world_size:
+        raise ConfigError(f"solver.ims_per_batch={global_batch} is not divisible by the "
+                          f"{dist.world_size} processes")
+    return global_batch // dist.world_size
+
+
+def describe_detector(cfg: DetModelConfig, num_classes: int) -> str:
+    """The ``arch`` string stored in checkpoints (shown when one does not fit)."""
+    b = cfg.backbone
+    return (f"FasterRCNN-C4(ResNet-{b.depth}, width={b.width}, norm={b.norm!r}, "
+            f"roi_op={cfg.roi_head.roi_op!r}, pooled_size={cfg.roi_head.pooled_size}, "
+            f"anchors={list(cfg.anchors.sizes)}x{list(cfg.anchors.aspect_ratios)}, "
+            f"num_classes={num_classes})")
+
+
+def detector_for_checkpoint(cfg: DetModelConfig, path: str | Path
+                            ) -> tuple[FasterRCNN, dict[str, Any]]:
+    """The detector described by ``cfg`` with the weights of checkpoint ``path`` (its class
+    count taken from the checkpoint); returns (model, the checkpoint's metadata)."""
+    ckpt = load_checkpoint(path)
+    check_task(ckpt, path, TASK)
+    names = ckpt.get("class_names")
+    if not names:
+        raise CheckpointError(f"{path} does not record its class_names; it was not written by "
+                              f"tools/train_det.py")
+    plain = dataclasses.replace(cfg, weights=None,
+                                backbone=dataclasses.replace(cfg.backbone, weights=None))
+    model = build_detector(plain, len(names))
+    load_task_weights(model, path, TASK, ckpt=ckpt)
+    meta = {k: v for k, v in ckpt.items() if k in ("class_names", "category_ids", "config")}
+    return model.eval(), meta
+
+
+def detector_from_checkpoint(path: str | Path, overrides: Sequence[str] = ()
+                             ) -> tuple[FasterRCNN, DetectionConfig, dict[str, Any]]:
+    """The detector of a training checkpoint, rebuilt from the config stored in it."""
+    ckpt = load_checkpoint(path)
+    if "config" not in ckpt:
+        raise CheckpointError(f"{path} does not record its config; pass CONFIG explicitly")
+    cfg = from_dict(ckpt["config"], DetectionConfig, source=f"{path} (stored config)")
+    cfg = replace_config(cfg, list(overrides))
+    model, meta = detector_for_checkpoint(cfg.model, path)
+    return model, cfg, meta

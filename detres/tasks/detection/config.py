@@ -1,0 +1,120 @@
+"""The detection schema (Faster R-CNN C4, He et al. 2015 Appendix A): ``model``, ``data``,
+``test``, ``solver``, ``train``. Every field carries its default and where it comes from."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from detres.models.pixels import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
+from detres.tasks.common import BackboneConfig, SolverConfig, TrainConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuiltinShapesConfig:
+    # the built-in shapes set (data/builtin.py), generated once per distinct setting
+    num_train: int = 1500
+    num_val: int = 200
+    image_size: int = 128
+    min_object_size: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetDatasetConfig:
+    type: Literal["coco", "voc", "builtin"] = "builtin"
+    annotations: str | None = None      # coco: the instances JSON
+    images: str | None = None           # coco: the image folder
+    # voc: the VOCdevkit folder; builtin: the cache folder (null: $DETRES_CACHE or ~/.cache/detres)
+    root: str | None = None
+    # voc: YEAR/SPLIT pairs, the paper's 07+12 is [2007/trainval, 2012/trainval]; builtin: train | val
+    splits: tuple[str, ...] = ("train",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetDataConfig:
+    train: DetDatasetConfig = field(default_factory=DetDatasetConfig)
+    val: DetDatasetConfig = field(default_factory=lambda: DetDatasetConfig(splits=("val",)))
+    # shorter side of training images, one drawn per image (multi-scale when several);
+    # the paper uses 600 (Appendix A), modern recipes 640..800
+    min_size_train: tuple[int, ...] = (600,)
+    max_size_train: int = 1000                     # cap on the longer side
+    min_size_test: int = 600
+    max_size_test: int = 1000
+    flip_prob: float = 0.5
+    color_jitter: float = 0.0                      # photometric jitter strength (0: off)
+    filter_empty: bool = True                      # skip training images without a box
+    keep_difficult: bool = False                   # voc: difficult objects as training targets
+    skip_bad_images: bool = False                  # skip undecodable images and count them
+    aspect_grouping: bool = True                   # batches of landscape or of portrait images
+    builtin: BuiltinShapesConfig = field(default_factory=BuiltinShapesConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnchorConfig:
+    # paper VOC: 128, 256, 512; paper COCO adds 64 (Appendix A); modern: 32..512
+    sizes: tuple[float, ...] = (64.0, 128.0, 256.0, 512.0)
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RPNConfig:
+    pre_nms_topk_train: int = 12000
+    pre_nms_topk_test: int = 6000
+    proposals_train: int = 2000                    # post-NMS proposals per image in training
+    proposals_test: int = 300                      # paper: 300; modern: 1000
+    nms_threshold: float = 0.7
+    iou_thresholds: tuple[float, float] = (0.3, 0.7)   # negative below, positive at or above
+    batch_size_per_image: int = 256                # anchors sampled per image, half positive
+    positive_fraction: float = 0.5
+    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
+    conv_channels: int | None = None               # null: the trunk's channels
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoIHeadConfig:
+    roi_op: Literal["pool", "align"] = "pool"     # paper: RoIPool; modern: RoIAlign
+    pooled_size: int = 14                          # then conv5_x with stride 2 -> 7x7
+    sampling_ratio: int = 0                        # align only
+    aligned: bool = True                           # align only: half-pixel offset
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    fg_iou_threshold: float = 0.5
+    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
+    score_threshold: float = 0.05
+    nms_threshold: float = 0.5
+    detections_per_image: int = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetModelConfig:
+    # detection freezes BN after pretraining (Appendix A) and, as detectron2, the stem and res2
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(
+        depth=101, norm="frozen_bn", freeze_at=2))
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi_head: RoIHeadConfig = field(default_factory=RoIHeadConfig)
+    # whole-detector weights (a detres checkpoint) loaded after the backbone weights
+    weights: str | None = None
+    # loading weights trained on another class set re-initialises the class layers
+    reinit_class_layers: bool = False
+    pixel_mean: tuple[float, float, float] = IMAGENET_PIXEL_MEAN   # RGB, 0..255
+    pixel_std: tuple[float, float, float] = IMAGENET_PIXEL_STD
+    # channels-last memory layout: same results, convolutions ~1.5x faster on CPU
+    channels_last: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetTestConfig:
+    ims_per_batch: int = 4                         # per process
+    # coco: COCO mAP (COCO-format sets, built-in included); voc07 (11-point) | voc12 (area)
+    metric: Literal["coco", "voc07", "voc12"] = "coco"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectionConfig:
+    model: DetModelConfig = field(default_factory=DetModelConfig)
+    data: DetDataConfig = field(default_factory=DetDataConfig)
+    test: DetTestConfig = field(default_factory=DetTestConfig)
+    solver: SolverConfig = field(default_factory=lambda: SolverConfig(
+        base_lr=0.02, ims_per_batch=16, steps=(60000, 80000), warmup_iters=1000))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_iter=90000))

@@ -1,0 +1,76 @@
+"""Detection runs: ``train(cfg)`` trains and evaluates Faster R-CNN C4 (Appendix A);
+``evaluate(cfg, weights)`` scores a checkpoint on ``data.val``. Both write into
+``train.output_dir`` (the run folder of docs/architecture.md) and return the metrics."""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from detres.config import ConfigError, to_dict
+from detres.engine.launch import setup_run
+from detres.engine.loop import AMP_DTYPES, Trainer
+from detres.evaluation.detection import evaluate_detector
+from detres.tasks.common import build_lr_schedule, build_optimizer
+from detres.tasks.detection.build import (TASK, build_det_dataset, build_det_test_loader,
+                                          build_det_train_loader, build_detector,
+                                          describe_detector, load_detector_weights,
+                                          scale_schedule)
+from detres.tasks.detection.config import DetectionConfig
+
+
+def _evaluator(cfg: DetectionConfig, device, dist, output_dir, metric: str | None = None,
+               engine: str = "faster"):
+    """(val set, ``model -> metrics``) for ``data.val`` with ``test.metric`` (or ``metric``)."""
+    val_set = build_det_dataset(cfg.data.val, cfg.data, train=False, key="data.val")
+    val_loader = build_det_test_loader(cfg, val_set, dist, device)
+    amp = AMP_DTYPES.get(cfg.train.amp) if device.type == "cuda" else None
+    return val_set, functools.partial(
+        evaluate_detector, loader=val_loader, dataset=val_set, device=device,
+        metric=metric or cfg.test.metric, engine=engine, output_dir=output_dir, amp_dtype=amp)
+
+
+def evaluate(cfg: DetectionConfig, weights: str, metric: str | None = None,
+             engine: str = "faster", summary_only: bool = False) -> dict[str, Any]:
+    """Scores checkpoint ``weights`` on ``data.val`` (``metric`` overrides ``test.metric``,
+    ``engine`` picks the COCO engine); per-class AP included unless ``summary_only``."""
+    device, dist, output_dir, _ = setup_run(cfg, write_config=False)
+    val_set, eval_fn = _evaluator(cfg, device, dist, output_dir, metric, engine)
+    model = build_detector(cfg.model, val_set.num_classes).to(device)
+    load_detector_weights(model, weights)
+    return eval_fn(model, summary_only=summary_only)
+
+
+def train(cfg: DetectionConfig, resume: bool = False) -> dict[str, Any]:
+    """Trains (continuing from ``last_checkpoint`` with ``resume``) and evaluates; returns the
+    final summary metrics."""
+    cfg = scale_schedule(cfg)
+    device, dist, output_dir, logger = setup_run(cfg, write_config=True)
+    val_set, eval_fn = _evaluator(cfg, device, dist, output_dir)
+    train_set = build_det_dataset(cfg.data.train, cfg.data, train=True, key="data.train")
+    if list(val_set.class_names) != list(train_set.class_names):
+        raise ConfigError(f"data.val has classes {val_set.class_names[:5]}... but data.train has "
+                          f"{train_set.class_names[:5]}...; both must share one class list")
+    model = build_detector(cfg.model, train_set.num_classes).to(device)
+    train_loader = build_det_train_loader(cfg, train_set, dist, device)
+    num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(f"{len(train_set)} training and {len(val_set)} test images, "
+                f"{train_set.num_classes} classes; {num_params / 1e6:.2f}M trainable parameters")
+    trainer = Trainer(
+        model, build_optimizer(cfg.solver, model), build_lr_schedule(cfg.solver),
+        train_loader, max_iter=cfg.train.max_iter, device=device, output_dir=output_dir,
+        sampler=train_loader.batch_sampler, task=TASK,
+        meta={"arch": describe_detector(cfg.model, train_set.num_classes),
+              "config": to_dict(cfg), "class_names": list(train_set.class_names),
+              "category_ids": [int(c) for c in getattr(train_set, "label_to_category_id", [])]},
+        amp=cfg.train.amp, clip_grad_norm=cfg.solver.clip_grad_norm,
+        checkpoint_period=cfg.train.checkpoint_period, log_period=cfg.train.log_period,
+        eval_fn=eval_fn, eval_period=cfg.train.eval_period)
+    if resume:
+        trainer.resume()
+    result = trainer.run()
+    trainer.close()
+    for dataset in (train_set, val_set):
+        dataset.report_skipped_images()
+    logger.info("done: " + ", ".join(f"{k} {v:.1f}" for k, v in result.eval_results.items()
+                                     if isinstance(v, float)))
+    return result.eval_results

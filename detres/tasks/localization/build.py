@@ -1,0 +1,154 @@
+"""Localization: config -> the three networks of Appendix C, datasets, test settings, and
+checkpoint -> localizer (the only place where a localization config becomes objects)."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from detres.config import ConfigError, from_dict
+from detres.config import replace as replace_config
+from detres.data.builtin_loc import ensure_builtin_loc
+from detres.data.classification import DatasetNotFoundError, datasets_root
+from detres.data.localization import LocalizationDataset, LocTrainTransform
+from detres.engine.checkpoint import (CheckpointError, check_task, load_checkpoint,
+                                      load_task_weights)
+from detres.evaluation.localize import LocTestSettings
+from detres.models.anchors import AnchorGenerator
+from detres.models.classifier import Classifier
+from detres.models.localizer import Localizer, PerClassRPN, PerClassRPNHead, RCNNRefiner
+from detres.models.resnet import load_weights
+from detres.tasks.classification.build import TASK as CLASSIFICATION_TASK
+from detres.tasks.common import BackboneConfig, build_backbone
+from detres.tasks.localization.config import LocalizationConfig, LocDataConfig, LocDatasetConfig
+
+TASK = "localization"
+LOC_BUILTIN_HINT = ("python tools/train_loc.py configs/loc_r18_builtin.yaml "
+                    "(built-in data, no download)")
+
+
+def build_loc_dataset(cfg: LocDatasetConfig, data: LocDataConfig, *, key: str,
+                      class_names: Sequence[str] | None = None) -> LocalizationDataset:
+    """One split with its original images (the test pipeline resizes them per scale); give
+    training views their crops with ``dataset.with_transform(build_loc_train_transform(...))``.
+    """
+    if cfg.type == "builtin":
+        b = data.builtin
+        root = ensure_builtin_loc(cfg.root, num_train_per_class=b.num_train_per_class,
+                                  num_val_per_class=b.num_val_per_class,
+                                  image_size=b.image_size, seed=b.seed)
+    else:
+        root = Path(cfg.root) if cfg.root else datasets_root() / "imagenet"
+    image_root = root / cfg.split
+    box_root = Path(cfg.boxes) if cfg.boxes else root / "bbox" / cfg.split
+    for path, what in ((image_root, "image folder"), (box_root, "bounding-box XML folder")):
+        if not path.is_dir():
+            raise DatasetNotFoundError(
+                f"{key}: the {what} {path} does not exist. ImageNet localization is expected as "
+                f"<root>/{{train,val}}/<wnid>/*.JPEG with the ILSVRC2012 box XMLs in "
+                f"<root>/bbox/{{train,val}}/ (https://image-net.org); set DETRES_DATASETS, "
+                f"{key}.root or {key}.boxes. Without it, run {LOC_BUILTIN_HINT}")
+    return LocalizationDataset(image_root, box_root, class_names=class_names,
+                               missing_boxes=cfg.missing_boxes,
+                               skip_bad_images=data.skip_bad_images,
+                               skip_unannotated_classes=data.skip_unannotated_classes)
+
+
+def build_loc_classifier(cfg: LocalizationConfig, num_classes: int) -> Classifier:
+    """The classification network; ``classifier.weights`` is torchvision://NAME or a weights
+    file with ``fc`` (loaded whole), or a tools/pretrain_cls.py checkpoint."""
+    c = cfg.classifier
+    net = build_backbone(dataclasses.replace(c.backbone, weights=None), num_classes)
+    model = Classifier(net, cfg.pixel_mean, cfg.pixel_std)
+    if c.weights:
+        ckpt = None if c.weights.startswith("torchvision://") else load_checkpoint(c.weights)
+        if ckpt is not None and ckpt.get("task") == CLASSIFICATION_TASK:
+            load_task_weights(model, c.weights, CLASSIFICATION_TASK, ckpt=ckpt)
+        else:
+            load_weights(net, c.weights)
+    return model
+
+
+def build_per_class_rpn(cfg: LocalizationConfig, num_classes: int) -> PerClassRPN:
+    r = cfg.rpn
+    trunk, _ = build_backbone(r.backbone).c4_split()
+    anchors = AnchorGenerator(r.anchors.sizes, r.anchors.aspect_ratios, stride=trunk.stride)
+    head = PerClassRPNHead(trunk.out_channels, anchors.num_anchors, num_classes, r.conv_channels)
+    return PerClassRPN(trunk, head, anchors, cfg.pixel_mean, cfg.pixel_std,
+                       iou_thresholds=r.iou_thresholds, anchors_per_image=r.anchors_per_image,
+                       positive_fraction=r.positive_fraction, box_loss=r.box_loss)
+
+
+def build_rcnn_refiner(cfg: LocalizationConfig, num_classes: int) -> RCNNRefiner | None:
+    r = cfg.rcnn
+    if not r.enabled:
+        return None
+    return RCNNRefiner(build_backbone(r.backbone), num_classes, r.input_size, cfg.pixel_mean,
+                       cfg.pixel_std, fg_iou_threshold=r.fg_iou_threshold, box_loss=r.box_loss,
+                       smooth_l1_beta=1.0 if r.box_loss == "smooth_l1" else 0.0)
+
+
+def build_localizer(cfg: LocalizationConfig, num_classes: int) -> Localizer:
+    """Classifier, per-class RPN and (when ``rcnn.enabled``) the R-CNN refiner."""
+    return Localizer(build_loc_classifier(cfg, num_classes), build_per_class_rpn(cfg, num_classes),
+                     build_rcnn_refiner(cfg, num_classes))
+
+
+def copy_classifier_weights(classifier: Classifier, target: nn.Module, what: str) -> None:
+    """Starts ``target`` (a trunk or a ResNet without fc) from the classification network's
+    weights, as the paper fine-tunes its classification net (Appendix C); the shapes must
+    agree (same depth and width)."""
+    source = classifier.net.state_dict()
+    own = target.state_dict()
+    wrong = [k for k in own if k not in source or source[k].shape != own[k].shape]
+    if wrong:
+        raise ConfigError(f"{what}.init_from_classifier: {what}.backbone does not match "
+                          f"classifier.backbone ({len(wrong)} parameters differ, e.g. "
+                          f"{wrong[0]}); give both the same depth, width and norm")
+    target.load_state_dict({k: source[k] for k in own})
+
+
+def build_loc_train_transform(data: LocDataConfig, scale_range: tuple[int, int] | None = None,
+                              crop_size: int | None = None) -> LocTrainTransform:
+    """Random crops and flips of ``data`` (or of the given scale range and crop size)."""
+    return LocTrainTransform(scale_range or data.scale_range, crop_size or data.crop_size,
+                             data.flip_prob)
+
+
+def loc_test_settings(cfg: LocalizationConfig) -> LocTestSettings:
+    t = cfg.test
+    return LocTestSettings(scales=tuple(t.scales), max_size=t.max_size,
+                           topk_classes=t.topk_classes,
+                           proposals_per_class=cfg.rcnn.proposals_per_class,
+                           pre_nms_topk=t.pre_nms_topk, nms_threshold=t.nms_threshold,
+                           cls_test_size=cfg.classifier.test_size,
+                           cls_crop=(cfg.classifier.crop_size or cfg.data.crop_size)
+                           if cfg.classifier.test_crop else None)
+
+
+def localizer_from_checkpoint(path: str | Path, overrides: Sequence[str] = ()
+                              ) -> tuple[Localizer, LocalizationConfig, dict[str, Any]]:
+    """The localizer of a tools/train_loc.py ``model_final.pth``, rebuilt from its stored
+    config (``overrides`` may change test settings)."""
+    ckpt = load_checkpoint(path)
+    check_task(ckpt, path, TASK)
+    if "config" not in ckpt or not ckpt.get("class_names"):
+        raise CheckpointError(f"{path} does not record its config and class_names; it was not "
+                              f"written by tools/train_loc.py")
+    cfg = replace_config(from_dict(ckpt["config"], LocalizationConfig,
+                                   source=f"{path} (stored config)"), list(overrides))
+    plain = dataclasses.replace(
+        cfg, classifier=dataclasses.replace(cfg.classifier, weights=None,
+                                            backbone=_no_weights(cfg.classifier.backbone)),
+        rpn=dataclasses.replace(cfg.rpn, backbone=_no_weights(cfg.rpn.backbone)),
+        rcnn=dataclasses.replace(cfg.rcnn, backbone=_no_weights(cfg.rcnn.backbone)))
+    model = build_localizer(plain, len(ckpt["class_names"]))
+    load_task_weights(model, path, TASK, ckpt=ckpt)
+    return model.eval(), cfg, {"class_names": list(ckpt["class_names"])}
+
+
+def _no_weights(b: BackboneConfig) -> BackboneConfig:
+    return dataclasses.replace(b, weights=None)

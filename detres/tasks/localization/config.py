@@ -1,0 +1,125 @@
+"""The localization schema (He et al. 2015, Appendix C): the three networks ``classifier``,
+``rpn`` and ``rcnn`` (each with its own ``max_iter`` and ``solver``), ``data``, ``test``,
+``train`` (a ``RunConfig``: the stages have their own iterations), ``pixel_mean``/``pixel_std``."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from detres.models.pixels import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
+from detres.tasks.common import BackboneConfig, RunConfig, SolverConfig
+from detres.tasks.detection.config import AnchorConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuiltinLocConfig:
+    # the built-in localization set (data/builtin_loc.py), generated once per distinct setting
+    num_train_per_class: int = 120
+    num_val_per_class: int = 30
+    image_size: int = 96
+    seed: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocDatasetConfig:
+    type: Literal["imagenet", "builtin"] = "builtin"
+    # imagenet: the folder holding train/, val/ and bbox/ (null: <datasets>/imagenet);
+    # builtin: the cache folder (null: $DETRES_CACHE or ~/.cache/detres)
+    root: str | None = None
+    split: str = "train"
+    boxes: str | None = None             # imagenet: the XML folder (null: <root>/bbox/<split>)
+    # ImageNet train has boxes for about 40% of its images: skip uses those and counts the rest
+    missing_boxes: Literal["skip", "error"] = "skip"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocDataConfig:
+    train: LocDatasetConfig = field(default_factory=LocDatasetConfig)
+    val: LocDatasetConfig = field(default_factory=lambda: LocDatasetConfig(
+        split="val", missing_boxes="error"))
+    # training crops as in ImageNet classification: shorter side drawn from scale_range, then a
+    # random crop_size square and a flip (Sec. 3.4; Appendix C "randomly sample 224x224 crops")
+    scale_range: tuple[int, int] = (256, 480)
+    crop_size: int = 224
+    flip_prob: float = 0.5
+    skip_bad_images: bool = False
+    skip_unannotated_classes: bool = False     # a class folder without any box XML: skip, counted
+    builtin: BuiltinLocConfig = field(default_factory=BuiltinLocConfig)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocClassifierConfig:
+    # the classification network that predicts the classes (Table 13, ResNet-101 of Table 4)
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(depth=101))
+    # torchvision://resnet101 (ImageNet classifier, fc included), a tools/pretrain_cls.py
+    # checkpoint, or null: trained here first for max_iter iterations
+    weights: str | None = None
+    # training crops of the classifier: null takes data.scale_range / data.crop_size; a small
+    # CIFAR-style net (stem: cifar) learns shapes far faster on small crops of the same images
+    scale_range: tuple[int, int] | None = None
+    crop_size: int | None = None
+    test_size: int = 256                       # shorter side, then a centre crop of crop_size
+    # false: the whole image, fully convolutionally (the paper's test form, Sec. 3.4), so no
+    # object is cut off by the crop
+    test_crop: bool = True
+    max_iter: int = 0
+    solver: SolverConfig = field(default_factory=lambda: SolverConfig(base_lr=0.1))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocRPNConfig:
+    # fine-tuned from the classification net's weights (Appendix C); its conv1..conv4_x are used
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(depth=101))
+    # start conv1..conv4_x from the classification network trained or loaded here (same
+    # depth and width), instead of backbone.weights
+    init_from_classifier: bool = False
+    anchors: AnchorConfig = field(default_factory=lambda: AnchorConfig(
+        sizes=(64.0, 128.0, 256.0, 512.0)))
+    conv_channels: int | None = None               # the 3x3 conv; null: the trunk's channels
+    iou_thresholds: tuple[float, float] = (0.3, 0.7)
+    anchors_per_image: int = 8          # "8 anchors are randomly sampled for each image"
+    positive_fraction: float = 0.5      # "positive and negative anchors have a ratio of 1:1"
+    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
+    max_iter: int = 10000
+    # "a mini-batch size of 256 images for fine-tuning"
+    solver: SolverConfig = field(default_factory=lambda: SolverConfig(
+        base_lr=0.01, ims_per_batch=256, steps=(7000,)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocRCNNConfig:
+    enabled: bool = True                            # false: RPN-only localization
+    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(depth=101))
+    init_from_classifier: bool = False              # as rpn.init_from_classifier
+    input_size: int = 224                           # proposals warped to the classifier's input
+    proposals_per_class: int = 200                  # training samples and test candidates per class
+    fg_iou_threshold: float = 0.5
+    rois_per_image: int = 4                         # RoI-centric: few RoIs from many images
+    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
+    max_iter: int = 10000
+    # solver.ims_per_batch images x rois_per_image RoIs; the paper's mini-batch is 256 RoIs
+    solver: SolverConfig = field(default_factory=lambda: SolverConfig(
+        base_lr=0.01, ims_per_batch=64, steps=(7000,)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocTestConfig:
+    # shorter sides of the dense (fully convolutional) test; several: multi-scale (Table 13)
+    scales: tuple[int, ...] = (256,)
+    max_size: int | None = None
+    topk_classes: int = 5
+    pre_nms_topk: int = 6000
+    nms_threshold: float | None = 0.7               # per-class NMS of the proposals; null: none
+    ims_per_batch: int = 8                          # per process
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalizationConfig:
+    classifier: LocClassifierConfig = field(default_factory=LocClassifierConfig)
+    rpn: LocRPNConfig = field(default_factory=LocRPNConfig)
+    rcnn: LocRCNNConfig = field(default_factory=LocRCNNConfig)
+    data: LocDataConfig = field(default_factory=LocDataConfig)
+    test: LocTestConfig = field(default_factory=LocTestConfig)
+    train: RunConfig = field(default_factory=lambda: RunConfig(output_dir="output/loc"))
+    pixel_mean: tuple[float, float, float] = IMAGENET_PIXEL_MEAN   # RGB, 0..255
+    pixel_std: tuple[float, float, float] = IMAGENET_PIXEL_STD

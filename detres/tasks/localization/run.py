@@ -1,0 +1,158 @@
+"""Localization runs (He et al. 2015, Appendix C). ``train(cfg)`` trains the three networks in
+turn, each an ordinary training run in its own sub-folder of ``train.output_dir``:
+
+1. ``classifier/``: the classification network (skipped when ``classifier.weights`` is given);
+2. ``rpn/``: the per-class RPN on random crops, a few anchors sampled per image;
+3. ``rcnn/``: the R-CNN refiner on the RPN's top proposals for each training image's classes
+   (``rcnn/proposals.pth``), RoI-centric (skipped when ``rcnn.enabled`` is false);
+
+then writes ``model_final.pth`` (all three) and evaluates. With ``resume`` finished stages are
+loaded from their ``model_final.pth`` and an interrupted one continues from its last
+checkpoint. ``evaluate(cfg, weights)`` scores a trained localizer. Both write
+``eval/metrics.json`` ({"RPN": {...}, "RPN+R-CNN": {...}}, percent) and
+``eval/predictions.json``.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from detres.config import ConfigError, to_dict
+from detres.data import loc_batches
+from detres.data.classification import InfiniteBatchSampler
+from detres.engine import distributed as du
+from detres.engine.checkpoint import atomic_save, load_task_weights
+from detres.engine.launch import setup_run
+from detres.engine.loop import Trainer
+from detres.evaluation.localize import LocTestSettings, evaluate_localizer, training_proposals
+from detres.models.localizer import Localizer
+from detres.tasks.common import SolverConfig, build_lr_schedule, build_optimizer
+from detres.tasks.localization.build import (TASK, build_loc_dataset, build_loc_train_transform,
+                                             build_localizer, copy_classifier_weights,
+                                             loc_test_settings, localizer_from_checkpoint)
+from detres.tasks.localization.config import LocalizationConfig
+
+
+@dataclass(frozen=True)
+class Run:
+    """What every stage of one training run shares."""
+
+    cfg: LocalizationConfig
+    output_dir: Path
+    device: torch.device
+    dist: du.DistInfo
+    resume: bool
+    meta: dict[str, Any]
+
+    def finished(self, stage: str) -> bool:
+        return self.resume and (self.output_dir / stage / "model_final.pth").is_file()
+
+    def test_loader(self, dataset: Any):
+        return loc_batches.test_loader(dataset, self.cfg.test.ims_per_batch, self.dist.rank,
+                                       self.dist.world_size, self.cfg.train.num_workers)
+
+
+def train_stage(run: Run, name: str, module: torch.nn.Module, dataset: Any, collate: Any,
+                solver: SolverConfig, max_iter: int, positions: bool = True) -> None:
+    """Trains one network in ``output_dir/name``; with ``resume`` a finished stage is loaded
+    from its model_final.pth and an interrupted one continues from its last checkpoint."""
+    stage_dir, task = run.output_dir / name, f"{TASK}-{name}"
+    if run.finished(name):
+        load_task_weights(module, stage_dir / "model_final.pth", task)
+        return
+    if solver.ims_per_batch % run.dist.world_size:
+        raise ConfigError(f"{name}.solver.ims_per_batch={solver.ims_per_batch} is not "
+                          f"divisible by the {run.dist.world_size} processes")
+    cfg = run.cfg
+    sampler = InfiniteBatchSampler(len(dataset), solver.ims_per_batch, seed=cfg.train.seed,
+                                   rank=run.dist.rank, world_size=run.dist.world_size)
+    loader = loc_batches.train_loader(dataset, collate, sampler, cfg.train.num_workers,
+                                      run.device.type == "cuda", positions)
+    module.train()
+    trainer = Trainer(module, build_optimizer(solver, module), build_lr_schedule(solver), loader,
+                      max_iter=max_iter, device=run.device, output_dir=stage_dir,
+                      sampler=sampler, task=task, meta=run.meta, amp=cfg.train.amp,
+                      clip_grad_norm=solver.clip_grad_norm,
+                      checkpoint_period=cfg.train.checkpoint_period,
+                      log_period=cfg.train.log_period)
+    if run.resume:
+        trainer.resume()
+    trainer.run()
+    trainer.close()
+
+
+def evaluate(cfg: LocalizationConfig | None, weights: str,
+             overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Scores the localizer of checkpoint ``weights`` (rebuilt from the config stored in it)
+    on ``data.val`` with ``test``'s settings, both from ``cfg``, or when ``cfg`` is None from
+    the stored config with ``overrides`` (e.g. ``test.scales=[224,288]``)."""
+    model, stored, meta = localizer_from_checkpoint(weights, overrides)
+    cfg = cfg or stored
+    device, dist, output_dir, _ = setup_run(cfg, write_config=False)
+    val_set = build_loc_dataset(cfg.data.val, cfg.data, key="data.val",
+                                class_names=meta["class_names"])
+    run = Run(cfg, output_dir, device, dist, False, meta)
+    return evaluate_localizer(model.to(device), run.test_loader(val_set), val_set,
+                              loc_test_settings(cfg), device, output_dir)
+
+
+def train(cfg: LocalizationConfig, resume: bool = False) -> dict[str, Any]:
+    """Trains the three stages, saves ``model_final.pth`` and evaluates; returns the metrics
+    per method."""
+    device, dist, output_dir, logger = setup_run(cfg, write_config=True)
+    settings = loc_test_settings(cfg)
+    # indexed once; the stages see it through their own transforms
+    train_images = build_loc_dataset(cfg.data.train, cfg.data, key="data.train")
+    names = list(train_images.class_names)
+    train_set = train_images.with_transform(build_loc_train_transform(cfg.data))
+    val_set = build_loc_dataset(cfg.data.val, cfg.data, key="data.val", class_names=names)
+    model = build_localizer(cfg, len(names)).to(device)
+    logger.info(f"{len(train_set)} training and {len(val_set)} test images, {len(names)} "
+                f"classes; R-CNN {'on' if model.rcnn is not None else 'off'}")
+    run = Run(cfg, output_dir, device, dist, resume, {"config": to_dict(cfg), "class_names": names})
+
+    if not cfg.classifier.weights:
+        cls_set = train_images.with_transform(build_loc_train_transform(
+            cfg.data, cfg.classifier.scale_range, cfg.classifier.crop_size))
+        train_stage(run, "classifier", model.classifier, cls_set, loc_batches.collate_classifier,
+                    cfg.classifier.solver, cfg.classifier.max_iter)
+    if cfg.rpn.init_from_classifier and not run.finished("rpn"):
+        copy_classifier_weights(model.classifier, model.rpn.trunk, "rpn")
+    train_stage(run, "rpn", model.rpn, train_set, loc_batches.collate_rpn, cfg.rpn.solver,
+                cfg.rpn.max_iter)
+    if model.rcnn is not None:
+        if cfg.rcnn.init_from_classifier and not run.finished("rcnn"):
+            copy_classifier_weights(model.classifier, model.rcnn.net, "rcnn")
+        proposals = _training_proposals(run, model, train_images, settings)
+        samples = loc_batches.RCNNSamples(train_images, proposals, cfg.rcnn.rois_per_image,
+                                          cfg.data.flip_prob)
+        train_stage(run, "rcnn", model.rcnn, samples, loc_batches.collate_rcnn, cfg.rcnn.solver,
+                    cfg.rcnn.max_iter, positions=False)
+
+    if dist.is_main:
+        atomic_save({"model": model.state_dict(), "task": TASK, **run.meta},
+                    output_dir / "model_final.pth")
+        logger.info(f"saved {output_dir / 'model_final.pth'}")
+    metrics = evaluate_localizer(model, run.test_loader(val_set), val_set, settings, device,
+                                 output_dir)
+    for dataset in (train_set, val_set):
+        dataset.report_skipped_images()
+    return metrics
+
+
+def _training_proposals(run: Run, model: Localizer, dataset: Any, settings: LocTestSettings
+                        ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The RPN's proposals on the training images, cached in rcnn/proposals.pth."""
+    path = run.output_dir / "rcnn" / "proposals.pth"
+    if run.resume and path.is_file():
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+        return {int(k): (v[0], v[1]) for k, v in stored.items()}
+    proposals = training_proposals(model.rpn, run.test_loader(dataset), dataset, settings,
+                                   run.device)
+    if run.dist.is_main:
+        atomic_save({k: list(v) for k, v in proposals.items()}, path)
+    return proposals

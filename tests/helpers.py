@@ -1,0 +1,102 @@
+"""Helpers shared by several test files (imported as ``helpers``; pytest puts tests/ on the
+path). Test files import from here, never from each other."""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN as TVFasterRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead as TVRPNHead
+from torchvision.ops import MultiScaleRoIAlign
+
+from detres.config import replace as replace_config
+from detres.models.faster_rcnn import FasterRCNN
+from detres.tasks.common import BackboneConfig
+from detres.tasks.detection.build import build_detector
+from detres.tasks.detection.config import (AnchorConfig, DetModelConfig, RoIHeadConfig,
+                                           RPNConfig)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The narrow test detector: ResNet-18 at width 8, frozen BN, few proposals and RoIs.
+NARROW_DETECTOR = DetModelConfig(
+    backbone=BackboneConfig(depth=18, width=8, norm="frozen_bn", freeze_at=2),
+    anchors=AnchorConfig(sizes=(32.0, 64.0, 128.0)),
+    rpn=RPNConfig(pre_nms_topk_train=500, pre_nms_topk_test=300, proposals_train=100,
+                  proposals_test=50),
+    roi_head=RoIHeadConfig(batch_size_per_image=64))
+
+
+def narrow_detector(*overrides: str, num_classes: int = 3, seed: int | None = 0,
+                    base: DetModelConfig = NARROW_DETECTOR) -> FasterRCNN:
+    """The detector the tools build (``build_detector``) from ``base`` with ``model.``-relative
+    ``key=value`` overrides (e.g. ``"roi_head.roi_op=align"``); seeded when ``seed`` is set."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    return build_detector(replace_config(base, list(overrides)), num_classes)
+
+
+def load_tool(name: str) -> ModuleType:
+    """``tools/<name>.py`` as a module (its ``main(argv)`` is what the command line runs)."""
+    key = f"detres_tool_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "tools" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[key] = module
+    return sys.modules[key]
+
+
+def torchvision_twin(model: FasterRCNN, image_size: tuple[int, int]) -> TVFasterRCNN:
+    """torchvision's FasterRCNN with ``model``'s weights (deep copies) and settings: the oracle
+    of the detector tests (and the baseline of benchmarks/detector_speed.py).
+
+    ``model`` must use RoIAlign with aligned=False (MultiScaleRoIAlign's only mode). Inputs are
+    RGB 0..255 batches of ``image_size``; torchvision's resize is disabled.
+    """
+    rpn, head = model.rpn, model.roi_head
+    if head.roi_op != "align" or head.aligned:
+        raise ValueError("torchvision's MultiScaleRoIAlign is roi_op='align' with aligned=False")
+    num_classes, anchors = head.num_classes, rpn.anchor_generator
+    trunk = copy.deepcopy(model.trunk)
+    trunk.out_channels = rpn.head.conv.in_channels
+    rpn_head = TVRPNHead(rpn.head.conv.in_channels, anchors.num_anchors)
+    rpn_head.load_state_dict({"conv.0.0." + k[len("conv."):] if k.startswith("conv.") else k: v
+                              for k, v in rpn.head.state_dict().items()})
+    d = head.cls_score.in_features
+    predictor = FastRCNNPredictor(d, num_classes + 1)
+    w, b = head.cls_score.weight.detach(), head.cls_score.bias.detach()
+    with torch.no_grad():  # torchvision's background is class 0 and has (unused) deltas
+        predictor.cls_score.weight.copy_(torch.cat((w[num_classes:], w[:num_classes])))
+        predictor.cls_score.bias.copy_(torch.cat((b[num_classes:], b[:num_classes])))
+        predictor.bbox_pred.weight.copy_(torch.cat((torch.zeros_like(w[:4]),
+                                                    head.bbox_pred.weight)))
+        predictor.bbox_pred.bias.copy_(torch.cat((torch.zeros_like(b[:4]), head.bbox_pred.bias)))
+    box_head = nn.Sequential(copy.deepcopy(head.res5), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    tv = TVFasterRCNN(
+        trunk, num_classes=None, min_size=min(image_size), max_size=max(image_size),
+        image_mean=model.pixel_mean.flatten().tolist(),
+        image_std=model.pixel_std.flatten().tolist(),
+        rpn_anchor_generator=TVAnchorGenerator((anchors.sizes,), (anchors.aspect_ratios,)),
+        rpn_head=rpn_head, rpn_pre_nms_top_n_train=rpn.pre_nms_topk[True],
+        rpn_pre_nms_top_n_test=rpn.pre_nms_topk[False],
+        rpn_post_nms_top_n_train=rpn.post_nms_topk[True],
+        rpn_post_nms_top_n_test=rpn.post_nms_topk[False], rpn_nms_thresh=rpn.nms_threshold,
+        rpn_fg_iou_thresh=rpn.matcher.high_threshold, rpn_bg_iou_thresh=rpn.matcher.low_threshold,
+        rpn_batch_size_per_image=rpn.batch_size_per_image,
+        rpn_positive_fraction=rpn.positive_fraction,
+        box_roi_pool=MultiScaleRoIAlign(["0"], head.pooled_size, head.sampling_ratio),
+        box_head=box_head, box_predictor=predictor, box_score_thresh=head.score_threshold,
+        box_nms_thresh=head.nms_threshold, box_detections_per_img=head.detections_per_image,
+        box_fg_iou_thresh=head.matcher.high_threshold, box_bg_iou_thresh=head.matcher.low_threshold,
+        box_batch_size_per_image=head.batch_size_per_image,
+        box_positive_fraction=head.positive_fraction, bbox_reg_weights=head.box_weights)
+    tv.transform.resize = lambda image, target=None: (image, target)  # inputs are pre-resized
+    return tv.to(memory_format=torch.contiguous_format)
