@@ -8,9 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from detres.config import ConfigError
+from detres.config import ConfigError, load_config
 from detres.data.io import DatasetError
 from detres.engine import distributed as du
 from detres.engine.checkpoint import CheckpointError
@@ -22,11 +24,11 @@ USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FileNotFoundError,
                WeightsMismatchError, NonFiniteLossError)
 
 
-def parse_tool_args(doc: str, default_config: str, example: str,
+def parse_tool_args(doc: str, default_config: str,
                     argv: list[str] | None = None) -> argparse.Namespace:
     """``[CONFIG] [key=value ...] [--resume] [--eval-only --weights W]`` (the command-line
     contract of docs/architecture.md)."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], epilog=example,
+    parser = argparse.ArgumentParser(description=doc,   # the tool's docstring, examples included
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default=None,
                         help=f"YAML config (default: {default_config})")
@@ -57,3 +59,25 @@ def run_main(main: Callable[[], Any], extra_errors: tuple[type[Exception], ...] 
         sys.exit(1)
     finally:
         du.cleanup()
+
+
+# The default configs of the training tools: the checkout's configs/ folder.
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def task_tool_main(argv: list[str] | None = None, *, doc: str, task: ModuleType,
+                   default_config: Path, stored_config: bool = False) -> dict:
+    """The whole ``main`` of a training tool: ``[CONFIG] [key=value ...] [--resume]
+    [--eval-only --weights W]`` -> ``task.train(cfg, resume=...)`` or ``task.evaluate(cfg,
+    W)``, ``cfg`` being a ``task.Config`` read from CONFIG (default ``default_config``).
+
+    With ``stored_config`` and no CONFIG, ``--eval-only`` takes the config stored in the
+    checkpoint: ``task.evaluate(None, W, overrides)``.
+    """
+    args = parse_tool_args(doc, f"configs/{default_config.name}", argv)
+    if args.eval_only and args.config is None and stored_config:
+        return task.evaluate(None, args.weights, args.overrides)
+    cfg = load_config(args.config or default_config, args.overrides, schema=task.Config)
+    if args.eval_only:
+        return task.evaluate(cfg, args.weights)
+    return task.train(cfg, resume=args.resume)

@@ -1,4 +1,4 @@
-"""Data that flows between the parts of detres (DESIGN.md section 2).
+"""Data that flows between the parts of detres (docs/architecture.md, Carriers).
 
 Shapes: N images, M ground-truth boxes of one image, D detections of one image.
 Boxes are always (..., 4) float32 xyxy in pixels of the *resized* image; only the

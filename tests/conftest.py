@@ -1,6 +1,42 @@
 import logging
+import os
 
 import pytest
+import torch
+
+
+def _snapshot() -> tuple[dict[str, str], int]:
+    return dict(os.environ), torch.get_num_threads()
+
+
+def _restore(snapshot: tuple[dict[str, str], int]) -> None:
+    env, num_threads = snapshot
+    for key in [k for k in os.environ if k not in env]:
+        del os.environ[key]
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+    if torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_process_state_per_module():
+    """Module-scoped fixtures (e.g. a shared training run) may set environment variables or
+    torch's thread count; put both back when the module is done (autouse fixtures of a scope
+    are set up before that scope's other fixtures, so this one is torn down after them)."""
+    snapshot = _snapshot()
+    yield
+    _restore(snapshot)
+
+
+@pytest.fixture(autouse=True)
+def _restore_process_state():
+    """No test leaves environment variables or torch's intra-op thread count changed (tools
+    call torch.set_num_threads(train.num_threads); some tests set DETRES_* variables)."""
+    snapshot = _snapshot()
+    yield
+    _restore(snapshot)
 
 
 @pytest.fixture(autouse=True)
@@ -14,3 +50,12 @@ def _reset_detres_logger():
         handler.close()
     logger.propagate = True
     logger.setLevel(logging.NOTSET)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny ops on a shared 2-core machine: a second OpenMP thread only adds waiting."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 from torchvision.models.detection import FasterRCNN as TVFasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
@@ -17,7 +20,9 @@ from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
 from detres.config import replace as replace_config
+from detres.models.classifier import Classifier
 from detres.models.faster_rcnn import FasterRCNN
+from detres.models.resnet import ResNet
 from detres.tasks.common import BackboneConfig
 from detres.tasks.detection.build import build_detector
 from detres.tasks.detection.config import (AnchorConfig, DetModelConfig, RoIHeadConfig,
@@ -52,6 +57,13 @@ def load_tool(name: str) -> ModuleType:
         spec.loader.exec_module(module)
         sys.modules[key] = module
     return sys.modules[key]
+
+
+def run_tool_script(name: str, *args: str, timeout: float = 120
+                    ) -> subprocess.CompletedProcess:
+    """``python tools/<name>.py ARGS...`` in a subprocess, as a user runs it."""
+    return subprocess.run([sys.executable, str(ROOT / "tools" / f"{name}.py"), *args],
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def torchvision_twin(model: FasterRCNN, image_size: tuple[int, int]) -> TVFasterRCNN:
@@ -100,3 +112,49 @@ def torchvision_twin(model: FasterRCNN, image_size: tuple[int, int]) -> TVFaster
         box_positive_fraction=head.positive_fraction, bbox_reg_weights=head.box_weights)
     tv.transform.resize = lambda image, target=None: (image, target)  # inputs are pre-resized
     return tv.to(memory_format=torch.contiguous_format)
+
+
+def perturbed_results(gt: dict, seed: int = 0) -> list[dict]:
+    """Jittered copies of ~85% of the boxes (crowd regions too), false positives, random scores."""
+    rng = np.random.default_rng(seed)
+    cat_ids = [c["id"] for c in gt["categories"]]
+    results = []
+    for ann in gt["annotations"]:
+        if rng.random() < 0.15:
+            continue
+        x, y, w, h = ann["bbox"]
+        dx, dy, dw, dh = rng.normal(0, 0.12, 4) * [w, h, w, h]
+        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
+                        "bbox": [x + dx, y + dy, max(w + dw, 1.0), max(h + dh, 1.0)],
+                        "score": float(rng.random())})
+    for img in gt["images"]:
+        for _ in range(3):
+            w, h = rng.uniform(5, 200, 2)
+            results.append({"image_id": img["id"], "category_id": int(rng.choice(cat_ids)),
+                            "bbox": [float(rng.uniform(0, img["width"] - w)),
+                                     float(rng.uniform(0, img["height"] - h)), float(w), float(h)],
+                            "score": float(rng.random())})
+    return results
+
+
+class TinyData(Dataset):
+    """3 classes told apart by mean brightness; the seed drives a flip (an augmentation)."""
+
+    def __init__(self, n: int = 48, size: int = 8) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.labels = torch.arange(n) % 3
+        noise = torch.randint(0, 60, (n, 3, size, size), generator=g)
+        self.images = (noise + 80 * self.labels.view(-1, 1, 1, 1)).to(torch.uint8)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, item):
+        index, seed = item
+        image = self.images[index]
+        return (image.flip(-1) if seed % 2 else image), int(self.labels[index])
+
+
+def tiny_model(norm: str = "bn") -> Classifier:
+    net = ResNet(8, stem="cifar", num_classes=3, width=4, norm=norm, gn_groups=2)
+    return Classifier(net, (100.0, 100.0, 100.0), (60.0, 60.0, 60.0))

@@ -1,5 +1,6 @@
 """Classification data: ImageFolder and its bad inputs, CIFAR-10 batches, the paper's
-augmentation recipes, 10-crop, the resumable sharded sampler, the built-in set."""
+augmentation recipes, 10-crop, the loader's sampler seeds, the built-in set."""
+import itertools
 import pickle
 
 import numpy as np
@@ -8,10 +9,10 @@ import torch
 from PIL import Image
 
 from detres.data import builtin_cls
-from detres.data.classification import (Cifar10, DatasetNotFoundError, ImageFolder,
-                                        InfiniteBatchSampler, ShardSampler, build_cls_transform,
-                                        ten_crop)
+from detres.data.classification import (Cifar10, ClassificationDataset, DatasetNotFoundError,
+                                        ImageFolder, build_cls_transform, make_loader, ten_crop)
 from detres.data.io import DatasetError, ImageDecodeError
+from detres.data.samplers import InferenceSampler, TrainingSampler
 
 
 def write_folder(root, classes=("a", "b"), per_class=3, size=(12, 10)):
@@ -138,22 +139,31 @@ def test_ten_crop_corners_centre_and_flips():
     np.testing.assert_array_equal(crops[5], [[1, 0], [5, 4]])       # top-left, flipped
 
 
-def test_sampler_shards_global_batches_and_resumes():
-    def take(sampler, n):
-        it = iter(sampler)
-        return [next(it) for _ in range(n)]
+class Textured(ClassificationDataset):
+    """10 random 8x8 images (so crops and flips show), label = index."""
 
-    single = take(InfiniteBatchSampler(10, 4, seed=3), 6)
-    ranks = [take(InfiniteBatchSampler(10, 4, seed=3, rank=r, world_size=2), 6) for r in (0, 1)]
-    assert [a + b for a, b in zip(*ranks)] == single
-    first_epoch = [i for batch in single[:2] for i, _ in batch] + [i for i, _ in single[2][:2]]
-    assert sorted(first_epoch) == list(range(10))                    # each sample once per epoch
-    resumed = InfiniteBatchSampler(10, 4, seed=3)
-    resumed.load_state_dict({"next_batch": 4})
-    assert take(resumed, 2) == single[4:6]
-    with pytest.raises(ValueError, match="divisible"):
-        InfiniteBatchSampler(10, 5, world_size=2)
-    assert list(ShardSampler(5, rank=1, world_size=2)) == [1, 3]
+    class_names = [str(i) for i in range(10)]
+    labels = np.arange(10)
+
+    def read(self, i: int) -> tuple[np.ndarray, int]:
+        return np.random.default_rng(i).integers(0, 255, (8, 8, 3), dtype=np.uint8), i
+
+
+def test_loader_feeds_sampler_seeds_to_the_augmentation():
+    """Items are ``(index, seed)``: a sample's crop and flip follow its stream position, so
+    every rank count and every resume sees the same images."""
+    data = Textured(build_cls_transform("cifar", True, 8))
+    sampler = TrainingSampler(len(data), 4, seed=3)
+    loader = make_loader(data, batch_sampler=sampler)
+    first = [images for images, _ in itertools.islice(iter(loader), 3)]
+    sampler.load_state_dict({"next_batch": 2})
+    again = next(iter(make_loader(data, batch_sampler=sampler)))[0]
+    assert torch.equal(again, first[2])
+    halves = [next(iter(make_loader(data, batch_sampler=TrainingSampler(
+        len(data), 4, seed=3, rank=r, world_size=2))))[0] for r in range(2)]
+    assert torch.equal(torch.cat(halves), first[0])
+    test = make_loader(data, sampler=InferenceSampler(len(data), 1, 2), batch_size=2)
+    assert torch.cat([labels for _, labels in test]).tolist() == data.labels[5:].tolist()
 
 
 def test_builtin_set_is_deterministic_and_atomic(tmp_path, monkeypatch):

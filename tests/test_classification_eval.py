@@ -48,3 +48,27 @@ def test_evaluate_classifier_single_and_ten_crop():
     crops[0, 4:, 1, 0, 0] = 1.0                                      # 6 crops lean to class 1
     result = evaluate_classifier(FixedLogits(), [(crops, torch.tensor([0]))])
     assert result["top1_err"] == 0.0                                 # softmax mean favours 0
+
+
+class FailsOnSecondBatch(FixedLogits):
+    """Records the mode it runs in; raises on its second call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls, self.modes = 0, []
+
+    def forward(self, images):
+        self.calls += 1
+        self.modes.append((self.training, torch.is_grad_enabled()))
+        if self.calls == 2:
+            raise RuntimeError("boom")
+        return super().forward(images)
+
+
+def test_evaluate_classifier_restores_train_mode_when_the_model_raises():
+    model = FailsOnSecondBatch().train()
+    batch = (torch.zeros(1, 3, 4, 4), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match="boom"):
+        evaluate_classifier(model, [batch, batch, batch])
+    assert model.training and model.calls == 2
+    assert model.modes == [(False, False)] * 2                       # eval mode, no autograd

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import perturbed_results
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -26,29 +27,6 @@ needs_coco128 = pytest.mark.skipif(not COCO128.is_file(), reason=f"coco128 not f
 def coco128() -> dict:
     with open(COCO128) as f:
         return json.load(f)
-
-
-def perturbed_results(gt: dict, seed: int = 0) -> list[dict]:
-    """Jittered copies of ~85% of the boxes (crowd regions too), false positives, random scores."""
-    rng = np.random.default_rng(seed)
-    cat_ids = [c["id"] for c in gt["categories"]]
-    results = []
-    for ann in gt["annotations"]:
-        if rng.random() < 0.15:
-            continue
-        x, y, w, h = ann["bbox"]
-        dx, dy, dw, dh = rng.normal(0, 0.12, 4) * [w, h, w, h]
-        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
-                        "bbox": [x + dx, y + dy, max(w + dw, 1.0), max(h + dh, 1.0)],
-                        "score": float(rng.random())})
-    for img in gt["images"]:
-        for _ in range(3):
-            w, h = rng.uniform(5, 200, 2)
-            results.append({"image_id": img["id"], "category_id": int(rng.choice(cat_ids)),
-                            "bbox": [float(rng.uniform(0, img["width"] - w)),
-                                     float(rng.uniform(0, img["height"] - h)), float(w), float(h)],
-                            "score": float(rng.random())})
-    return results
 
 
 def pycocotools_direct(gt: dict, results: list[dict]) -> tuple[np.ndarray, np.ndarray]:

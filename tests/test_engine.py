@@ -8,53 +8,24 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
-from detres.data.classification import InfiniteBatchSampler, make_loader
+from helpers import TinyData, tiny_model
+
+from detres.data.classification import make_loader
+from detres.data.samplers import TrainingSampler
 from detres.engine import NonFiniteLossError, Trainer, WarmupMultiStepSchedule
 from detres.engine.logging import read_metrics
 from detres.engine.loop import losses_of, recompute_bn_stats
-from detres.models.classifier import Classifier
-from detres.models.resnet import ResNet
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops on a shared 2-core machine: a second OpenMP thread only adds waiting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class TinyData(Dataset):
-    """3 classes told apart by mean brightness; the seed drives a flip (an augmentation)."""
-
-    def __init__(self, n: int = 48, size: int = 8) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.labels = torch.arange(n) % 3
-        noise = torch.randint(0, 60, (n, 3, size, size), generator=g)
-        self.images = (noise + 80 * self.labels.view(-1, 1, 1, 1)).to(torch.uint8)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, item):
-        index, seed = item
-        image = self.images[index]
-        return (image.flip(-1) if seed % 2 else image), int(self.labels[index])
-
-
-def tiny_model(norm: str = "bn") -> Classifier:
-    net = ResNet(8, stem="cifar", num_classes=3, width=4, norm=norm, gn_groups=2)
-    return Classifier(net, (100.0, 100.0, 100.0), (60.0, 60.0, 60.0))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_trainer(output_dir, max_iter, data_wrapper=None, model=None, **kwargs) -> Trainer:
     torch.manual_seed(0)
     model = model or tiny_model()
     data = TinyData()
-    sampler = InfiniteBatchSampler(len(data), 8, seed=0)
+    sampler = TrainingSampler(len(data), 8, seed=0)
     loader = make_loader(data, batch_sampler=sampler)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     schedule = WarmupMultiStepSchedule(steps=(6,), warmup_iters=3, warmup_factor=0.1)
@@ -171,7 +142,7 @@ def test_gradient_clipping_bounds_the_first_update(tmp_path):
     model = tiny_model()
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    loader = make_loader(TinyData(), batch_sampler=InfiniteBatchSampler(48, 8))
+    loader = make_loader(TinyData(), batch_sampler=TrainingSampler(48, 8))
     trainer = Trainer(model, optimizer, WarmupMultiStepSchedule(), loader, max_iter=1,
                       clip_grad_norm=1e-3, progress=False)
     trainer.run()
@@ -197,3 +168,87 @@ def test_metrics_file_is_json_lines(tmp_path):
     trainer.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert all(math.isfinite(json.loads(ln)["loss"]) for ln in lines)
+
+
+# ----------------------------------------------------------------------------- fp16 grad scaler
+def cpu_grad_scaler(init_scale: float) -> "torch.amp.GradScaler":
+    """Trainer enables its scaler on CUDA only (amp=fp16); the same branch runs on a CPU when the
+    trainer is given an enabled CPU scaler (torch >= 2.3)."""
+    try:
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    except (AttributeError, RuntimeError, TypeError, ValueError) as e:
+        pytest.skip(f"this torch ({torch.__version__}) has no CPU GradScaler: {e}")
+    if not scaler.is_enabled():
+        pytest.skip(f"this torch ({torch.__version__}) disables GradScaler on the CPU")
+    return scaler
+
+
+class InfGradAt(nn.Module):
+    """A tiny classifier whose fc bias gets an infinite gradient while the loss stays finite
+    (an fp16 overflow in the backward pass)."""
+
+    class _InfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.shape = x.shape
+            return x.sum() * 0.0
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.full(ctx.shape, float("inf"))
+
+    def __init__(self):
+        super().__init__()
+        self.inner = tiny_model()
+
+    def forward(self, images, labels):
+        out = self.inner(images, labels)
+        bias = self.inner.net.fc.bias
+        out.losses["loss_cls"] = out.losses["loss_cls"] + self._InfGrad.apply(bias)
+        return out
+
+
+def scaler_trainer(model, clip_grad_norm):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    loader = make_loader(TinyData(), batch_sampler=TrainingSampler(48, 8))
+    trainer = Trainer(model, optimizer, WarmupMultiStepSchedule(), loader, max_iter=1,
+                      clip_grad_norm=clip_grad_norm, progress=False)
+    assert not trainer.scaler.is_enabled()      # amp="none" on a CPU: float32, no scaling
+    return trainer, next(iter(loader))
+
+
+def test_grad_scaler_unscales_before_clipping():
+    scaler = cpu_grad_scaler(init_scale=2.0**16)
+    torch.manual_seed(0)
+    model = tiny_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer, batch = scaler_trainer(model, clip_grad_norm=1e-3)
+    trainer.scaler = scaler
+    trainer.step(batch)
+    grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    # clipped in true units: had the scaled gradients been clipped, the step would divide them
+    # by 2**16 again and move the weights by ~1.5e-8 instead of the bound
+    assert grads.norm().item() <= 1e-3 * (1 + 1e-4)
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+    assert moved.norm().item() == pytest.approx(1e-3, rel=1e-3)
+    assert scaler.get_scale() == 2.0**16        # finite gradients: no backoff
+    assert trainer.state_dict()["scaler"]["scale"] == 2.0**16
+
+
+@pytest.mark.parametrize("clip_grad_norm", [None, 1.0])
+def test_grad_scaler_skips_the_update_on_an_inf_gradient(clip_grad_norm):
+    scaler = cpu_grad_scaler(init_scale=1024.0)
+    torch.manual_seed(0)
+    model = InfGradAt()
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    trainer, batch = scaler_trainer(model, clip_grad_norm=clip_grad_norm)
+    trainer.scaler = scaler
+    losses, _ = trainer.step(batch)
+    assert math.isfinite(losses["loss"])          # the loss is finite, only a gradient is not
+    assert math.isinf(model.inner.net.fc.bias.grad[0].item()) or clip_grad_norm is not None
+    for name, value in model.named_parameters():   # (BN running stats move in any forward)
+        assert torch.equal(value, before[name]), name
+    assert not trainer.optimizer.state or all(    # no step: no momentum buffers either
+        s.get("momentum_buffer") is None for s in trainer.optimizer.state.values())
+    assert scaler.get_scale() == 512.0             # backoff factor 0.5
+    assert trainer.iteration == 1                  # the iteration counts; the update was skipped

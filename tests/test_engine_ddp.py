@@ -14,21 +14,23 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import TinyData, tiny_model
 
-from detres.data.classification import InfiniteBatchSampler, make_loader
+from detres.data.classification import make_loader
+from detres.data.samplers import TrainingSampler
 from detres.engine import Trainer, WarmupMultiStepSchedule
 from detres.engine.logging import read_metrics
-from test_engine import TinyData, one_thread, tiny_model  # noqa: F401 (fixture)
 
 MAX_ITER, GLOBAL_BATCH = 6, 8
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(output_dir, rank: int = 0, world_size: int = 1) -> list[float]:
     torch.manual_seed(0)
     model = tiny_model(norm="gn")
     data = TinyData()
-    sampler = InfiniteBatchSampler(len(data), GLOBAL_BATCH, seed=0, rank=rank,
-                                   world_size=world_size)
+    sampler = TrainingSampler(len(data), GLOBAL_BATCH, seed=0, rank=rank,
+                              world_size=world_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     trainer = Trainer(model, optimizer, WarmupMultiStepSchedule(), make_loader(
         data, batch_sampler=sampler), max_iter=MAX_ITER, output_dir=output_dir, sampler=sampler,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from helpers import load_tool
+from helpers import load_tool, perturbed_results
 
 ROOT = Path(__file__).resolve().parents[1]
 eval_det = load_tool("eval_det")
@@ -25,23 +25,7 @@ STATS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs
 
 
 def write_perturbed_results(gt_path: Path, out: Path, seed: int = 1) -> None:
-    """Jittered copies of ~80% of the boxes, 2 false positives per image, random scores."""
-    gt = json.loads(gt_path.read_text())
-    rng = np.random.default_rng(seed)
-    results = []
-    for ann in gt["annotations"]:
-        if rng.random() < 0.2:
-            continue
-        x, y, w, h = ann["bbox"]
-        dx, dy, dw, dh = rng.normal(0, 0.1, 4) * [w, h, w, h]
-        results.append({"image_id": ann["image_id"], "category_id": ann["category_id"],
-                        "bbox": [x + dx, y + dy, max(w + dw, 1.0), max(h + dh, 1.0)],
-                        "score": float(rng.random())})
-    for img in gt["images"]:
-        for _ in range(2):
-            results.append({"image_id": img["id"], "category_id": int(rng.choice([1, 3, 44, 62])),
-                            "bbox": [float(v) for v in rng.uniform(0, 200, 4)], "score": float(rng.random())})
-    out.write_text(json.dumps(results))
+    out.write_text(json.dumps(perturbed_results(json.loads(gt_path.read_text()), seed)))
 
 
 @pytest.mark.skipif(not COCO128.is_file(), reason=f"coco128 not found at {COCO128}")

@@ -1,4 +1,5 @@
-"""Batching: aspect grouping, distributed shards, exact resume, collate, workers."""
+"""Detection batching: aspect grouping, loader shards and resume, collate, workers (the
+sampler itself: test_samplers.py)."""
 from __future__ import annotations
 
 import itertools
@@ -7,60 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+from detres.config import ConfigError
 from detres.data.builtin import ensure_builtin_shapes, shapes_split
 from detres.data.coco import COCODetection
-from detres.data.loader import (DetectionBatch, InferenceSampler, TrainingBatchSampler,
-                                aspect_group_ids, build_detection_loader, collate_detection)
+from detres.data.loader import (DetectionBatch, aspect_group_ids, build_detection_loader,
+                                collate_detection)
+from detres.data.samplers import TrainingSampler
 from detres.data.transforms import train_transform
 from detres.structures import ImageBatch, Targets
-
-N = 37
-GROUPS = np.random.default_rng(0).integers(0, 2, N)
-
-
-def _take(sampler, n: int) -> list[list[int]]:
-    return list(itertools.islice(iter(sampler), n))
-
 
 def test_aspect_group_ids():
     sizes = np.array([[480, 640], [640, 480], [500, 500]])  # (h, w)
     assert aspect_group_ids(sizes).tolist() == [0, 1, 0]
-
-
-def test_batches_never_mix_groups_and_cover_each_epoch():
-    s = TrainingBatchSampler(N, 4, group_ids=GROUPS, seed=5)
-    batches = _take(s, 40)
-    assert all(len(b) == 4 and len(set(GROUPS[b])) == 1 for b in batches)
-    first = [i for b in batches[:8] for i in b]
-    assert len(set(first)) == len(first)  # no repeats before the first epoch is used up
-    assert _take(TrainingBatchSampler(N, 4, group_ids=GROUPS, seed=5), 40) == batches
-    assert _take(TrainingBatchSampler(N, 4, group_ids=GROUPS, seed=6), 40) != batches
-
-
-@pytest.mark.parametrize("start", [0, 1, 9, 10, 23, 57])
-def test_start_iter_resumes_the_same_stream(start):
-    full = _take(TrainingBatchSampler(N, 3, group_ids=GROUPS, seed=1, rank=1, world_size=2), 80)
-    resumed = TrainingBatchSampler(N, 3, group_ids=GROUPS, seed=1, rank=1, world_size=2,
-                                   start_iter=start)
-    assert _take(resumed, 80 - start) == full[start:]
-
-
-def test_ranks_take_disjoint_shards_of_each_epoch():
-    world = 3
-    per_rank = [TrainingBatchSampler(N, 1, shuffle=True, seed=2, rank=r, world_size=world)
-                for r in range(world)]
-    epoch0 = [set(s.epoch_indices(0).tolist()) for s in per_rank]
-    assert set.union(*epoch0) == set(range(N)) and sum(map(len, epoch0)) == N
-    assert per_rank[0].epoch_indices(0).tolist() != per_rank[0].epoch_indices(1).tolist()
-
-
-def test_one_epoch_finite_and_inference_sampler():
-    s = TrainingBatchSampler(N, 4, group_ids=GROUPS, seed=0, epochs=1)
-    batches = list(s)
-    assert sorted(i for b in batches for i in b) == list(range(N)) and len(s) == len(batches)
-    assert len(TrainingBatchSampler(N, 4, group_ids=GROUPS, epochs=1, drop_last=True)) == 8
-    shards = [list(InferenceSampler(10, r, 3)) for r in range(3)]
-    assert shards == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
 
 
 def test_collate_pads_to_multiple_of_32():
@@ -113,7 +72,7 @@ def test_loader_with_workers_is_deterministic(shapes):
 
 def test_eval_loader_keeps_order_and_shards(shapes):
     ids = [[t.image_id for _, ts in build_detection_loader(
-        shapes, 3, infinite=False, shuffle=False, rank=r, world_size=2) for t in ts]
+        shapes, 3, training=False, rank=r, world_size=2) for t in ts]
         for r in range(2)]
     assert ids[0] + ids[1] == shapes.image_ids.tolist()
 
@@ -127,9 +86,17 @@ def test_loader_pins_float32_batches(shapes):
     assert targets[0].boxes.is_pinned()
 
 
-def test_load_state_dict_moves_the_next_iterator():
-    full = _take(TrainingBatchSampler(N, 3, group_ids=GROUPS, seed=1), 30)
-    s = TrainingBatchSampler(N, 3, group_ids=GROUPS, seed=1)
-    s.load_state_dict({"next_batch": 12})
-    assert s.state_dict() == {"next_batch": 12}
-    assert _take(s, 18) == full[12:]
+def test_train_loader_resumes_and_splits_global_batches(shapes):
+    def ids(loader, n: int) -> list[list[int]]:
+        return [[t.image_id for t in ts] for _, ts in itertools.islice(iter(loader), n)]
+
+    full = ids(build_detection_loader(shapes, 4, seed=3), 6)
+    ranks = [ids(build_detection_loader(shapes, 4, seed=3, rank=r, world_size=2), 6)
+             for r in range(2)]
+    assert [a + b for a, b in zip(*ranks)] == full          # the same global batches
+    resumed = build_detection_loader(shapes, 4, seed=3)
+    assert isinstance(resumed.batch_sampler, TrainingSampler)
+    resumed.batch_sampler.load_state_dict({"next_batch": 4})   # what Trainer.resume does
+    assert ids(resumed, 2) == full[4:6]
+    with pytest.raises(ConfigError, match="solver.ims_per_batch=4 is not divisible by the 3"):
+        build_detection_loader(shapes, 4, rank=0, world_size=3, batch_key="solver.ims_per_batch")

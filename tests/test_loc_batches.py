@@ -2,12 +2,15 @@
 image and boxes flipped together."""
 from __future__ import annotations
 
+import itertools
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from detres.data.loc_batches import RCNNSamples, collate_rcnn
+from detres.data import loc_batches
+from detres.data.loc_batches import RCNNSamples, collate_list, collate_rcnn
+from detres.data.samplers import TrainingSampler
 
 
 class OneImage:
@@ -45,3 +48,25 @@ def test_flip_mirrors_image_rois_and_ground_truth_together():
     torch.testing.assert_close(flipped[3].boxes, torch.tensor([[18.0, 3.0, 28.0, 15.0]]))
     images, rois, classes, targets = collate_rcnn([flipped, plain])
     assert images.tensor.shape == (2, 3, 32, 32) and len(rois) == 2 and len(targets) == 2
+
+
+class Numbers:
+    """Sample i is a namespace holding ``index = i`` (the test loader's untransformed samples)."""
+
+    def __len__(self) -> int:
+        return 7
+
+    def __getitem__(self, i: int) -> SimpleNamespace:
+        return SimpleNamespace(index=i)
+
+
+def test_loaders_read_the_shared_samplers():
+    sampler = TrainingSampler(7, 4, seed=2, rank=1, world_size=2)
+    loader = loc_batches.train_loader(Numbers(), collate_list, sampler, 0)
+    batches = itertools.islice(iter(loader), 3)
+    got = [[s.index for s in batch] for batch in batches]      # seeds dropped for the dataset
+    expected = [[i for i, _ in b] for b in itertools.islice(iter(sampler), 3)]
+    assert got == expected
+    shards = [[s.index for batch in loc_batches.test_loader(Numbers(), 2, r, 2, 0) for s in batch]
+              for r in range(2)]
+    assert shards == [[0, 1, 2, 3], [4, 5, 6]]                 # contiguous, ordered, no repeats

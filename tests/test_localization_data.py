@@ -14,8 +14,8 @@ from detres.data.builtin_loc import (LOC_CLASSES, builtin_loc_split, ensure_buil
 from detres.data.classification import DatasetNotFoundError
 from detres.data.io import DatasetError
 from detres.data.loc_batches import collate_classifier, collate_rpn
-from detres.data.localization import (LocalizationDataset, LocTestTransform, LocTrainTransform,
-                                      parse_ilsvrc_xml)
+from detres.data.loc_transforms import LocTestTransform, LocTrainTransform
+from detres.data.localization import LocalizationDataset, parse_ilsvrc_xml
 
 A, B, C = "n01440764", "n01443537", "n01484850"
 SMALL = {"num_train_per_class": 4, "num_val_per_class": 2, "image_size": 64}
@@ -66,11 +66,11 @@ def test_ilsvrc_layout_boxes_labels_and_val_class_list(ilsvrc):
     assert train.num_images_without_boxes == 1
     np.testing.assert_array_equal(train.image_labels, [0, 1])
     assert train.path(1).name == f"{B}_7.png" and train.xml_path(0).name == f"{A}_1.xml"
-    boxes, labels = train.annotations(0)
+    boxes, labels = (train.get_annotations(0)[k] for k in ("boxes", "labels"))
     # 1-based inclusive -> 0-based xyxy: x2 - x1 = xmax - xmin + 1
     np.testing.assert_array_equal(boxes, [[0, 0, 10, 20], [4, 5, 60, 40]])
     assert boxes.dtype == np.float32 and labels.tolist() == [0, 0]
-    boxes, labels = train.annotations(1)
+    boxes, labels = (train.get_annotations(1)[k] for k in ("boxes", "labels"))
     np.testing.assert_array_equal(boxes, [[0, 2, 60, 12]])  # (-1, 2, 61, 12) clipped
     np.testing.assert_array_equal(train.image_sizes, [[40, 60], [40, 60]])
 
@@ -78,11 +78,11 @@ def test_ilsvrc_layout_boxes_labels_and_val_class_list(ilsvrc):
     val = LocalizationDataset.from_root(ilsvrc, "val", class_names=train.class_names,
                                         missing_boxes="error")
     assert val.class_names == [A, B] and len(val) == 1 and val.image_labels.tolist() == [1]
-    boxes, labels = val.annotations(0)
+    boxes, labels = (val.get_annotations(0)[k] for k in ("boxes", "labels"))
     np.testing.assert_array_equal(boxes, [[1, 1, 2, 2]])
     assert labels.tolist() == [1]
     alone = LocalizationDataset.from_root(ilsvrc, "val")
-    assert alone.class_names == [B] and alone.annotations(0)[1].tolist() == [0]
+    assert alone.class_names == [B] and alone.get_annotations(0)["labels"].tolist() == [0]
 
 
 def test_val_accepts_nested_xml_folders(ilsvrc):
@@ -90,7 +90,7 @@ def test_val_accepts_nested_xml_folders(ilsvrc):
     _xml(ilsvrc / "bbox" / "val" / B / "ILSVRC2012_val_00000001.xml", [(B, 3, 4, 30, 40)])
     val = LocalizationDataset.from_root(ilsvrc, "val", class_names=[A, B],
                                         missing_boxes="error")
-    np.testing.assert_array_equal(val.annotations(0)[0], [[2, 3, 30, 40]])
+    np.testing.assert_array_equal(val.get_annotations(0)["boxes"], [[2, 3, 30, 40]])
 
 
 def test_getitem_returns_the_sample_in_original_pixels(ilsvrc):
@@ -276,7 +276,7 @@ def test_builtin_boxes_round_trip_exactly(tmp_path):
         rng = np.random.default_rng([5, 0, LOC_CLASSES.index(ds.class_names[label]), k])
         rng.uniform()  # the train_box_fraction draw
         _, boxes = render_loc_image(rng, LOC_CLASSES.index(ds.class_names[label]), 64)
-        np.testing.assert_array_equal(ds.annotations(i)[0], boxes)  # whole pixels: exact
+        np.testing.assert_array_equal(ds.get_annotations(i)["boxes"], boxes)  # whole pixels: exact
 
 
 def test_builtin_partial_train_boxes_are_skipped_and_counted(tmp_path):

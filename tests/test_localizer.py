@@ -197,8 +197,9 @@ def test_refinement_improves_or_keeps_the_rpn_error_on_a_fixed_case():
     """Two images, a briefly trained RPN (rough proposals), an R-CNN trained on those
     proposals: RPN+R-CNN's errors are at most the RPN's (Table 13's comparison)."""
     from detres.evaluation.localization import LocalizationResult, localization_errors
-    from detres.evaluation.localize import LocTestSettings, localize_batch
+    from detres.evaluation.localization_runner import localize_batch
     from detres.models.classifier import Classifier
+    from detres.models.loc_inference import LocTestSettings
     from detres.models.localizer import Localizer
 
     torch.manual_seed(0)

@@ -1,6 +1,5 @@
 """tools/plot_curves.py: metrics.jsonl -> PNG with train (dashed) and test (bold) error."""
 import json
-import sys
 from pathlib import Path
 
 import matplotlib.image

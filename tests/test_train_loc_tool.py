@@ -120,19 +120,6 @@ def test_init_from_classifier_needs_matching_backbones(trained, tmp_path):
         train_loc.main(tiny(tmp_path / "o", "rpn.init_from_classifier=true"))
 
 
-def test_help_and_bad_key_as_a_script(tmp_path):
-    tool = str(ROOT / "tools" / "train_loc.py")
-    res = subprocess.run([sys.executable, tool, "--help"], capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 0 and "--resume" in res.stdout
-    res = subprocess.run([sys.executable, tool, "rpn.anchor_per_image=4",
-                          f"train.output_dir={tmp_path}"], capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 1
-    assert res.stderr.strip().splitlines()[-1].startswith(
-        "error: <command line>: unknown key 'rpn.anchor_per_image'")
-
-
 @pytest.mark.slow
 def test_two_process_torchrun_trains_and_evaluates(trained, tmp_path):
     with socket.socket() as sock:

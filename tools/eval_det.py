@@ -1,4 +1,4 @@
-"""Evaluate object detections (DESIGN.md section 4).
+"""Evaluate object detections (docs/architecture.md, Command line).
 
 From files alone:
 
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit("model mode needs --weights W (a detection checkpoint)")
         cfg = load_config(args.config, args.overrides, schema=detection.DetectionConfig)
         metric = args.metric or cfg.test.metric
-        metrics = detection.evaluate(cfg, args.weights, metric=metric, engine=args.engine)
+        metrics = detection.evaluate(cfg, args.weights, metric=metric, engine=args.engine,
+                                     summary_only=False)
     else:
         if args.gt is None or args.dt is None:
             raise SystemExit("file mode needs both --gt ANNOTATIONS.json and --dt RESULTS.json "

@@ -11,33 +11,21 @@ Writes into train.output_dir: config.yaml, env.json, log.txt, metrics.jsonl,
 model_XXXXXXX.pth, last_checkpoint, model_final.pth, backbone.pth (the ResNet without fc,
 with torchvision names: the detector's initial weights via model.backbone.weights) and
 eval/metrics.json ({"top1_err", "top5_err"} in percent).
+
+Example:
+
+    python tools/pretrain_cls.py configs/cls_resnet20_cifar10.yaml solver.base_lr=0.05 \
+        train.output_dir=output/r20
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
+import functools
 
-from detres.cli import parse_tool_args, run_main
-from detres.config import load_config
+from detres.cli import CONFIGS, run_main, task_tool_main
 from detres.tasks import classification
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "cls_builtin.yaml"
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return parse_tool_args(__doc__, "configs/cls_builtin.yaml",
-                           "Example: python tools/pretrain_cls.py configs/cls_resnet20_cifar10.yaml "
-                           "solver.base_lr=0.05 train.output_dir=output/r20", argv)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides,
-                      schema=classification.ClassificationConfig)
-    if args.eval_only:
-        return classification.evaluate(cfg, args.weights)
-    return classification.train(cfg, resume=args.resume)
-
+main = functools.partial(task_tool_main, doc=__doc__, task=classification,
+                         default_config=CONFIGS / "cls_builtin.yaml")
 
 if __name__ == "__main__":
     run_main(main)

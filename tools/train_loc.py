@@ -16,36 +16,21 @@ and eval/metrics.json: {"RPN": {...}, "RPN+R-CNN": {...}} with the errors in per
 (gt_cls_loc_err, top1_loc_err, top5_loc_err, top1_cls_err, top5_cls_err), as Table 13.
 With --resume, finished stages are loaded from their model_final.pth and an interrupted one
 continues from its last checkpoint.
+
+Example:
+
+    python tools/train_loc.py configs/loc_r101_imagenet.yaml rpn.solver.ims_per_batch=64 \
+        train.output_dir=output/loc
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
+import functools
 
-from detres.cli import parse_tool_args, run_main
-from detres.config import load_config
+from detres.cli import CONFIGS, run_main, task_tool_main
 from detres.tasks import localization
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "loc_r18_builtin.yaml"
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return parse_tool_args(__doc__, "configs/loc_r18_builtin.yaml, the built-in demo",
-                           "Example: python tools/train_loc.py configs/loc_r101_imagenet.yaml "
-                           "rpn.solver.ims_per_batch=64 train.output_dir=output/loc", argv)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    """Trains (or with --eval-only evaluates); returns the metrics per method."""
-    args = parse_args(argv)
-    if args.eval_only and args.config is None:   # the config stored in the checkpoint
-        return localization.evaluate(None, args.weights, args.overrides)
-    cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides,
-                      schema=localization.LocalizationConfig)
-    if args.eval_only:
-        return localization.evaluate(cfg, args.weights)
-    return localization.train(cfg, resume=args.resume)
-
+main = functools.partial(task_tool_main, doc=__doc__, task=localization, stored_config=True,
+                         default_config=CONFIGS / "loc_r18_builtin.yaml")
 
 if __name__ == "__main__":
     run_main(main)

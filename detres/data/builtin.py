@@ -1,4 +1,4 @@
-"""Built-in synthetic datasets, generated deterministically on first use (DESIGN.md section 5).
+"""Built-in synthetic datasets, deterministic, made on first use (docs/architecture.md, Datasets).
 
 They are written in the formats a user brings, so the ordinary loaders read them:
 

@@ -1,5 +1,5 @@
 """Classification data: ImageFolder (ImageNet layout), CIFAR-10 (local python batches), the
-paper's augmentation recipes, and a resumable sharded sampler.
+paper's augmentation recipes, and the loader (its samplers are in ``detres.data.samplers``).
 
 ``dataset[(index, seed)]`` returns ``(image, label)``: image (3, H, W) uint8 RGB after the
 transform ((10, 3, H, W) with 10-crop testing), label an int in [0, K). The ``seed`` makes
@@ -19,7 +19,7 @@ import logging
 import os
 import pickle
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import albumentations as A
@@ -45,7 +45,7 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 def datasets_root() -> Path:
-    """``$DETRES_DATASETS`` or ``./datasets`` (DESIGN.md section 5)."""
+    """``$DETRES_DATASETS`` or ``./datasets`` (docs/architecture.md, Datasets)."""
     return Path(os.environ.get("DETRES_DATASETS") or "datasets")
 
 
@@ -243,62 +243,6 @@ def build_cls_transform(recipe: str, train: bool, crop_size: int,
 
 
 # ----------------------------------------------------------------------------- sampling
-class InfiniteBatchSampler(Sampler):
-    """Endless shuffled stream of samples cut into global batches, sharded over ranks.
-
-    Position p of the stream is sample ``perm_e[p % N]`` with ``e = p // N`` and ``perm_e`` a
-    permutation seeded by (seed, e). Global batch b covers positions [b*B, (b+1)*B); rank r
-    takes its r-th slice of B / world_size (as DistributedSampler, but per batch), so any
-    number of ranks sees the same global batches. Each yielded item is ``(index, seed)``.
-    ``load_state_dict({"next_batch": b})`` makes the next iterator start at batch b.
-    """
-
-    def __init__(self, size: int, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 rank: int = 0, world_size: int = 1) -> None:
-        if size <= 0:
-            raise ValueError("cannot sample from an empty dataset")
-        if batch_size % world_size:
-            raise ValueError(f"the global batch {batch_size} must be divisible by the "
-                             f"{world_size} processes")
-        self.size, self.batch_size, self.seed, self.shuffle = size, batch_size, seed, shuffle
-        self.rank, self.per_rank = rank, batch_size // world_size
-        self.next_batch = 0
-
-    def load_state_dict(self, state: dict) -> None:
-        self.next_batch = int(state["next_batch"])
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.size)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.size)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        batch, epoch, perm = self.next_batch, -1, None
-        while True:
-            start = batch * self.batch_size + self.rank * self.per_rank
-            items = []
-            for p in range(start, start + self.per_rank):
-                if p // self.size != epoch:
-                    epoch = p // self.size
-                    perm = self._permutation(epoch)
-                items.append((int(perm[p % self.size]), self.seed * 2**40 + p))
-            yield items
-            batch += 1
-
-
-class ShardSampler(Sampler):
-    """Indices rank, rank + world_size, ...: each test image on exactly one rank, no padding."""
-
-    def __init__(self, size: int, rank: int = 0, world_size: int = 1) -> None:
-        self.indices = range(rank, size, world_size)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 def collate(batch: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
     """-> images (N, 3, H, W) (or (N, 10, 3, H, W)) uint8, labels (N,) int64."""
     return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])

@@ -291,6 +291,9 @@ class DetectionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
+    def path(self, i: int) -> Path:
+        return self.index.path(i)
+
     def get_annotations(self, i: int) -> dict[str, np.ndarray]:
         """All boxes of image i in original pixels: ``boxes`` (M, 4) float32 xyxy, ``labels``
         (M,) int64, ``ignore`` (M,) bool (crowd / difficult)."""
@@ -307,9 +310,13 @@ class DetectionDataset(Dataset):
             hint = (" (the EXIF orientation rotates it: the annotations seem to be made on the "
                     "unrotated pixels)") if image.shape[:2] == (w, h) else ""
             raise DatasetError(f"{path}: image id {int(self.index.image_ids[i])} is "
-                               f"{image.shape[1]}x{image.shape[0]} (w x h) but {self.source} "
-                               f"says {w}x{h}{hint}")
+                               f"{image.shape[1]}x{image.shape[0]} (w x h) but "
+                               f"{self.size_source(i)} says {w}x{h}{hint}")
         return image
+
+    def size_source(self, i: int) -> str:
+        """What gave image i's annotated size, for the size-mismatch message."""
+        return self.source
 
     def __getitem__(self, i: int) -> tuple[Tensor, Targets]:
         i = int(i)

@@ -9,9 +9,10 @@ All read a ``LocalizationDataset`` (data/localization.py):
   drawn from the RPN's top proposals for its ground-truth classes, plus its ground-truth boxes
   as candidates (as R-CNN fine-tuning does), on the original image (flipped at random) ->
   ``(ImageBatch, proposals, classes, list[Targets])``, boxes in original pixels;
-- test: lists of untransformed samples (evaluation/localize.py resizes per scale).
+- test: lists of untransformed samples (evaluation/localization_runner.py resizes them per
+  scale with data/loc_transforms.py).
 
-Training loaders take ``InfiniteBatchSampler`` batches of ``(index, seed)``; the seed makes
+Training loaders take ``TrainingSampler`` batches of ``(index, seed)``; the seed makes
 the R-CNN's RoI draw and flip a function of the position in the stream, so a resumed run sees
 the same samples.
 """
@@ -25,22 +26,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from detres import boxes as box_ops
-from detres.data.classification import InfiniteBatchSampler, ShardSampler, _worker_init
+from detres.data.classification import _worker_init
 from detres.data.io import image_to_tensor
+from detres.data.samplers import DropSeed, InferenceSampler, TrainingSampler
 from detres.structures import ImageBatch, Targets
-
-
-class _Positions(Dataset):
-    """Drops the stream seed of InfiniteBatchSampler items: ``(index, seed) -> dataset[index]``."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: tuple[int, int]) -> Any:
-        return self.dataset[item[0]]
 
 
 def collate_classifier(samples: list[Any]) -> tuple[Tensor, Tensor]:
@@ -106,19 +95,19 @@ def collate_list(samples: list[Any]) -> list[Any]:
     return list(samples)
 
 
-def train_loader(dataset: Dataset, collate: Any, sampler: InfiniteBatchSampler,
+def train_loader(dataset: Dataset, collate: Any, sampler: TrainingSampler,
                  num_workers: int, pin_memory: bool = False, positions: bool = True
                  ) -> DataLoader:
     """An endless loader over ``sampler``'s batches; ``positions=False`` passes the
     ``(index, seed)`` items to the dataset unchanged (``RCNNSamples``)."""
-    return DataLoader(_Positions(dataset) if positions else dataset, batch_sampler=sampler,
+    return DataLoader(DropSeed(dataset) if positions else dataset, batch_sampler=sampler,
                       collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
                       worker_init_fn=_worker_init if num_workers else None)
 
 
 def test_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int,
                 num_workers: int) -> DataLoader:
-    """Lists of untransformed samples; each image on exactly one rank, in order."""
-    return DataLoader(dataset, sampler=ShardSampler(len(dataset), rank, world_size),
+    """Lists of untransformed samples; each rank a contiguous slice of the images, in order."""
+    return DataLoader(dataset, sampler=InferenceSampler(len(dataset), rank, world_size),
                       batch_size=batch_size, collate_fn=collate_list, num_workers=num_workers,
                       worker_init_fn=_worker_init if num_workers else None)

@@ -1,4 +1,4 @@
-"""Image + box transforms: original image -> network input (DESIGN.md section 2).
+"""Image + box transforms: original image -> network input (docs/architecture.md, Carriers).
 
 The resize is the only step that changes the coordinate frame, and it is done here, not with
 albumentations, so that boxes are multiplied by exactly the recorded ``scale``:

@@ -33,8 +33,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from detres.engine import distributed as du
-from detres.engine.checkpoint import (CheckpointError, Checkpointer, check_task, get_rng_state,
-                                      load_checkpoint, load_model_state, periodic_name,
+from detres.engine.checkpoint import (CheckpointError, Checkpointer, get_rng_state,
+                                      load_checkpoint, load_task_weights, periodic_name,
                                       set_rng_state)
 from detres.engine.logging import MetricsWriter, format_record
 from detres.engine.schedule import WarmupMultiStepSchedule
@@ -146,8 +146,7 @@ class Trainer:
                 "sampler": {"next_batch": self.iteration}, "task": self.task, **self.meta}
 
     def load_state_dict(self, ckpt: dict[str, Any], path: str | Path = "checkpoint") -> None:
-        check_task(ckpt, path, self.task)
-        load_model_state(self.module, ckpt, path)
+        load_task_weights(self.module, path, self.task, ckpt=ckpt)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (KeyError, ValueError) as e:

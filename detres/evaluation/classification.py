@@ -6,10 +6,13 @@ each rank evaluates its shard and the counts are summed over ranks.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import Tensor, nn
 
 from detres.engine.distributed import all_reduce_tensor
+from detres.evaluation.inference import run_inference
 
 
 def count_topk_errors(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)
@@ -49,18 +52,18 @@ class ClassificationEvaluator:
                 "num_images": int(total)}
 
 
-@torch.no_grad()
-def evaluate_classifier(model: nn.Module, loader, device: torch.device | str = "cpu"
-                        ) -> dict[str, float]:
-    """Runs ``model`` (returning ``.logits``) over ``loader``'s (images, labels) batches.
+def evaluate_classifier(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]],
+                        device: torch.device | str = "cpu") -> dict[str, float]:
+    """Runs ``model`` (returning ``.logits``) over ``loader``'s (images, labels) batches;
+    top-1/top-5 error over all ranks (see ``ClassificationEvaluator.evaluate``).
 
-    images (N, 3, H, W), or (N, C, 3, H, W) for multi-crop testing (C = 10).
+    images (N, 3, H, W), or (N, C, 3, H, W) for multi-crop testing (C = 10, softmax scores
+    averaged over the crops).
     """
-    was_training = model.training
-    model.eval()
     evaluator = ClassificationEvaluator()
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device)
+
+    def step(batch: tuple[Tensor, Tensor]) -> list:
+        images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device)
         if images.dim() == 5:                                  # (N, C, 3, H, W) crops
             n, c = images.shape[:2]
             logits = model(images.flatten(0, 1)).logits        # (N * C, K)
@@ -68,5 +71,7 @@ def evaluate_classifier(model: nn.Module, loader, device: torch.device | str = "
         else:
             scores = model(images).logits.float()
         evaluator.process(scores, labels)
-    model.train(was_training)
+        return []                                              # counted, nothing to keep
+
+    run_inference(model, loader, step, desc="eval")
     return evaluator.evaluate()

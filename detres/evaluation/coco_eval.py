@@ -52,7 +52,7 @@ def detections_to_coco_results(
     image_info: Sequence[Targets] | Sequence[tuple[int, float]],
     label_to_category_id: Sequence[int] | Mapping[int, int],
 ) -> list[dict]:
-    """Converts per-image detections to COCO results (DESIGN.md section 2: back to original pixels).
+    """Per-image detections -> COCO results, in original pixels (docs/architecture.md, Carriers).
 
     Args:
         detections_per_image: N ``Detections``, boxes (D, 4) xyxy in pixels of the resized image.
@@ -299,13 +299,8 @@ def _run_faster(gt_dataset: dict, dt: tuple[np.ndarray, ...], image_ids: Sequenc
     coco_dt.dataset = {"images": gt_dataset["images"], "categories": gt_dataset["categories"],
                        "annotations": anns}
     coco_dt.createIndex()
-    evaluator = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=quiet)
-    if image_ids is not None:
-        evaluator.params.imgIds = sorted(image_ids)
-    evaluator.evaluate()
-    evaluator.accumulate()
-    evaluator.summarize()
-    return np.asarray(evaluator.stats[:12]), evaluator.eval["precision"]
+    return _summarize(COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=quiet),
+                      image_ids)
 
 
 def _run_pycocotools(gt_dataset: dict, dt: tuple[np.ndarray, ...], image_ids: Sequence[int] | None,
@@ -321,12 +316,18 @@ def _run_pycocotools(gt_dataset: dict, dt: tuple[np.ndarray, ...], image_ids: Se
         coco_gt.dataset = gt_dataset
         coco_gt.createIndex()
         coco_dt = coco_gt.loadRes(results)  # the reference path: pycocotools' own loadRes
-        evaluator = COCOeval(coco_gt, coco_dt, "bbox")
-        if image_ids is not None:
-            evaluator.params.imgIds = sorted(image_ids)
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
+        return _summarize(COCOeval(coco_gt, coco_dt, "bbox"), image_ids)
+
+
+def _summarize(evaluator: Any, image_ids: Sequence[int] | None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Runs either engine's COCOeval (same interface) on ``image_ids`` (None: all images);
+    returns the 12 statistics and the precision array."""
+    if image_ids is not None:
+        evaluator.params.imgIds = sorted(image_ids)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
     return np.asarray(evaluator.stats[:12]), evaluator.eval["precision"]
 
 

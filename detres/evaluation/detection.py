@@ -1,9 +1,9 @@
 """Runs a detector over a dataset and scores it: COCO mAP (COCO-format sets) or VOC AP.
 
-Each rank runs its slice of the test set; the results are gathered on every rank, images that
-a padded sampler repeated are dropped, and the main rank evaluates and writes
-``eval/metrics.json`` (``{"bbox": {...}}``, percent) and ``eval/coco_results.json`` (COCO results
-format: original pixels, dataset category ids).
+Each rank runs its slice of the test set; the results are gathered on every rank (in any order:
+the scores do not depend on it) and the main rank evaluates and writes ``eval/metrics.json``
+(``{"bbox": {...}}``, percent) and ``eval/coco_results.json`` (COCO results format: original
+pixels, dataset category ids).
 """
 from __future__ import annotations
 
@@ -15,39 +15,31 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from detres.engine import distributed as du
 from detres.engine.logging import write_json
 from detres.evaluation.coco_eval import (detections_to_coco_results, evaluate_coco,
                                          format_metrics_table, load_ground_truth, load_results,
                                          merge_results)
+from detres.evaluation.inference import run_inference
 from detres.evaluation.voc_eval import coco_to_voc_inputs, evaluate_voc
 from detres.structures import Detections, ImageBatch, Targets
 
 logger = logging.getLogger("detres")
 
 
-@torch.no_grad()
 def run_detector(model: nn.Module, loader: Iterable[tuple[ImageBatch, list[Targets]]],
                  device: torch.device, amp_dtype: torch.dtype | None = None,
                  progress: bool = True) -> list[tuple[Targets, Detections]]:
     """(targets, detections on the CPU) of every image this rank sees, in loader order."""
-    was_training = model.training
-    model.eval()
-    out: list[tuple[Targets, Detections]] = []
-    total = len(loader) if hasattr(loader, "__len__") else None
-    bar = tqdm(loader, total=total, desc="eval", dynamic_ncols=True, leave=False,
-               disable=not (progress and du.get_dist_info().is_main))
-    try:
-        for images, targets in bar:
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
-                detections = model(images.to(device, non_blocking=True)).detections
-            out.extend(zip(targets, (d.to("cpu") for d in detections)))
-    finally:
-        model.train(was_training)
-    return out
+    def step(batch: tuple[ImageBatch, list[Targets]]) -> list[tuple[Targets, Detections]]:
+        images, targets = batch
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                            enabled=amp_dtype is not None):
+            detections = model(images.to(device, non_blocking=True)).detections
+        return list(zip(targets, (d.to("cpu") for d in detections)))
+
+    return run_inference(model, loader, step, desc="eval", progress=progress)
 
 
 def coco_results(pairs: Sequence[tuple[Targets, Detections]],

@@ -8,7 +8,7 @@ Shapes: N images, C = 1024 conv4_x channels (R-50/101), P_i proposals, K foregro
 M ground-truth boxes, D detections. Parameter names: ``trunk.{conv1,bn1,layer1..3}`` and
 ``roi_head.res5.layer4`` are the ResNet's own (torchvision) names under a prefix, so backbone
 weights move in and out with :func:`resnet_to_detector_keys` / :func:`detector_to_resnet_keys`.
-The model never resizes (DESIGN.md section 2): boxes in and out are in the pixels of
+The model never resizes (docs/architecture.md, Carriers): boxes in and out are in the pixels of
 ``ImageBatch.tensor``.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ from torch import Tensor, nn
 
 from detres.models import pixels
 from detres.models.pixels import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
-from detres.models.resnet import FrozenBatchNorm2d
+from detres.models.norm import FrozenBatchNorm2d
 from detres.models.roi_head import C4RoIHead
-from detres.models.rpn import RPN, RPNHead
+from detres.models.rpn import RPN
 from detres.structures import DetectorOutput, ImageBatch, Targets
 
 TRUNK_PREFIX, HEAD_PREFIX = "trunk.", "roi_head.res5."

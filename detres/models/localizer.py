@@ -13,6 +13,14 @@ Three networks, as in the paper's Table 13:
   the image, which is R-CNN's crop-and-warp with bilinear, area-averaged sampling), run through
   a ResNet with global pooling, and rescored and regressed by two sibling per-class layers.
 
+Test time (:meth:`Localizer.predict`, per image, original pixels throughout the output): the
+classifier's top-k classes (paper: top-5) are the guesses; the per-class RPN runs densely at
+each test scale and, for each guessed class (and each ground-truth class, for the oracle "error
+on the ground-truth class"), the proposals of all scales are merged, NMS-ed and cut to the top
+``proposals_per_class``; the RPN-only answer is the class's best proposal, and with the R-CNN
+the best-scoring refined proposal. The resized views come from the data side
+(``models/loc_inference.py``'s ``LocViews``, made by ``data/loc_transforms.py``).
+
 Shapes: N images, K classes, A anchors per cell, R = H * W * A anchors of a stride-16 map,
 P proposals of one class in one image.
 
@@ -36,6 +44,8 @@ from torchvision.ops import batched_nms, roi_align
 from detres import boxes as box_ops
 from detres.models.anchors import AnchorGenerator
 from detres.models.classifier import Classifier
+from detres.models.loc_inference import (LocTestSettings, LocViews, best_box, dense_proposals,
+                                         flat_proposals)
 from detres.models.losses import BoxLoss, box_regression_loss
 from detres.models.matching import Matcher, sample_balanced
 from detres.models.pixels import channel_values, normalize
@@ -313,3 +323,49 @@ class Localizer(nn.Module):
     @property
     def num_classes(self) -> int:
         return self.rpn.num_classes
+
+    @torch.no_grad()
+    def predict(self, views: LocViews, gt_classes: Sequence[Sequence[int]],
+                settings: LocTestSettings, device: torch.device) -> list[dict]:
+        """The pipeline (module docstring) on N images. Returns per image ``guesses`` (k,)
+        and, per method ("RPN", and "RPN+R-CNN" with an R-CNN), ``boxes`` (k, 4) for the
+        guesses and ``gt_boxes`` {class: (4,)} for the oracle; CPU tensors."""
+        logits = self.classify(views.classifier, settings, device)
+        k = min(settings.topk_classes, logits.shape[1])
+        guesses = logits.topk(k, dim=1).indices.cpu()
+        wanted = []
+        for g, gt in zip(guesses, gt_classes):
+            extra = [c for c in dict.fromkeys(int(x) for x in gt) if c not in g.tolist()]
+            wanted.append(torch.cat([g, torch.tensor(extra, dtype=torch.int64)]))
+        methods = {"RPN": dense_proposals(self.rpn, views.scales, wanted, settings, device)}
+        if self.rcnn is not None:
+            methods["RPN+R-CNN"] = self._refine(views.originals, methods["RPN"], wanted, device)
+        out = []
+        for i, (g, w) in enumerate(zip(guesses, wanted)):
+            record: dict = {"guesses": g}
+            for method, found in methods.items():
+                best = {int(c): best_box(b, s) for c, (b, s) in zip(w.tolist(), found[i])}
+                record[method] = {"boxes": torch.stack([best[int(c)] for c in g.tolist()]),
+                                  "gt_boxes": {int(c): best[int(c)] for c in gt_classes[i]}}
+            out.append(record)
+        return out
+
+    def classify(self, views: list[Tensor], settings: LocTestSettings, device: torch.device
+                 ) -> Tensor:
+        """(N, K) class logits: centre crops in one batch, or each whole image on its own
+        (their sizes differ, and padding would change the global average)."""
+        if settings.cls_crop is not None:
+            return self.classifier(torch.stack(views).to(device)).logits.float()
+        return torch.cat([self.classifier(v[None].to(device)).logits.float() for v in views])
+
+    def _refine(self, originals: ImageBatch, proposals: list[list[tuple[Tensor, Tensor]]],
+                wanted: list[Tensor], device: torch.device) -> list[list[tuple[Tensor, Tensor]]]:
+        """The R-CNN's rescored and regressed proposals, grouped as ``proposals``."""
+        flat = [flat_proposals(per_class, w) for per_class, w in zip(proposals, wanted)]
+        boxes, classes = [b.to(device) for b, _ in flat], [c.to(device) for _, c in flat]
+        new_boxes, new_scores = self.rcnn.refine(originals.to(device), boxes, classes)
+        refined = []
+        for per_class, nb, ns in zip(proposals, new_boxes, new_scores):
+            sizes = [len(b) for b, _ in per_class]
+            refined.append(list(zip(nb.cpu().split(sizes), ns.cpu().split(sizes))))
+        return refined

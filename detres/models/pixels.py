@@ -1,5 +1,5 @@
 """Input normalisation, done inside each model so that a checkpoint carries its input
-convention (DESIGN: images enter every model as RGB values in 0..255).
+convention (docs/architecture.md, Carriers: images enter every model as RGB values in 0..255).
 
 ``IMAGENET_PIXEL_MEAN`` / ``IMAGENET_PIXEL_STD`` are torchvision's ImageNet statistics on the
 0..255 scale (RGB): a backbone pretrained here expects the same input as torchvision's weights.

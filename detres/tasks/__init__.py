@@ -6,5 +6,7 @@
 - ``detection``: Faster R-CNN with the C4 layout (Appendix A);
 - ``localization``: the per-class RPN + R-CNN of Appendix C.
 
+Each task package exposes ``Config`` (its schema), ``train(cfg, resume=False)`` and
+``evaluate(cfg, weights)``: what ``detres.cli.task_tool_main`` calls for a tool.
 ``common`` holds the schema sections and builders they share.
 """

@@ -70,7 +70,7 @@ class SolverConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    # where a run writes (DESIGN section 4) and how it runs; TrainConfig adds the iterations
+    # where a run writes (docs/architecture.md, Run folder) and how; TrainConfig adds iterations
     output_dir: str = "output/run"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0

@@ -10,8 +10,9 @@ import torch
 from detres.config import ConfigError
 from detres.data.builtin_cls import ensure_builtin_cls
 from detres.data.classification import (BUILTIN_HINT, Cifar10, ClassificationDataset,
-                                        ImageFolder, InfiniteBatchSampler, ShardSampler,
-                                        build_cls_transform, datasets_root, make_loader)
+                                        ImageFolder, build_cls_transform, datasets_root,
+                                        make_loader)
+from detres.data.samplers import InferenceSampler, TrainingSampler
 from detres.engine.distributed import DistInfo
 from detres.models.classifier import Classifier
 from detres.tasks.common import BackboneConfig, build_backbone
@@ -77,11 +78,12 @@ def _short(names: list[str]) -> str:
 
 def build_cls_train_loader(cfg: ClassificationConfig, train: ClassificationDataset,
                            dist: DistInfo, device: torch.device, seed: int | None = None
-                           ) -> tuple[torch.utils.data.DataLoader, InfiniteBatchSampler]:
-    """(loader, its resumable sampler): endless per-rank batches of the global batch."""
-    sampler = InfiniteBatchSampler(len(train), cfg.solver.ims_per_batch,
-                                   seed=cfg.train.seed if seed is None else seed,
-                                   rank=dist.rank, world_size=dist.world_size)
+                           ) -> tuple[torch.utils.data.DataLoader, TrainingSampler]:
+    """(loader, its resumable sampler): endless per-rank slices of the global batches of
+    ``solver.ims_per_batch`` (items ``(index, seed)``: the augmentation follows the seed)."""
+    sampler = TrainingSampler(len(train), cfg.solver.ims_per_batch,
+                              seed=cfg.train.seed if seed is None else seed, rank=dist.rank,
+                              world_size=dist.world_size, key="solver.ims_per_batch")
     loader = make_loader(train, batch_sampler=sampler, num_workers=cfg.train.num_workers,
                          pin_memory=device.type == "cuda")
     return loader, sampler
@@ -90,6 +92,6 @@ def build_cls_train_loader(cfg: ClassificationConfig, train: ClassificationDatas
 def build_cls_test_loader(cfg: ClassificationConfig, val: ClassificationDataset,
                           dist: DistInfo, device: torch.device) -> torch.utils.data.DataLoader:
     """Each test image on exactly one rank, in order."""
-    return make_loader(val, sampler=ShardSampler(len(val), dist.rank, dist.world_size),
+    return make_loader(val, sampler=InferenceSampler(len(val), dist.rank, dist.world_size),
                        batch_size=max(cfg.data.test_ims_per_batch // dist.world_size, 1),
                        num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda")

@@ -152,29 +152,23 @@ def build_det_dataset(cfg: DetDatasetConfig, data: DetDataConfig, train: bool,
 
 def build_det_train_loader(cfg: DetectionConfig, dataset: DetectionDataset, dist: DistInfo,
                            device: torch.device) -> DataLoader:
-    """Endless, aspect-grouped per-rank batches of ``solver.ims_per_batch / world_size``."""
-    per_rank = _per_rank_batch(cfg.solver.ims_per_batch, dist)
-    return build_detection_loader(dataset, per_rank, infinite=True, shuffle=True,
-                                  aspect_grouping=cfg.data.aspect_grouping,
+    """Endless, aspect-grouped global batches of ``solver.ims_per_batch``, each rank loading its
+    slice; the loader's ``batch_sampler`` is the resumable ``TrainingSampler``."""
+    return build_detection_loader(dataset, cfg.solver.ims_per_batch, training=True,
+                                  shuffle=True, aspect_grouping=cfg.data.aspect_grouping,
                                   num_workers=cfg.train.num_workers,
                                   pin_memory=device.type == "cuda", seed=cfg.train.seed,
-                                  rank=dist.rank, world_size=dist.world_size)
+                                  rank=dist.rank, world_size=dist.world_size,
+                                  batch_key="solver.ims_per_batch")
 
 
 def build_det_test_loader(cfg: DetectionConfig, dataset: DetectionDataset, dist: DistInfo,
                           device: torch.device) -> DataLoader:
-    """Each test image on exactly one rank, in order."""
-    return build_detection_loader(dataset, cfg.test.ims_per_batch, infinite=False,
-                                  shuffle=False, num_workers=cfg.train.num_workers,
+    """Each test image on exactly one rank, in order (``test.ims_per_batch`` per rank)."""
+    return build_detection_loader(dataset, cfg.test.ims_per_batch, training=False,
+                                  num_workers=cfg.train.num_workers,
                                   pin_memory=device.type == "cuda", rank=dist.rank,
                                   world_size=dist.world_size, persistent_workers=False)
-
-
-def _per_rank_batch(global_batch: int, dist: DistInfo) -> int:
-    if global_batch % dist.world_size:
-        raise ConfigError(f"solver.ims_per_batch={global_batch} is not divisible by the "
-                          f"{dist.world_size} processes")
-    return global_batch // dist.world_size
 
 
 def describe_detector(cfg: DetModelConfig, num_classes: int) -> str:

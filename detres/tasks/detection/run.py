@@ -30,9 +30,10 @@ def _evaluator(cfg: DetectionConfig, device, dist, output_dir, metric: str | Non
 
 
 def evaluate(cfg: DetectionConfig, weights: str, metric: str | None = None,
-             engine: str = "faster", summary_only: bool = False) -> dict[str, Any]:
+             engine: str = "faster", summary_only: bool = True) -> dict[str, Any]:
     """Scores checkpoint ``weights`` on ``data.val`` (``metric`` overrides ``test.metric``,
-    ``engine`` picks the COCO engine); per-class AP included unless ``summary_only``."""
+    ``engine`` picks the COCO engine); per-class AP too when not ``summary_only`` (the
+    training log and ``tools/train_det.py --eval-only`` return the summary, as training does)."""
     device, dist, output_dir, _ = setup_run(cfg, write_config=False)
     val_set, eval_fn = _evaluator(cfg, device, dist, output_dir, metric, engine)
     model = build_detector(cfg.model, val_set.num_classes).to(device)

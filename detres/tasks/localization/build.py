@@ -13,12 +13,13 @@ from detres.config import ConfigError, from_dict
 from detres.config import replace as replace_config
 from detres.data.builtin_loc import ensure_builtin_loc
 from detres.data.classification import DatasetNotFoundError, datasets_root
-from detres.data.localization import LocalizationDataset, LocTrainTransform
+from detres.data.loc_transforms import LocTrainTransform
+from detres.data.localization import LocalizationDataset
 from detres.engine.checkpoint import (CheckpointError, check_task, load_checkpoint,
                                       load_task_weights)
-from detres.evaluation.localize import LocTestSettings
 from detres.models.anchors import AnchorGenerator
 from detres.models.classifier import Classifier
+from detres.models.loc_inference import LocTestSettings
 from detres.models.localizer import Localizer, PerClassRPN, PerClassRPNHead, RCNNRefiner
 from detres.models.resnet import load_weights
 from detres.tasks.classification.build import TASK as CLASSIFICATION_TASK

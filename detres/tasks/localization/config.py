@@ -48,9 +48,17 @@ class LocDataConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class LocClassifierConfig:
-    # the classification network that predicts the classes (Table 13, ResNet-101 of Table 4)
+class LocStageConfig:
+    # what each of the three networks has: its ResNet, its own iterations and solver
     backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(depth=101))
+    max_iter: int = 10000
+    solver: SolverConfig = field(default_factory=lambda: SolverConfig(
+        base_lr=0.01, steps=(7000,)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocClassifierConfig(LocStageConfig):
+    # the classification network that predicts the classes (Table 13, ResNet-101 of Table 4)
     # torchvision://resnet101 (ImageNet classifier, fc included), a tools/pretrain_cls.py
     # checkpoint, or null: trained here first for max_iter iterations
     weights: str | None = None
@@ -67,36 +75,34 @@ class LocClassifierConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class LocRPNConfig:
-    # fine-tuned from the classification net's weights (Appendix C); its conv1..conv4_x are used
-    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(depth=101))
-    # start conv1..conv4_x from the classification network trained or loaded here (same
-    # depth and width), instead of backbone.weights
+class LocFinetuneConfig(LocStageConfig):
+    # the RPN and the R-CNN are fine-tuned from the classification net (Appendix C): start
+    # from the network trained or loaded here (same depth and width) instead of
+    # backbone.weights (the RPN takes its conv1..conv4_x)
     init_from_classifier: bool = False
+    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocRPNConfig(LocFinetuneConfig):
     anchors: AnchorConfig = field(default_factory=lambda: AnchorConfig(
         sizes=(64.0, 128.0, 256.0, 512.0)))
     conv_channels: int | None = None               # the 3x3 conv; null: the trunk's channels
     iou_thresholds: tuple[float, float] = (0.3, 0.7)
     anchors_per_image: int = 8          # "8 anchors are randomly sampled for each image"
     positive_fraction: float = 0.5      # "positive and negative anchors have a ratio of 1:1"
-    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
-    max_iter: int = 10000
     # "a mini-batch size of 256 images for fine-tuning"
     solver: SolverConfig = field(default_factory=lambda: SolverConfig(
         base_lr=0.01, ims_per_batch=256, steps=(7000,)))
 
 
 @dataclass(frozen=True, kw_only=True)
-class LocRCNNConfig:
+class LocRCNNConfig(LocFinetuneConfig):
     enabled: bool = True                            # false: RPN-only localization
-    backbone: BackboneConfig = field(default_factory=lambda: BackboneConfig(depth=101))
-    init_from_classifier: bool = False              # as rpn.init_from_classifier
     input_size: int = 224                           # proposals warped to the classifier's input
     proposals_per_class: int = 200                  # training samples and test candidates per class
     fg_iou_threshold: float = 0.5
     rois_per_image: int = 4                         # RoI-centric: few RoIs from many images
-    box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
-    max_iter: int = 10000
     # solver.ims_per_batch images x rois_per_image RoIs; the paper's mini-batch is 256 RoIs
     solver: SolverConfig = field(default_factory=lambda: SolverConfig(
         base_lr=0.01, ims_per_batch=64, steps=(7000,)))

@@ -21,20 +21,20 @@ from typing import Any
 
 import torch
 
-from detres.config import ConfigError, to_dict
+from detres.config import to_dict
 from detres.data import loc_batches
-from detres.data.classification import InfiniteBatchSampler
+from detres.data.samplers import TrainingSampler
 from detres.engine import distributed as du
 from detres.engine.checkpoint import atomic_save, load_task_weights
 from detres.engine.launch import setup_run
 from detres.engine.loop import Trainer
-from detres.evaluation.localize import LocTestSettings, evaluate_localizer, training_proposals
-from detres.models.localizer import Localizer
+from detres.evaluation.localization_runner import evaluate_localizer
 from detres.tasks.common import SolverConfig, build_lr_schedule, build_optimizer
 from detres.tasks.localization.build import (TASK, build_loc_dataset, build_loc_train_transform,
                                              build_localizer, copy_classifier_weights,
                                              loc_test_settings, localizer_from_checkpoint)
 from detres.tasks.localization.config import LocalizationConfig
+from detres.tasks.localization.proposals import cached_training_proposals
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,10 @@ def train_stage(run: Run, name: str, module: torch.nn.Module, dataset: Any, coll
     if run.finished(name):
         load_task_weights(module, stage_dir / "model_final.pth", task)
         return
-    if solver.ims_per_batch % run.dist.world_size:
-        raise ConfigError(f"{name}.solver.ims_per_batch={solver.ims_per_batch} is not "
-                          f"divisible by the {run.dist.world_size} processes")
     cfg = run.cfg
-    sampler = InfiniteBatchSampler(len(dataset), solver.ims_per_batch, seed=cfg.train.seed,
-                                   rank=run.dist.rank, world_size=run.dist.world_size)
+    sampler = TrainingSampler(len(dataset), solver.ims_per_batch, seed=cfg.train.seed,
+                              rank=run.dist.rank, world_size=run.dist.world_size,
+                              key=f"{name}.solver.ims_per_batch")
     loader = loc_batches.train_loader(dataset, collate, sampler, cfg.train.num_workers,
                                       run.device.type == "cuda", positions)
     module.train()
@@ -127,7 +125,9 @@ def train(cfg: LocalizationConfig, resume: bool = False) -> dict[str, Any]:
     if model.rcnn is not None:
         if cfg.rcnn.init_from_classifier and not run.finished("rcnn"):
             copy_classifier_weights(model.classifier, model.rcnn.net, "rcnn")
-        proposals = _training_proposals(run, model, train_images, settings)
+        proposals = cached_training_proposals(
+            output_dir / "rcnn" / "proposals.pth", resume, model.rpn,
+            run.test_loader(train_images), train_images, settings, device)
         samples = loc_batches.RCNNSamples(train_images, proposals, cfg.rcnn.rois_per_image,
                                           cfg.data.flip_prob)
         train_stage(run, "rcnn", model.rcnn, samples, loc_batches.collate_rcnn, cfg.rcnn.solver,
@@ -143,16 +143,3 @@ def train(cfg: LocalizationConfig, resume: bool = False) -> dict[str, Any]:
         dataset.report_skipped_images()
     return metrics
 
-
-def _training_proposals(run: Run, model: Localizer, dataset: Any, settings: LocTestSettings
-                        ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """The RPN's proposals on the training images, cached in rcnn/proposals.pth."""
-    path = run.output_dir / "rcnn" / "proposals.pth"
-    if run.resume and path.is_file():
-        stored = torch.load(path, map_location="cpu", weights_only=True)
-        return {int(k): (v[0], v[1]) for k, v in stored.items()}
-    proposals = training_proposals(model.rpn, run.test_loader(dataset), dataset, settings,
-                                   run.device)
-    if run.dist.is_main:
-        atomic_save({k: list(v) for k, v in proposals.items()}, path)
-    return proposals

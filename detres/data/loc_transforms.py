@@ -1,0 +1,156 @@
+"""Localization transforms and test-time views (He et al. 2015, Appendix C).
+
+``LocTrainTransform`` is the paper's classification augmentation (Sec. 3.4, Appendix C:
+shorter side drawn from [256, 480], random 224x224 crop, flip) carrying the boxes along;
+``LocTestTransform`` resizes the whole image (dense fully-convolutional testing).
+
+Test-time views: the localizer sees each original image several ways (the classifier's
+centre crop, the RPN's test scales, the R-CNN's original pixels). ``classifier_view`` and
+``scaled_batch`` make them here, on the data side, so the models never resize numpy images.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from detres.data.io import image_to_tensor
+from detres.data.transforms import TransformOutput, resize, resize_scale
+from detres.structures import ImageBatch
+
+
+class _PerProcessRng:
+    """A numpy generator re-seeded once per process from ``seed`` and the DataLoader worker's
+    seed (as ``DetectionTransform``), so workers do not repeat each other's draws."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = seed
+        self._pid: int | None = None
+        self._rng = np.random.default_rng(seed)
+
+    def get(self) -> np.random.Generator:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            info = torch.utils.data.get_worker_info()
+            entropy = self.seed if info is None else [self.seed or 0, info.seed % 2**63]
+            self._rng = np.random.default_rng(entropy)
+        return self._rng
+
+
+class LocTrainTransform:
+    """Scale augmentation, random square crop, horizontal flip (Sec. 3.4, Appendix C).
+
+    The shorter side is drawn uniformly from ``scale_range`` (inclusive) and the image resized
+    with ``detres.data.transforms.resize`` (boxes times the recorded ``scale``); then a
+    ``crop_size`` square is cut at a uniform random position (an image smaller than that is
+    zero-padded at the bottom/right first) and flipped with ``flip_prob``. Boxes are shifted
+    and clipped to the crop; a box whose visible part is narrower or shorter than 1 px, or
+    keeps less than ``min_visible`` (30 %) of its area in the resized image, is dropped along
+    with its label. Returns ``(image, boxes, labels, scale)``; ``scale`` is resized/original
+    (the crop does not change it).
+    """
+
+    def __init__(self, scale_range: tuple[int, int] = (256, 480), crop_size: int = 224,
+                 flip_prob: float = 0.5, seed: int | None = None, *,
+                 min_visible: float = 0.3) -> None:
+        lo, hi = (int(v) for v in scale_range)
+        if not 0 < lo <= hi:
+            raise ValueError(f"scale_range must be 0 < lo <= hi, got {scale_range!r}")
+        if crop_size <= 0:
+            raise ValueError(f"crop_size must be positive, got {crop_size}")
+        self.scale_range = (lo, hi)
+        self.crop_size = int(crop_size)
+        self.flip_prob = float(flip_prob)
+        self.min_visible = float(min_visible)
+        self.seed = seed
+        self._rng = _PerProcessRng(seed)
+
+    def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
+                 ) -> TransformOutput:
+        rng = self._rng.get()
+        labels = np.asarray(labels, np.int64)
+        h, w = image.shape[:2]
+        short = int(rng.integers(self.scale_range[0], self.scale_range[1] + 1))
+        scale = resize_scale(h, w, short, None)
+        image, boxes = resize(image, boxes, scale)
+        c = self.crop_size
+        h, w = image.shape[:2]
+        if h < c or w < c:
+            padded = np.zeros((max(h, c), max(w, c), 3), np.uint8)
+            padded[:h, :w] = image
+            image = padded
+        top = int(rng.integers(image.shape[0] - c + 1))
+        left = int(rng.integers(image.shape[1] - c + 1))
+        image = image[top:top + c, left:left + c]
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        boxes = boxes - np.array([left, top, left, top], np.float32)
+        boxes = boxes.clip(0, c)  # the crop is square
+        bw, bh = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        keep = (bw >= 1) & (bh >= 1) & (bw * bh >= self.min_visible * area)
+        boxes, labels = boxes[keep], labels[keep]
+        if self.flip_prob > 0 and rng.uniform() < self.flip_prob:
+            image = image[:, ::-1]
+            boxes = np.stack([c - boxes[:, 2], boxes[:, 1], c - boxes[:, 0], boxes[:, 3]], 1)
+        return TransformOutput(np.ascontiguousarray(image),
+                               np.ascontiguousarray(boxes, np.float32).reshape(-1, 4),
+                               labels, float(scale))
+
+
+class LocTestTransform:
+    """Deterministic shorter-side resize of the whole image (for dense testing); the longer
+    side is capped at ``max_size`` if given. Returns ``(image, boxes, labels, scale)``."""
+
+    def __init__(self, short_side: int, max_size: int | None = None) -> None:
+        if short_side <= 0:
+            raise ValueError(f"short_side must be positive, got {short_side}")
+        self.short_side = int(short_side)
+        self.max_size = max_size
+
+    def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
+                 ) -> TransformOutput:
+        scale = resize_scale(image.shape[0], image.shape[1], self.short_side, self.max_size)
+        image, boxes = resize(image, boxes, scale)
+        return TransformOutput(np.ascontiguousarray(image), boxes,
+                               np.asarray(labels, np.int64), float(scale))
+
+
+def resized(image: np.ndarray, short_side: int, max_size: int | None
+            ) -> tuple[np.ndarray, float]:
+    """The image with its shorter side at ``short_side`` (longer capped at ``max_size``)."""
+    scale = resize_scale(image.shape[0], image.shape[1], short_side, max_size)
+    return resize(image, np.zeros((0, 4), np.float32), scale)[0], scale
+
+
+def classifier_view(image: np.ndarray, test_size: int, crop: int | None) -> torch.Tensor:
+    """(3, h, w) uint8: shorter side to ``test_size``, then the centre ``crop`` x ``crop``
+    (zero-padded if the resized image is smaller), as the classification test recipe; with
+    ``crop`` None the whole resized image."""
+    image, _ = resized(image, test_size, None)
+    if crop is None:
+        return image_to_tensor(image)
+    h, w = image.shape[:2]
+    out = np.zeros((crop, crop, 3), np.uint8)
+    top, left = max((h - crop) // 2, 0), max((w - crop) // 2, 0)
+    part = image[top:top + crop, left:left + crop]
+    oy, ox = (crop - part.shape[0]) // 2, (crop - part.shape[1]) // 2
+    out[oy:oy + part.shape[0], ox:ox + part.shape[1]] = part
+    return image_to_tensor(out)
+
+
+def scaled_batch(images: Sequence[np.ndarray], short_side: int, max_size: int | None
+                 ) -> tuple[ImageBatch, list[float]]:
+    """The images resized to ``short_side`` (capped at ``max_size``), padded into one batch,
+    and each image's resized/original factor."""
+    tensors, scales = [], []
+    for image in images:
+        out, s = resized(image, short_side, max_size)
+        tensors.append(image_to_tensor(out))
+        scales.append(s)
+    return ImageBatch.from_tensors(tensors), scales
+
+
+def original_batch(images: Sequence[np.ndarray]) -> ImageBatch:
+    """The original images padded into one batch (the R-CNN crops from them)."""
+    return ImageBatch.from_tensors([image_to_tensor(im) for im in images])
