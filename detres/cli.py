@@ -1,8 +1,6 @@
-"""What every tool does the same way: its command line and how user errors end it (the run's
-setup is ``detres.engine.launch.setup_run``, called by the tasks' ``train`` / ``evaluate``).
-
-The tools in ``tools/`` are thin entry points over this module and the tasks' ``train`` /
-``evaluate`` functions (``detres/tasks``)."""
+"""What every tool does the same way: its command line and how user errors end it. The tools
+in ``tools/`` are thin entry points over this module and the tasks' ``train`` / ``evaluate``
+(``detres/tasks``), which set their run up with ``detres.engine.launch.setup_run``."""
 from __future__ import annotations
 
 import argparse
