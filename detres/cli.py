@@ -10,6 +10,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import torch
+
 from detres.config import ConfigError, load_config
 from detres.data.io import DatasetError
 from detres.engine import distributed as du
@@ -47,16 +49,48 @@ def parse_tool_args(doc: str, default_config: str,
     return args
 
 
+OOM_HINT = ("lower solver.ims_per_batch (training), test.ims_per_batch (evaluation) or the "
+            "image size (data.min_size_train, data.max_size_train, data.min_size_test, "
+            "data.max_size_test); the last checkpoint in train.output_dir is intact and "
+            "--resume continues from it")
+
+
 def run_main(main: Callable[[], Any], extra_errors: tuple[type[Exception], ...] = ()) -> None:
-    """Runs a tool's ``main``: user errors (and ``extra_errors``) exit 1 with one line;
-    torchrun state is torn down."""
+    """Runs a tool's ``main``: user errors (and ``extra_errors``) and running out of memory
+    exit 1 with one line; torchrun state is torn down."""
     try:
         main()
     except (*USER_ERRORS, *extra_errors) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
+        sys.exit(1)
+    except (MemoryError, RuntimeError) as e:    # torch.OutOfMemoryError is a RuntimeError
+        if not out_of_memory(e):
+            raise
+        where = "GPU" if isinstance(e, torch.OutOfMemoryError) else "CPU"
+        print(f"error: out of {where} memory; {OOM_HINT}", file=sys.stderr)
         sys.exit(1)
     finally:
         du.cleanup()
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, Python's MemoryError, or PyTorch's CPU allocator failing
+    (a RuntimeError "DefaultCPUAllocator: can't allocate memory")."""
+    return (isinstance(error, (torch.OutOfMemoryError, MemoryError))
+            or "can't allocate memory" in str(error))
+
+
+def user_message(error: Exception) -> str:
+    """The error's own message. An error raised in a DataLoader worker comes back wrapped
+    ("Caught ImageDecodeError in DataLoader worker process 0. Original Traceback ..."); its
+    message is the last line of that traceback, so the user reads the same line whether the
+    loader has workers or not."""
+    text = str(error)
+    if "in DataLoader worker process" not in text or "Original Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]           # "pkg.module.ImageDecodeError: <message>"
+    name = f"{type(error).__name__}: "
+    return last.split(name, 1)[1] if name in last else last
 
 
 # The default configs of the training tools: the checkout's configs/ folder.

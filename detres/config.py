@@ -23,6 +23,8 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from detres.atomic import atomic_write_bytes
+
 T = TypeVar("T")
 COMMAND_LINE = "<command line>"
 
@@ -249,11 +251,11 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def dump(cfg: Any, path: str | Path | None = None) -> str:
-    """Writes the resolved config as YAML (loadable by ``load_config``); returns the text."""
+    """Writes the resolved config as YAML (loadable by ``load_config``), atomically; returns
+    the text."""
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text, encoding="utf-8")
+        atomic_write_bytes(path, lambda f: f.write(text.encode("utf-8")))
     return text
 
 

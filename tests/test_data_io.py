@@ -118,3 +118,21 @@ def test_skip_bad_images_counts_and_reports(tmp_path, caplog):
     assert "skipped 2 of 4 images" in caplog.text and "4.jpg" in caplog.text
     with pytest.raises(ImageDecodeError, match="4.jpg"):
         COCODetection(ann, tmp_path / "img")[3]
+
+
+def test_skip_without_substitution_gives_placeholder_with_own_id(tmp_path, caplog):
+    from detres.data.io import SkippedImageTargets
+    ann = _tiny_coco(tmp_path)
+    (tmp_path / "img" / "2.jpg").write_bytes(b"")                      # found up front
+    (tmp_path / "img" / "4.jpg").write_bytes(b"\xff\xd8\xff garbage")  # found when read
+    ds = COCODetection(ann, tmp_path / "img", skip_bad_images=True)
+    ds.substitute_bad_images = False  # evaluation
+    items = [ds[i] for i in range(len(ds))]
+    assert [t.image_id for _, t in items] == [1, 2, 3, 4]
+    assert [isinstance(t, SkippedImageTargets) for _, t in items] == [False, True, False, True]
+    image, targets = items[3]
+    assert tuple(image.shape) == (3, 30, 40) and int(image.max()) == 0 and len(targets) == 0
+    assert targets.orig_size == (30, 40) and len(items[0][1]) == 1
+    with caplog.at_level(logging.WARNING):
+        assert ds.report_skipped_images() == 2
+    assert "2.jpg" in caplog.text and "4.jpg" in caplog.text

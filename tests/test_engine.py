@@ -252,3 +252,51 @@ def test_grad_scaler_skips_the_update_on_an_inf_gradient(clip_grad_norm):
         s.get("momentum_buffer") is None for s in trainer.optimizer.state.values())
     assert scaler.get_scale() == 512.0             # backoff factor 0.5
     assert trainer.iteration == 1                  # the iteration counts; the update was skipped
+
+
+# ----------------------------------------------------------------------------- NaN gradients
+class NanGradAt(nn.Module):
+    """A tiny classifier whose fc bias gets a NaN gradient on forward call ``at`` (0-based)
+    while every loss stays finite (e.g. a 0 * inf inside a backward)."""
+
+    class _NanGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.shape = x.shape
+            return x.sum() * 0.0
+
+        @staticmethod
+        def backward(ctx, grad):
+            return torch.full(ctx.shape, float("nan"))
+
+    def __init__(self, at: int, norm: str = "bn"):
+        super().__init__()
+        self.inner, self.at, self.calls = tiny_model(norm), at, 0
+
+    def forward(self, images, labels):
+        out = self.inner(images, labels)
+        if self.calls == self.at:
+            bias = self.inner.net.fc.bias
+            out.losses["loss_cls"] = out.losses["loss_cls"] + self._NanGrad.apply(bias)
+        self.calls += 1
+        return out
+
+
+@pytest.mark.parametrize("clip_grad_norm", [None, 1.0])   # clipping passes a NaN on
+def test_nan_gradient_with_finite_loss_stops_before_the_update(tmp_path, clip_grad_norm):
+    from detres.engine.loop import NonFiniteGradientError
+
+    trainer = make_trainer(tmp_path, 10, model=NanGradAt(4), clip_grad_norm=clip_grad_norm)
+    with pytest.raises(NonFiniteGradientError, match=r"gradient at iteration 4 .*loss=") as e:
+        trainer.run()                 # checkpoint after 4 iterations, NaN gradient in the 5th
+    assert isinstance(e.value, NonFiniteLossError)            # the CLI's user error
+    assert "model_0000003.pth" in str(e.value) and "intact" in str(e.value)
+    assert trainer.iteration == 4
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000003.pth"
+    assert not (tmp_path / "model_final.pth").exists()
+    ckpt = torch.load(tmp_path / "model_0000003.pth", weights_only=True)
+    assert ckpt["iteration"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    # no update: the weights are still those of the checkpoint
+    for name, value in trainer.module.inner.named_parameters():
+        assert torch.equal(value.detach(), ckpt["model"]["inner." + name]), name

@@ -9,17 +9,20 @@ rank its slice of the same global batches.
 import json
 import os
 import socket
+from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import TinyData, tiny_model
+from torch import nn
 
 from detres.data.classification import make_loader
 from detres.data.samplers import TrainingSampler
 from detres.engine import Trainer, WarmupMultiStepSchedule
 from detres.engine.logging import read_metrics
+from detres.engine.loop import NonFiniteLossError
 
 MAX_ITER, GLOBAL_BATCH = 6, 8
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,3 +76,82 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path):
     assert len(read_metrics(tmp_path / "ddp")) == MAX_ITER
     ckpt = torch.load(tmp_path / "ddp" / "model_final.pth", weights_only=True)
     assert ckpt["iteration"] == MAX_ITER
+
+
+# ------------------------------------------------------------- a NaN on one of two ranks only
+NAN_AT = 4          # the 0-based iteration; the checkpoint after 3 iterations is the last good
+
+
+class _NanGrad(torch.autograd.Function):
+    """Adds nothing to the loss; its input's gradient is NaN."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.sum() * 0.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full(ctx.shape, float("nan"))
+
+
+class NanOnRank1(nn.Module):
+    """The tiny GN classifier; on rank 1 only, iteration NAN_AT has a NaN loss ("loss") or a
+    finite loss with a NaN fc-bias gradient ("grad")."""
+
+    def __init__(self, kind: str, rank: int):
+        super().__init__()
+        self.inner, self.kind, self.rank, self.calls = tiny_model(norm="gn"), kind, rank, 0
+
+    def forward(self, images, labels):
+        out = self.inner(images, labels)
+        if self.rank == 1 and self.calls == NAN_AT:
+            loss = out.losses["loss_cls"]
+            out.losses["loss_cls"] = (loss * float("nan") if self.kind == "loss"
+                                      else loss + _NanGrad.apply(self.inner.net.fc.bias))
+        self.calls += 1
+        return out
+
+
+def _nan_worker(rank: int, world_size: int, port: int, output_dir: str, kind: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # a rank left waiting in a collective fails after 60 s instead of hanging the test
+    dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        model, data = NanOnRank1(kind, rank), TinyData()
+        sampler = TrainingSampler(len(data), GLOBAL_BATCH, seed=0, rank=rank,
+                                  world_size=world_size)
+        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                          WarmupMultiStepSchedule(), make_loader(data, batch_sampler=sampler),
+                          max_iter=MAX_ITER, output_dir=output_dir, sampler=sampler,
+                          checkpoint_period=3, progress=False)
+        try:
+            trainer.run()
+            outcome = "finished"
+        except NonFiniteLossError as e:
+            outcome = f"{type(e).__name__}: {e}"
+        trainer.close()
+        with open(os.path.join(output_dir, f"rank{rank}.txt"), "w") as f:
+            f.write(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kind, error", [("loss", "NonFiniteLossError: non-finite loss"),
+                                         ("grad", "NonFiniteGradientError: non-finite gradient")])
+def test_nan_on_one_rank_stops_both_and_keeps_the_last_checkpoint(tmp_path, kind, error):
+    mp.start_processes(_nan_worker, args=(2, _free_port(), str(tmp_path), kind), nprocs=2,
+                       join=True, start_method="fork")
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    for outcome in outcomes:
+        assert outcome.startswith(f"{error} at iteration {NAN_AT} "), outcome
+        assert "model_0000002.pth is intact" in outcome
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
+    assert not (tmp_path / "model_final.pth").exists()
+    ckpt = torch.load(tmp_path / "model_0000002.pth", weights_only=True)
+    assert ckpt["iteration"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

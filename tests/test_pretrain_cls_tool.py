@@ -85,7 +85,9 @@ def test_eval_only_and_foreign_checkpoints(tiny_set, tmp_path):
     again = pretrain_cls.main(args(tiny_set, tmp_path / "eval") +
                               ["--eval-only", "--weights", str(out / "model_final.pth")])
     assert again["top1_err"] == trained["top1_err"]
-    assert (tmp_path / "eval" / "eval" / "metrics.json").is_file()
+    (folder,) = (tmp_path / "eval" / "eval_only").iterdir()
+    assert json.loads((folder / "eval" / "metrics.json").read_text())["top1_err"] == pytest.approx(
+        trained["top1_err"])
     with pytest.raises(CheckpointError, match="another model") as e:
         pretrain_cls.main(args(tiny_set, tmp_path / "x", "model.backbone.depth=14") +
                           ["--eval-only", "--weights", str(out / "model_final.pth")])

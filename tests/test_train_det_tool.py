@@ -130,7 +130,10 @@ def test_eval_only_reproduces_the_final_evaluation(finished_run, tmp_path):
     again = train_det.main([*TINY, f"train.output_dir={tmp_path}", "--eval-only",
                             "--weights", str(out / "model_final.pth")])
     assert again == pytest.approx(metrics, nan_ok=True)
-    assert not (tmp_path / "config.yaml").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["eval_only"]   # its records in their own
+    (folder,) = (tmp_path / "eval_only").iterdir()                 # sub-folder
+    stored = json.loads((folder / "eval" / "metrics.json").read_text())["bbox"]
+    assert stored["AP"] == pytest.approx(metrics["AP"], nan_ok=True)
 
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path):

@@ -74,6 +74,8 @@ def test_eval_only_reproduces_the_final_metrics(trained, tmp_path):
     again = train_loc.main(tiny(tmp_path / "eval") + ["--eval-only", "--weights",
                                                       str(out / "model_final.pth")])
     assert again == metrics
+    (folder,) = (tmp_path / "eval" / "eval_only").iterdir()
+    assert json.loads((folder / "eval" / "metrics.json").read_text()) == metrics
 
 
 def test_eval_loc_uses_the_stored_config_and_writes_out(trained, tmp_path):

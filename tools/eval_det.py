@@ -19,7 +19,9 @@ From a trained model:
 
 evaluates on the config's ``data.val`` as ``tools/train_det.py --eval-only`` does; ``--metric``
 and ``--engine`` override the config's ``test.metric`` (and the default COCO engine), as in
-file mode.
+file mode. Its records (config.yaml, env.json, log.txt, eval/) go to a new
+``train.output_dir/eval_only/<YYYYmmdd-HHMMSS>/`` (logged as "records in ..."); the training
+run's own records there are left alone.
 """
 from __future__ import annotations
 

@@ -7,8 +7,10 @@ Without CONFIG the config stored in the checkpoint is used; key=value overrides 
 ``test.scales=[224,288,352]`` for multi-scale dense testing, ``data.val.root=...``). Prints the
 errors of the RPN alone and of RPN + R-CNN side by side (localization error on the ground-truth
 class, top-1/top-5 localization error, top-1/top-5 classification error, percent), writes
-eval/metrics.json and eval/predictions.json under train.output_dir, and ``--out`` the metrics
-JSON. Under torchrun every rank evaluates a shard.
+eval/metrics.json and eval/predictions.json (with config.yaml, env.json, log.txt) into a new
+train.output_dir/eval_only/<YYYYmmdd-HHMMSS>/ (logged as "records in ..."), never into the
+training run's records, and ``--out`` the metrics JSON. Under torchrun every rank evaluates a
+shard.
 """
 from __future__ import annotations
 

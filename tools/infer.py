@@ -3,15 +3,21 @@
 
     python tools/infer.py [CONFIG] --weights W IMAGE_OR_DIR [...] --out DIR [key=value ...]
 
-Writes DIR/<image name>.png (boxes, class names and scores drawn) for every image and
-DIR/results.json (COCO results format: original pixels, the training set's category ids; the
-image id is the image's position in the sorted input list). Without CONFIG the config stored in
-the checkpoint is used; key=value overrides apply either way, e.g.
-``model.roi_head.score_threshold=0.5``.
+Draws every image (boxes, class names and scores) as DIR/<name>.png, where <name> is the
+image's path relative to the folder given (folders are searched recursively), or its file name
+for an image given itself, suffix kept: imgs/a/1.jpg -> DIR/a/1.jpg.png, so a/1.jpg, b/1.jpg and
+1.png never share a drawing. Two inputs that would (x/1.jpg and y/1.jpg given as files) are an
+error before any work. Writes DIR/results.json: COCO results format (original pixels, the
+training set's category ids) plus "file_name" (the image's path as found from the input given);
+the image id is the image's position in the input list (folders sorted). An unreadable image is
+skipped with a warning and named at the end; the run fails only if no image could be read.
+Without CONFIG the config stored in the checkpoint is used; key=value overrides apply either
+way, e.g. ``model.roi_head.score_threshold=0.5``.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from tqdm import tqdm
@@ -27,6 +33,7 @@ from detres.tasks.detection.config import DetectionConfig
 from detres.visualize import save_detections
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+logger = logging.getLogger("detres")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,19 +59,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def list_images(paths: list[str]) -> list[Path]:
-    files: list[Path] = []
+def list_images(paths: list[str], out: Path) -> list[tuple[Path, str]]:
+    """(file, name) of every image: a folder's images (recursively, sorted, none under ``out``)
+    named by their path relative to it, an image file by its file name."""
+    files: list[tuple[Path, str]] = []
+    out_root = out.resolve()
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+                           and f.is_file() and not f.resolve().is_relative_to(out_root))
             if not found:
                 raise DatasetError(f"{p}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
-            files.extend(found)
+            files.extend((f, f.relative_to(p).as_posix()) for f in found)
         elif p.is_file():
-            files.append(p)
+            files.append((p, p.name))
         else:
             raise DatasetError(f"{p}: no such image file or folder")
     return files
+
+
+def drawing_paths(images: list[tuple[Path, str]], out: Path) -> list[Path]:
+    """``out/<name>.png`` for each image; an error if two images share a name or a drawing
+    would land outside ``out`` (through a symbolic link in it)."""
+    root, first_of, drawings = out.resolve(), {}, []
+    for path, name in images:
+        drawing = out / f"{name}.png"
+        if name in first_of:
+            raise DatasetError(f"{first_of[name]} and {path} would both be drawn as {drawing}; "
+                               "give their common folder instead, or run them separately")
+        if not drawing.resolve().is_relative_to(root):
+            raise DatasetError(f"{path}: its drawing {drawing} would be written outside --out "
+                               f"{out} (to {drawing.resolve()})")
+        first_of[name] = path
+        drawings.append(drawing)
+    return drawings
 
 
 def make_predictor(args: argparse.Namespace) -> Predictor:
@@ -80,23 +108,36 @@ def make_predictor(args: argparse.Namespace) -> Predictor:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    files = list_images(args.images)
-    predictor = make_predictor(args)
     out = Path(args.out)
+    images = list_images(args.images, out)
+    drawings = drawing_paths(images, out)
+    predictor = make_predictor(args)
     results: list[dict] = []
-    bar = tqdm(total=len(files), desc="infer", dynamic_ncols=True)
-    for start in range(0, len(files), args.batch_size):
-        chunk = files[start:start + args.batch_size]
-        images = [read_image(path) for path in chunk]
-        for k, (path, image, detections) in enumerate(zip(chunk, images, predictor(images))):
-            results.extend(predictor.to_coco_results(detections, start + k))
-            save_detections(out / f"{path.stem}.png", image, detections.boxes.numpy(),
-                            detections.scores.numpy(), detections.labels.numpy(),
-                            predictor.class_names, args.min_score)
-        bar.update(len(chunk))
+    failed: list[Path] = []
+    bar = tqdm(total=len(images), desc="infer", dynamic_ncols=True)
+    for start in range(0, len(images), args.batch_size):
+        chunk = []
+        for k in range(start, min(start + args.batch_size, len(images))):
+            try:
+                chunk.append((k, read_image(images[k][0])))
+            except DatasetError as e:   # missing, empty, truncated or corrupt: skip it
+                logger.warning("skipping %s", e)
+                failed.append(images[k][0])
+        detections = predictor([image for _, image in chunk]) if chunk else []
+        for (k, image), d in zip(chunk, detections):
+            results.extend({"image_id": k, "file_name": str(images[k][0]), **r}
+                           for r in predictor.to_coco_results(d, k))
+            save_detections(drawings[k], image, d.boxes.numpy(), d.scores.numpy(),
+                            d.labels.numpy(), predictor.class_names, args.min_score)
+        bar.update(min(args.batch_size, len(images) - start))
     bar.close()
+    if len(failed) == len(images):
+        raise DatasetError(f"none of the {len(images)} images could be read (first: {failed[0]})")
     write_json(out / "results.json", results, indent=None)
-    print(f"{len(files)} images, {len(results)} detections "
+    if failed:
+        logger.warning("%d of %d images could not be read and were skipped: %s", len(failed),
+                       len(images), ", ".join(map(str, failed)))
+    print(f"{len(images) - len(failed)} images, {len(results)} detections "
           f"({sum(r['score'] >= args.min_score for r in results)} drawn at score >= "
           f"{args.min_score}) -> {out}")
     return results

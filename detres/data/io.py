@@ -178,9 +178,17 @@ def _concat(parts: list[np.ndarray], empty_shape: tuple[int, ...], dtype) -> np.
     return np.concatenate(parts) if parts else np.zeros(empty_shape, dtype)
 
 
+@dataclass(frozen=True)
+class SkippedImageTargets(Targets):
+    """The ``Targets`` of a test image that could not be read (``skip_bad_images`` without
+    substitution): its own image id, no boxes. Evaluation gives it no detections, so its ground
+    truth counts as missed and no other image is counted twice."""
+
+
 class BadImageSkipper:
     """``skip_bad_images`` for any dataset: an image that cannot be read is logged, counted and
-    replaced by the next readable one, instead of stopping the run.
+    replaced by the next readable one (training), or reported as missing (``substitute=False``,
+    evaluation), instead of stopping the run.
 
     The flags live in shared memory, so skips made in DataLoader workers are seen (and
     reported) by the main process. With ``enabled`` False, reading errors pass through.
@@ -210,9 +218,11 @@ class BadImageSkipper:
             if self.count:
                 self.report()
 
-    def read(self, i: int, read: Callable[[int], T]) -> tuple[T, int]:
-        """``(read(j), j)`` for the first readable image j from i on (i itself unless skipping)."""
-        for k in range(self.size):
+    def read(self, i: int, read: Callable[[int], T], substitute: bool = True
+             ) -> tuple[T | None, int]:
+        """``(read(j), j)`` for the first readable image j from i on (i itself unless skipping).
+        With ``substitute`` False a bad image i gives ``(None, i)`` (still counted)."""
+        for k in range(self.size if substitute else 1):
             j = (i + k) % self.size
             if self.enabled and bool(self.bad[j]):
                 continue
@@ -225,6 +235,8 @@ class BadImageSkipper:
                     raise
                 self.bad[j] = True
                 logger.warning("skipping %s", e)
+        if not substitute:
+            return None, i
         raise DatasetError(f"{self.source}: none of the {self.size} images could be read")
 
     @property
@@ -261,16 +273,22 @@ class DetectionDataset(Dataset):
             one, is logged, counted and replaced by the next good image instead of raising.
             ``num_skipped_images`` and ``report_skipped_images()`` tell how many at the end.
         source: what to name in messages (the annotation file or dataset folder).
+        substitute_bad_images: with ``skip_bad_images``, replace a bad image by the next good
+            one (training). False (evaluation; ``evaluate_detector`` sets it): a bad image
+            gives a black placeholder of its annotated size (transformed) with
+            ``SkippedImageTargets`` under its own id, which evaluation scores as "no detections".
     """
 
     def __init__(self, index: AnnotationIndex, class_names: list[str], *,
                  transform: Transform | None = None, keep_ignored: bool = False,
-                 skip_bad_images: bool = False, source: str = "") -> None:
+                 skip_bad_images: bool = False, source: str = "",
+                 substitute_bad_images: bool = True) -> None:
         self.index = index
         self.class_names = list(class_names)
         self.transform = transform
         self.keep_ignored = keep_ignored
         self.skip_bad_images = skip_bad_images
+        self.substitute_bad_images = substitute_bad_images
         self.source = source
         self.skipper = BadImageSkipper(len(index), skip_bad_images, source, index.path)
 
@@ -318,9 +336,13 @@ class DetectionDataset(Dataset):
         """What gave image i's annotated size, for the size-mismatch message."""
         return self.source
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Targets]:
-        i = int(i)
-        image, i = self.skipper.read(i, self.read_image)
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, Targets]:
+        """Image ``item``, or ``(index, seed)`` from a training sampler: the seed then drives
+        the transform's augmentation (``DetectionTransform``)."""
+        i, seed = (int(item[0]), int(item[1])) if isinstance(item, tuple) else (int(item), None)
+        image, i = self.skipper.read(i, self.read_image, self.substitute_bad_images)
+        if image is None:
+            return self._placeholder(i)
         r = self.index.rows(i)
         keep = slice(None) if self.keep_ignored else ~self.index.ignore[r]
         boxes = self.index.boxes[r][keep]
@@ -328,13 +350,26 @@ class DetectionDataset(Dataset):
         orig_size = (image.shape[0], image.shape[1])
         scale = 1.0
         if self.transform is not None:
-            image, boxes, labels, scale = self.transform(image, boxes, labels)
+            image, boxes, labels, scale = (self.transform(image, boxes, labels) if seed is None
+                                           else self.transform(image, boxes, labels, seed=seed))
         tensor = image_to_tensor(image)
         targets = Targets(boxes=torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4)),
                           labels=torch.as_tensor(np.asarray(labels, np.int64)),
                           image_id=int(self.index.image_ids[i]), scale=float(scale),
                           orig_size=orig_size)
         return tensor, targets
+
+    def _placeholder(self, i: int) -> tuple[Tensor, Targets]:
+        """Image i could not be read (evaluation): black, of its annotated size after the
+        transform, with ``SkippedImageTargets`` (its own id, no boxes)."""
+        h, w = (int(v) for v in self.index.sizes[i])
+        image, scale = np.zeros((h, w, 3), np.uint8), 1.0
+        if self.transform is not None:
+            image, _, _, scale = self.transform(image, np.zeros((0, 4), np.float32),
+                                                np.zeros((0,), np.int64))
+        return image_to_tensor(image), SkippedImageTargets(
+            boxes=torch.zeros((0, 4)), labels=torch.zeros((0,), dtype=torch.int64),
+            image_id=int(self.index.image_ids[i]), scale=float(scale), orig_size=(h, w))
 
     @property
     def num_skipped_images(self) -> int:

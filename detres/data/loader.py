@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, Sampler, Subset
 
+from detres.data.io import DetectionDataset
 from detres.data.samplers import DropSeed, InferenceSampler, TrainingSampler
 from detres.structures import SIZE_DIVISIBILITY, ImageBatch, Targets
 
@@ -150,9 +151,10 @@ def build_detection_loader(dataset: Dataset, batch_size: int, *, training: bool 
         batch_sampler: Sampler = TrainingSampler(n, batch_size, group_ids=groups,
                                                  shuffle=shuffle, seed=seed, rank=rank,
                                                  world_size=world_size, key=batch_key)
-        # Detection transforms draw from their worker's generator, not from the item seeds
-        # (per-item seeds would change every augmentation of the demo runs).
-        dataset = DropSeed(dataset)
+        # A DetectionDataset takes the (index, seed) items: the seed drives the sample's
+        # augmentation, so a resumed run equals an uninterrupted one; others get indices.
+        if not isinstance(dataset, DetectionDataset):
+            dataset = DropSeed(dataset)
     else:
         batch_sampler = BatchSampler(InferenceSampler(n, rank, world_size), batch_size,
                                      drop_last=False)

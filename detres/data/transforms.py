@@ -18,9 +18,12 @@ before the resize through ``albumentations.Compose`` with ``BboxParams(format="p
 on the original image; a ``box_index`` label field keeps labels aligned with the boxes that a
 user-supplied crop may drop. The test-time transform is the resize alone: deterministic.
 
-Randomness (the short side drawn from ``short_sides``, albumentations' own generator) is
-re-seeded once per process from ``seed`` and the DataLoader worker's seed, so workers do not
-repeat each other's augmentations and a run with a fixed loader seed is reproducible.
+Randomness (the short side drawn from ``short_sides``, albumentations' own generator). In
+training each sample comes with a seed from the sampler (a function of the run's seed and the
+sample's position in the stream, ``detres.data.samplers``): its augmentation depends on that
+alone, so a resumed run sees exactly the augmentations of an uninterrupted one, with or without
+DataLoader workers. Called without a seed, the transform draws from a generator seeded once
+per process from ``seed`` and the DataLoader worker's seed.
 """
 from __future__ import annotations
 
@@ -123,9 +126,17 @@ class DetectionTransform:
         if self.augment is not None:
             self.augment.set_random_seed(int(self._rng.integers(2**31)))
 
-    def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray) -> TransformOutput:
-        """(h, w, 3) uint8, (M, 4) float32 xyxy original pixels, (M,) int64 -> TransformOutput."""
-        self._reseed_if_new_process()
+    def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
+                 seed: int | None = None) -> TransformOutput:
+        """(h, w, 3) uint8, (M, 4) float32 xyxy original pixels, (M,) int64 -> TransformOutput;
+        with ``seed`` the sample's augmentation is a function of it alone."""
+        if seed is not None:
+            self._rng = np.random.default_rng(seed)
+            self._pid = None      # the next unseeded call starts its process stream afresh
+            if self.augment is not None:
+                self.augment.set_random_seed(int(self._rng.integers(2**31)))
+        else:
+            self._reseed_if_new_process()
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         labels = np.asarray(labels, np.int64)
         if self.augment is not None:

@@ -1,10 +1,11 @@
 """Training engine shared by classification, detection and localization (see loop.py)."""
 from detres.engine.checkpoint import (Checkpointer, CheckpointError, atomic_save,
                                       extract_backbone, load_checkpoint)
-from detres.engine.loop import (NonFiniteLossError, Trainer, TrainResult, move_to_device,
-                                recompute_bn_stats)
+from detres.engine.loop import (NonFiniteGradientError, NonFiniteLossError, Trainer,
+                                TrainResult, move_to_device, recompute_bn_stats)
 from detres.engine.schedule import WarmupMultiStepSchedule, lr_factor_at, scale_lr
 
-__all__ = ["Checkpointer", "CheckpointError", "NonFiniteLossError", "Trainer", "TrainResult",
+__all__ = ["Checkpointer", "CheckpointError", "NonFiniteGradientError", "NonFiniteLossError",
+           "Trainer", "TrainResult",
            "WarmupMultiStepSchedule", "atomic_save", "extract_backbone", "load_checkpoint",
            "lr_factor_at", "move_to_device", "recompute_bn_stats", "scale_lr"]

@@ -15,9 +15,7 @@ stop) never leaves a half-written ``model_*.pth`` or ``last_checkpoint``.
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,29 +23,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from detres.models.resnet import WeightsMismatchError, check_state_dict
+from detres.atomic import atomic_write_bytes
+from detres.models.weights import WeightsMismatchError, check_state_dict
 
 LAST_CHECKPOINT = "last_checkpoint"  # a text file naming the newest checkpoint in the folder
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or written for another task or model."""
-
-
-def atomic_write_bytes(path: str | Path, write: Any) -> None:
-    """Calls ``write(file)`` on a temporary file next to ``path``, then renames it to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

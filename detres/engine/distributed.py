@@ -46,9 +46,13 @@ def init_distributed(device: torch.device | None = None) -> DistInfo:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        device_id = None
         if backend == "nccl":
+            # all_gather_object and barrier put NCCL tensors on torch.cuda.current_device();
+            # device_id binds the group to this rank's GPU as well.
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+            device_id = torch.device("cuda", local_rank)
+        dist.init_process_group(backend=backend, device_id=device_id)
     return DistInfo(rank, world_size, local_rank) if world_size > 1 else get_dist_info()
 
 
@@ -85,17 +89,39 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def backend_device(backend: str) -> torch.device:
+    """The device whose tensors ``backend``'s collectives take: NCCL rejects CPU tensors and
+    works on the GPU that :func:`init_distributed` made current; gloo works on CPU tensors."""
+    return torch.device("cuda") if backend == "nccl" else torch.device("cpu")
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of ``tensor`` on ``device``; the one place collectives move tensors (tests
+    replace it to see the devices a backend would get without owning a GPU)."""
+    return tensor.to(device, copy=True)
+
+
 def all_reduce_tensor(values: torch.Tensor, average: bool = True) -> torch.Tensor:
-    """Sums (or averages) ``values`` over ranks; the identity in a single process."""
+    """Sums (or averages) ``values`` over ranks; the identity in a single process.
+
+    ``values`` may live on any device: the reduction runs on the backend's device
+    (:func:`backend_device`) and the result comes back on ``values``' device.
+    """
     if not is_distributed():
         return values
-    values = values.clone()
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values / dist.get_world_size() if average else values
+    buffer = _to(values, backend_device(dist.get_backend()))
+    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+    if average:
+        buffer = buffer / dist.get_world_size()
+    return _to(buffer, values.device)
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process."""
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` in a single process.
+
+    torch pickles ``obj`` into a tensor on the backend's device itself (for NCCL the current
+    CUDA device, which :func:`init_distributed` sets), so no move is needed here.
+    """
     if not is_distributed():
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()

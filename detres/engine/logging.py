@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from detres.engine.checkpoint import atomic_write_bytes
+from detres.atomic import atomic_write_bytes
 
 METRICS_FILE = "metrics.jsonl"
 LOGGER_NAME = "detres"
@@ -67,15 +67,20 @@ class MetricsWriter:
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+                # purge_step drops the interrupted run's events after the resume point, as
+                # _truncate_after does for metrics.jsonl (no duplicate steps in TensorBoard)
+                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"),
+                                         purge_step=start_iter + 1 if start_iter else None)
             except ImportError:
                 self._tb = None
 
     def _truncate_after(self, start_iter: int) -> None:
+        """Keeps the records up to ``start_iter``; drops later ones and any line a kill left
+        half-written (it does not parse), so appending continues a well-formed file."""
         if not self.path.is_file():
             return
         lines = self.path.read_text(encoding="utf-8").splitlines()
-        kept = [ln for ln in lines if ln.strip() and _iteration_of(ln) <= start_iter]
+        kept = [ln for ln in lines if (it := _iteration_of(ln)) is not None and it <= start_iter]
         if len(kept) != len(lines):
             text = "".join(ln + "\n" for ln in kept)
             atomic_write_bytes(self.path, lambda f: f.write(text.encode()))
@@ -98,21 +103,37 @@ class MetricsWriter:
                 self._tb.close()
 
 
-def _iteration_of(line: str) -> int:
+def _iteration_of(line: str) -> int | None:
+    """The record's iteration (0 without one), or None for a line that is not a JSON object."""
     try:
-        return int(json.loads(line).get("iteration", 0))
-    except (ValueError, AttributeError):
-        return 0
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return int(record.get("iteration", 0)) if isinstance(record, dict) else None
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file (or of the one inside a run folder)."""
+    """The records of a ``metrics.jsonl`` file (or of the one inside a run folder).
+
+    A last line that does not parse is what a kill during a write leaves: it is skipped. A bad
+    line before the last is a damaged file: ValueError naming the file and the line.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}")
-    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = [(n, ln) for n, ln in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if ln.strip()]
+    records = []
+    for k, (n, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            if k == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{n}: not a JSON record: {line[:80]!r}") from None
+    return records
 
 
 def format_record(record: dict[str, Any], max_iter: int | None = None) -> str:

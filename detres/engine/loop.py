@@ -13,9 +13,10 @@ The loop knows nothing about the task. It needs:
   at the end, and a ``finish_fn(model)`` run after the last iteration, before ``model_final.pth``
   is written (precise BN).
 
-Per iteration: LR from the schedule -> forward under autocast -> all ranks average the losses
--> a non-finite loss stops the run (nothing is saved, so the last checkpoint stays good) ->
-backward (grad scaler for fp16) -> optional gradient clipping -> step.
+Per iteration: LR from the schedule -> forward under autocast -> backward (grad scaler for
+fp16) -> all ranks average the losses and a flag of non-finite gradients -> a non-finite loss,
+or a non-finite gradient behind a finite loss, stops every rank before the update (nothing is
+saved, so the last checkpoint stays good) -> optional gradient clipping -> step.
 """
 from __future__ import annotations
 
@@ -45,6 +46,11 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteLossError(FloatingPointError):
     """A loss became NaN or Inf; the message names the iteration and every loss value."""
+
+
+class NonFiniteGradientError(NonFiniteLossError):
+    """A gradient became NaN or Inf while every loss stayed finite (a subclass, so whatever
+    handles a diverged run handles this one too)."""
 
 
 @dataclass
@@ -236,34 +242,53 @@ class Trainer:
         total = sum(losses.values())
         stats = {k: v for k, v in (getattr(output, "stats", None) or {}).items()
                  if isinstance(v, (Tensor, float, int))}
-        # One tensor, one all-reduce and one device->host copy per iteration.
-        packed = torch.stack([total.detach().float()]
-                             + [v.detach().float() for v in losses.values()]
-                             + [torch.as_tensor(v, dtype=torch.float32, device=total.device)
-                                for v in stats.values()])
-        host = du.all_reduce_tensor(packed).tolist()
-        loss_values = dict(zip(["loss", *losses], host))
-        stat_values = dict(zip(stats, host[len(loss_values):]))
-        if not all(math.isfinite(v) for v in loss_values.values()):
-            self._raise_non_finite(loss_values)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         if self.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
+        # One tensor, one all-reduce and one device->host copy per iteration. The last entry
+        # is the share of ranks with a non-finite gradient: every rank sees the same packet,
+        # so a NaN on one rank stops all of them at the same point (no rank left waiting).
+        packed = torch.stack([total.detach().float()]
+                             + [v.detach().float() for v in losses.values()]
+                             + [torch.as_tensor(v, dtype=torch.float32, device=total.device)
+                                for v in stats.values()]
+                             + [self._non_finite_gradients(total.device)])
+        host = du.all_reduce_tensor(packed).tolist()
+        loss_values = dict(zip(["loss", *losses], host))
+        stat_values = dict(zip(stats, host[len(loss_values):-1]))
+        if not all(math.isfinite(v) for v in loss_values.values()):
+            self._raise_non_finite(loss_values)
+        if host[-1] != 0.0:
+            self._raise_non_finite(loss_values, gradients=True)
+        if self.clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.module.parameters(), self.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.iteration += 1
         return loss_values, stat_values
 
-    def _raise_non_finite(self, values: dict[str, float]) -> None:
+    def _non_finite_gradients(self, device: torch.device) -> Tensor:
+        """1.0 when some gradient holds a NaN or Inf, else 0.0. Always 0.0 with the fp16 grad
+        scaler: it expects overflows and skips those updates itself."""
+        grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+        if self.scaler.is_enabled() or not grads:
+            return torch.zeros((), device=device)
+        # The max-abs norm keeps NaN and Inf and cannot overflow; one fused kernel.
+        norms = torch._foreach_norm(grads, float("inf"))
+        return (~torch.stack([n.float() for n in norms]).isfinite().all()).float().to(device)
+
+    def _raise_non_finite(self, values: dict[str, float], gradients: bool = False) -> None:
         shown = ", ".join(f"{k}={v}" for k, v in values.items())
         kept = (f"the last checkpoint {self.last_saved} is intact"
                 if self.last_saved is not None else "no checkpoint had been written yet")
-        raise NonFiniteLossError(
-            f"non-finite loss at iteration {self.iteration} (0-based): {shown}. Training "
-            f"stopped without saving; {kept}. Try a lower solver.base_lr, warmup "
-            f"(solver.warmup_iters) or solver.clip_grad_norm.")
+        what, error = (("gradient", NonFiniteGradientError) if gradients
+                       else ("loss", NonFiniteLossError))
+        finite = " with finite losses" if gradients else ""
+        raise error(
+            f"non-finite {what} at iteration {self.iteration} (0-based){finite}: {shown}. "
+            f"Training stopped before the update and without saving; {kept}. Try a lower "
+            f"solver.base_lr, warmup (solver.warmup_iters) or solver.clip_grad_norm.")
 
     def _periodic(self) -> None:
         if self.checkpoint_period and self.iteration % self.checkpoint_period == 0:

@@ -4,6 +4,10 @@ Each rank runs its slice of the test set; the results are gathered on every rank
 the scores do not depend on it) and the main rank evaluates and writes ``eval/metrics.json``
 (``{"bbox": {...}}``, percent) and ``eval/coco_results.json`` (COCO results format: original
 pixels, dataset category ids).
+
+With ``data.skip_bad_images`` an unreadable test image is never replaced by another one (that
+image's detections would count twice): it arrives as ``SkippedImageTargets`` under its own id,
+gets no detections (its ground truth counts as missed) and is named in a warning.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from detres.data.io import SkippedImageTargets
 from detres.engine import distributed as du
 from detres.engine.logging import write_json
 from detres.evaluation.coco_eval import (detections_to_coco_results, evaluate_coco,
@@ -31,13 +36,18 @@ logger = logging.getLogger("detres")
 def run_detector(model: nn.Module, loader: Iterable[tuple[ImageBatch, list[Targets]]],
                  device: torch.device, amp_dtype: torch.dtype | None = None,
                  progress: bool = True) -> list[tuple[Targets, Detections]]:
-    """(targets, detections on the CPU) of every image this rank sees, in loader order."""
+    """(targets, detections on the CPU) of every image this rank sees, in loader order; an
+    image that could not be read (``SkippedImageTargets``) has empty detections."""
     def step(batch: tuple[ImageBatch, list[Targets]]) -> list[tuple[Targets, Detections]]:
         images, targets = batch
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                            enabled=amp_dtype is not None):
-            detections = model(images.to(device, non_blocking=True)).detections
-        return list(zip(targets, (d.to("cpu") for d in detections)))
+        skipped = [isinstance(t, SkippedImageTargets) for t in targets]
+        detections = [Detections.empty()] * len(targets)
+        if not all(skipped):
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                detections = model(images.to(device, non_blocking=True)).detections
+        return [(t, Detections.empty() if s else d.to("cpu"))
+                for t, s, d in zip(targets, skipped, detections)]
 
     return run_inference(model, loader, step, desc="eval", progress=progress)
 
@@ -78,7 +88,11 @@ def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: 
         The metrics, the same on every rank: the summary numbers, plus ``per_class`` unless
         ``summary_only`` (the training log takes the summary).
     """
+    for d in (dataset, getattr(loader, "dataset", None)):
+        if hasattr(d, "substitute_bad_images"):
+            d.substitute_bad_images = False   # a bad test image must not stand in for another
     pairs = run_detector(model, loader, device, amp_dtype)
+    _report_skipped(pairs, len(dataset))
     if metric == "coco":
         gathered = du.all_gather_objects(coco_results(pairs, dataset.label_to_category_id))
         results = merge_results(gathered)
@@ -103,6 +117,16 @@ def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: 
             if results is not None:
                 write_json(Path(output_dir) / "eval" / "coco_results.json", results, indent=None)
     return {k: v for k, v in metrics.items() if not (summary_only and k == "per_class")}
+
+
+def _report_skipped(pairs: Sequence[tuple[Targets, Detections]], num_images: int) -> None:
+    """Warns (main rank) about the test images, of all ranks, that could not be read."""
+    ids = [t.image_id for t, _ in pairs if isinstance(t, SkippedImageTargets)]
+    ids = sorted(i for rank_ids in du.all_gather_objects(ids) for i in rank_ids)
+    if ids and du.get_dist_info().is_main:
+        logger.warning(f"{len(ids)} of {num_images} test images could not be read and count as "
+                       f"having no detections (image ids {ids[:20]}"
+                       f"{' ...' if len(ids) > 20 else ''})")
 
 
 def write_eval(path: str | Path, metrics: dict[str, Any]) -> None:

@@ -72,6 +72,9 @@ class SolverConfig:
 class RunConfig:
     # where a run writes (docs/architecture.md, Run folder) and how; TrainConfig adds iterations
     output_dir: str = "output/run"
+    # a fresh run into an output_dir that holds a run: false refuses; true removes the old run's
+    # records (checkpoints, last_checkpoint, metrics, eval/, eval_only/, stage folders) first
+    overwrite: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     # mixed precision on CUDA only; ignored on CPU

@@ -1,7 +1,8 @@
 """Classification runs: ``train(cfg)`` pretrains a ResNet (Sec 3.4, 4.2) and writes
 ``backbone.pth``, the detector's initial weights; ``evaluate(cfg, weights)`` scores a
 checkpoint on ``data.val``. Both write ``eval/metrics.json`` ({"top1_err", "top5_err"},
-percent) into ``train.output_dir`` and return the metrics."""
+percent) and return the metrics: ``train`` into ``train.output_dir``, ``evaluate`` into its own
+new ``train.output_dir/eval_only/<YYYYmmdd-HHMMSS>/`` (``engine/launch.py::setup_run``)."""
 from __future__ import annotations
 
 import functools
@@ -13,7 +14,7 @@ import torch
 
 from detres.config import to_dict
 from detres.engine.checkpoint import atomic_save, extract_backbone, load_task_weights
-from detres.engine.launch import setup_run
+from detres.engine.launch import releases_run_lock, setup_run
 from detres.engine.logging import write_json
 from detres.engine.loop import Trainer, recompute_bn_stats
 from detres.evaluation.classification import evaluate_classifier
@@ -31,8 +32,8 @@ def _write_eval(output_dir: Path, results: dict[str, Any]) -> None:
                {k: results[k] for k in ("top1_err", "top5_err")})
 
 
-def _setup(cfg: ClassificationConfig, write_config: bool):
-    device, dist, output_dir, log = setup_run(cfg, write_config=write_config)
+def _setup(cfg: ClassificationConfig, mode: str):
+    device, dist, output_dir, log = setup_run(cfg, mode)
     train_set, val_set, mean_image = build_cls_datasets(cfg.data)
     model = build_classifier(cfg, train_set.num_classes, mean_image).to(device)
     val_loader = build_cls_test_loader(cfg, val_set, dist, device)
@@ -44,7 +45,7 @@ def _setup(cfg: ClassificationConfig, write_config: bool):
 
 def evaluate(cfg: ClassificationConfig, weights: str) -> dict[str, Any]:
     """Top-1/top-5 error of checkpoint ``weights`` on ``data.val``."""
-    _, dist, output_dir, _, _, model, eval_fn = _setup(cfg, write_config=False)
+    _, dist, output_dir, _, _, model, eval_fn = _setup(cfg, "eval")
     load_task_weights(model, weights, TASK)
     results = eval_fn(model)
     if dist.is_main:
@@ -54,10 +55,12 @@ def evaluate(cfg: ClassificationConfig, weights: str) -> dict[str, Any]:
     return results
 
 
+@releases_run_lock
 def train(cfg: ClassificationConfig, resume: bool = False) -> dict[str, Any]:
     """Trains (continuing from ``last_checkpoint`` with ``resume``), evaluates, and writes
     ``backbone.pth``; returns the final metrics."""
-    device, dist, output_dir, train_set, val_set, model, eval_fn = _setup(cfg, write_config=True)
+    device, dist, output_dir, train_set, val_set, model, eval_fn = _setup(
+        cfg, "resume" if resume else "train")
     train_loader, sampler = build_cls_train_loader(cfg, train_set, dist, device)
     trainer = Trainer(
         model, build_optimizer(cfg.solver, model), build_lr_schedule(cfg.solver),

@@ -1,13 +1,14 @@
 """Detection runs: ``train(cfg)`` trains and evaluates Faster R-CNN C4 (Appendix A);
-``evaluate(cfg, weights)`` scores a checkpoint on ``data.val``. Both write into
-``train.output_dir`` (the run folder of docs/architecture.md) and return the metrics."""
+``evaluate(cfg, weights)`` scores a checkpoint on ``data.val``. Both return the metrics and
+write into the run folder of docs/architecture.md: ``train`` into ``train.output_dir``,
+``evaluate`` into its own new ``train.output_dir/eval_only/<YYYYmmdd-HHMMSS>/``."""
 from __future__ import annotations
 
 import functools
 from typing import Any
 
 from detres.config import ConfigError, to_dict
-from detres.engine.launch import setup_run
+from detres.engine.launch import releases_run_lock, setup_run
 from detres.engine.loop import AMP_DTYPES, Trainer
 from detres.evaluation.detection import evaluate_detector
 from detres.tasks.common import build_lr_schedule, build_optimizer
@@ -34,18 +35,19 @@ def evaluate(cfg: DetectionConfig, weights: str, metric: str | None = None,
     """Scores checkpoint ``weights`` on ``data.val`` (``metric`` overrides ``test.metric``,
     ``engine`` picks the COCO engine); per-class AP too when not ``summary_only`` (the
     training log and ``tools/train_det.py --eval-only`` return the summary, as training does)."""
-    device, dist, output_dir, _ = setup_run(cfg, write_config=False)
+    device, dist, output_dir, _ = setup_run(cfg, "eval")
     val_set, eval_fn = _evaluator(cfg, device, dist, output_dir, metric, engine)
     model = build_detector(cfg.model, val_set.num_classes).to(device)
     load_detector_weights(model, weights)
     return eval_fn(model, summary_only=summary_only)
 
 
+@releases_run_lock
 def train(cfg: DetectionConfig, resume: bool = False) -> dict[str, Any]:
     """Trains (continuing from ``last_checkpoint`` with ``resume``) and evaluates; returns the
     final summary metrics."""
     cfg = scale_schedule(cfg)
-    device, dist, output_dir, logger = setup_run(cfg, write_config=True)
+    device, dist, output_dir, logger = setup_run(cfg, "resume" if resume else "train")
     val_set, eval_fn = _evaluator(cfg, device, dist, output_dir)
     train_set = build_det_dataset(cfg.data.train, cfg.data, train=True, key="data.train")
     if list(val_set.class_names) != list(train_set.class_names):

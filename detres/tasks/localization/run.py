@@ -10,7 +10,8 @@ then writes ``model_final.pth`` (all three) and evaluates. With ``resume`` finis
 loaded from their ``model_final.pth`` and an interrupted one continues from its last
 checkpoint. ``evaluate(cfg, weights)`` scores a trained localizer. Both write
 ``eval/metrics.json`` ({"RPN": {...}, "RPN+R-CNN": {...}}, percent) and
-``eval/predictions.json``.
+``eval/predictions.json``: ``train`` into ``train.output_dir``, ``evaluate`` into its own new
+``train.output_dir/eval_only/<YYYYmmdd-HHMMSS>/`` (``engine/launch.py::setup_run``).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from detres.data import loc_batches
 from detres.data.samplers import TrainingSampler
 from detres.engine import distributed as du
 from detres.engine.checkpoint import atomic_save, load_task_weights
-from detres.engine.launch import setup_run
+from detres.engine.launch import releases_run_lock, setup_run
 from detres.engine.loop import Trainer
 from detres.evaluation.localization_runner import evaluate_localizer
 from detres.tasks.common import SolverConfig, build_lr_schedule, build_optimizer
@@ -90,7 +91,7 @@ def evaluate(cfg: LocalizationConfig | None, weights: str,
     the stored config with ``overrides`` (e.g. ``test.scales=[224,288]``)."""
     model, stored, meta = localizer_from_checkpoint(weights, overrides)
     cfg = cfg or stored
-    device, dist, output_dir, _ = setup_run(cfg, write_config=False)
+    device, dist, output_dir, _ = setup_run(cfg, "eval")
     val_set = build_loc_dataset(cfg.data.val, cfg.data, key="data.val",
                                 class_names=meta["class_names"])
     run = Run(cfg, output_dir, device, dist, False, meta)
@@ -98,10 +99,11 @@ def evaluate(cfg: LocalizationConfig | None, weights: str,
                               loc_test_settings(cfg), device, output_dir)
 
 
+@releases_run_lock
 def train(cfg: LocalizationConfig, resume: bool = False) -> dict[str, Any]:
     """Trains the three stages, saves ``model_final.pth`` and evaluates; returns the metrics
     per method."""
-    device, dist, output_dir, logger = setup_run(cfg, write_config=True)
+    device, dist, output_dir, logger = setup_run(cfg, "resume" if resume else "train")
     settings = loc_test_settings(cfg)
     # indexed once; the stages see it through their own transforms
     train_images = build_loc_dataset(cfg.data.train, cfg.data, key="data.train")
