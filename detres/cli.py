@@ -17,11 +17,11 @@ from detres.data.io import DatasetError
 from detres.engine import distributed as du
 from detres.engine.checkpoint import CheckpointError
 from detres.engine.loop import NonFiniteLossError
-from detres.models.weights import WeightsMismatchError
+from detres.models.weights import UnreadableWeightsError, WeightsMismatchError
 
 # What a user can cause and fix: shown as one "error: ..." line, never a traceback.
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FileNotFoundError,
-               WeightsMismatchError, NonFiniteLossError)
+               WeightsMismatchError, UnreadableWeightsError, NonFiniteLossError)
 
 
 def parse_tool_args(doc: str, default_config: str,

@@ -59,3 +59,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_cls_set(tmp_path_factory):
+    """3 classes x (8 train, 4 val) images of the built-in kind (``helpers.tiny_cls_args``)."""
+    from helpers import write_tiny_cls_set
+    return write_tiny_cls_set(tmp_path_factory.mktemp("tiny_cls"), num_train=8, num_val=4)

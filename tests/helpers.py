@@ -17,9 +17,12 @@ from torchvision.models.detection import FasterRCNN as TVFasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead
+from PIL import Image
 from torchvision.ops import MultiScaleRoIAlign
 
 from detres.config import replace as replace_config
+from detres.data.builtin_cls import CLASS_NAMES as CLS_CLASS_NAMES
+from detres.data.builtin_cls import render as render_cls
 from detres.models.classifier import Classifier
 from detres.models.faster_rcnn import FasterRCNN
 from detres.models.resnet import ResNet
@@ -158,3 +161,42 @@ class TinyData(Dataset):
 def tiny_model(norm: str = "bn") -> Classifier:
     net = ResNet(8, stem="cifar", num_classes=3, width=4, norm=norm, gn_groups=2)
     return Classifier(net, (100.0, 100.0, 100.0), (60.0, 60.0, 60.0))
+
+
+def write_tiny_cls_set(root: Path, num_train: int, num_val: int) -> Path:
+    """3 classes x (``num_train`` train, ``num_val`` val) images of the built-in kind, in the
+    built-in (ImageFolder) layout under ``root``."""
+    for split, n in (("train", num_train), ("val", num_val)):
+        for label in range(3):
+            folder = root / split / CLS_CLASS_NAMES[label]
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(render_cls(label, 100 * label + i + (0 if split == "train" else 50))
+                                ).save(folder / f"{i}.png")
+    return root
+
+
+def tiny_cls_args(root: Path, out: Path, *extra: str, batch: int = 8) -> list[str]:
+    """tools/pretrain_cls.py arguments for a tiny CIFAR-style net on ``write_tiny_cls_set``."""
+    return [f"data.train.root={root}", f"data.val.root={root}",
+            "model.backbone.depth=8", "model.backbone.width=4", f"solver.ims_per_batch={batch}",
+            "solver.steps=[]", "solver.warmup_iters=0", "train.device=cpu",
+            "train.num_workers=0", "train.log_period=1", "train.checkpoint_period=2",
+            "train.eval_period=0", "data.test_ims_per_batch=6", f"train.output_dir={out}", *extra]
+
+
+class _FilledGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, value: float) -> torch.Tensor:
+        ctx.shape, ctx.value = x.shape, value
+        return x.sum() * 0.0
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return torch.full(ctx.shape, ctx.value), None
+
+
+def bad_gradient(x: torch.Tensor, value: float) -> torch.Tensor:
+    """0, to add to a loss: the loss stays finite but the gradient reaching ``x`` is ``value``
+    (inf: an fp16 overflow in the backward pass; nan: e.g. a 0 * inf inside a backward)."""
+    return _FilledGradient.apply(x, value)

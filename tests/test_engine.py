@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import TinyData, tiny_model
+from helpers import TinyData, bad_gradient, tiny_model
 
 from detres.data.classification import make_loader
 from detres.data.samplers import TrainingSampler
@@ -187,16 +187,6 @@ class InfGradAt(nn.Module):
     """A tiny classifier whose fc bias gets an infinite gradient while the loss stays finite
     (an fp16 overflow in the backward pass)."""
 
-    class _InfGrad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.shape = x.shape
-            return x.sum() * 0.0
-
-        @staticmethod
-        def backward(ctx, grad):
-            return torch.full(ctx.shape, float("inf"))
-
     def __init__(self):
         super().__init__()
         self.inner = tiny_model()
@@ -204,7 +194,7 @@ class InfGradAt(nn.Module):
     def forward(self, images, labels):
         out = self.inner(images, labels)
         bias = self.inner.net.fc.bias
-        out.losses["loss_cls"] = out.losses["loss_cls"] + self._InfGrad.apply(bias)
+        out.losses["loss_cls"] = out.losses["loss_cls"] + bad_gradient(bias, float("inf"))
         return out
 
 
@@ -259,16 +249,6 @@ class NanGradAt(nn.Module):
     """A tiny classifier whose fc bias gets a NaN gradient on forward call ``at`` (0-based)
     while every loss stays finite (e.g. a 0 * inf inside a backward)."""
 
-    class _NanGrad(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            ctx.shape = x.shape
-            return x.sum() * 0.0
-
-        @staticmethod
-        def backward(ctx, grad):
-            return torch.full(ctx.shape, float("nan"))
-
     def __init__(self, at: int, norm: str = "bn"):
         super().__init__()
         self.inner, self.at, self.calls = tiny_model(norm), at, 0
@@ -277,7 +257,7 @@ class NanGradAt(nn.Module):
         out = self.inner(images, labels)
         if self.calls == self.at:
             bias = self.inner.net.fc.bias
-            out.losses["loss_cls"] = out.losses["loss_cls"] + self._NanGrad.apply(bias)
+            out.losses["loss_cls"] = out.losses["loss_cls"] + bad_gradient(bias, float("nan"))
         self.calls += 1
         return out
 

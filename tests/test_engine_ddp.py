@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import TinyData, tiny_model
+from helpers import TinyData, bad_gradient, tiny_model
 from torch import nn
 
 from detres.data.classification import make_loader
@@ -82,19 +82,6 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path):
 NAN_AT = 4          # the 0-based iteration; the checkpoint after 3 iterations is the last good
 
 
-class _NanGrad(torch.autograd.Function):
-    """Adds nothing to the loss; its input's gradient is NaN."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.shape = x.shape
-        return x.sum() * 0.0
-
-    @staticmethod
-    def backward(ctx, grad):
-        return torch.full(ctx.shape, float("nan"))
-
-
 class NanOnRank1(nn.Module):
     """The tiny GN classifier; on rank 1 only, iteration NAN_AT has a NaN loss ("loss") or a
     finite loss with a NaN fc-bias gradient ("grad")."""
@@ -108,7 +95,8 @@ class NanOnRank1(nn.Module):
         if self.rank == 1 and self.calls == NAN_AT:
             loss = out.losses["loss_cls"]
             out.losses["loss_cls"] = (loss * float("nan") if self.kind == "loss"
-                                      else loss + _NanGrad.apply(self.inner.net.fc.bias))
+                                      else loss + bad_gradient(self.inner.net.fc.bias,
+                                                               float("nan")))
         self.calls += 1
         return out
 

@@ -5,13 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
-from helpers import load_tool
+from helpers import load_tool, tiny_cls_args
 
 from detres.config import ConfigError, load_config
 from detres.tasks.classification.config import ClassificationConfig
-from detres.data.builtin_cls import CLASS_NAMES, render
+from detres.data.builtin_cls import CLASS_NAMES
 from detres.data.classification import DatasetNotFoundError
 from detres.engine.checkpoint import CheckpointError, atomic_save
 from detres.engine.logging import read_metrics
@@ -26,35 +25,18 @@ pretrain_cls = load_tool("pretrain_cls")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tiny_set(tmp_path_factory):
-    """3 classes x (8 train, 4 val) images of the built-in kind, in the built-in layout."""
-    root = tmp_path_factory.mktemp("builtin")
-    for split, n in (("train", 8), ("val", 4)):
-        for label in range(3):
-            folder = root / split / CLASS_NAMES[label]
-            folder.mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(render(label, 100 * label + i + (0 if split == "train" else 50))
-                                ).save(folder / f"{i}.png")
-    return root
-
-
-def args(tiny_set, out, *extra):
-    return [f"data.train.root={tiny_set}", f"data.val.root={tiny_set}",
-            "model.backbone.depth=8", "model.backbone.width=4", "solver.ims_per_batch=8",
-            "solver.steps=[]", "solver.warmup_iters=0", "train.device=cpu",
-            "train.num_workers=0", "train.log_period=1", "train.checkpoint_period=2",
-            "train.eval_period=0", "data.test_ims_per_batch=6", f"train.output_dir={out}", *extra]
+def args(tiny_cls_set, out, *extra):
+    return tiny_cls_args(tiny_cls_set, out, *extra)
 
 
 def losses(out):
     return [r["loss"] for r in read_metrics(out) if r["phase"] == "train"]
 
 
-def test_run_writes_the_output_directory(tiny_set, tmp_path):
+def test_run_writes_the_output_directory(tiny_cls_set, tmp_path):
     out = tmp_path / "run"
-    results = pretrain_cls.main(args(tiny_set, out, "train.max_iter=4", "precise_bn.num_batches=2"))
+    results = pretrain_cls.main(args(tiny_cls_set, out, "train.max_iter=4",
+                                     "precise_bn.num_batches=2"))
     names = {p.name for p in out.iterdir()}
     assert {"config.yaml", "env.json", "log.txt", "metrics.jsonl", "model_0000001.pth",
             "model_final.pth", "last_checkpoint", "backbone.pth", "eval"} <= names
@@ -71,31 +53,32 @@ def test_run_writes_the_output_directory(tiny_set, tmp_path):
     assert len(losses(out)) == 4
 
 
-def test_resume_continues_with_identical_losses(tiny_set, tmp_path):
-    pretrain_cls.main(args(tiny_set, tmp_path / "full", "train.max_iter=6"))
-    pretrain_cls.main(args(tiny_set, tmp_path / "cut", "train.max_iter=3"))
-    pretrain_cls.main(args(tiny_set, tmp_path / "cut", "train.max_iter=6") + ["--resume"])
+def test_resume_continues_with_identical_losses(tiny_cls_set, tmp_path):
+    pretrain_cls.main(args(tiny_cls_set, tmp_path / "full", "train.max_iter=6"))
+    pretrain_cls.main(args(tiny_cls_set, tmp_path / "cut", "train.max_iter=3"))
+    pretrain_cls.main(args(tiny_cls_set, tmp_path / "cut", "train.max_iter=6") + ["--resume"])
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")
     assert len(losses(tmp_path / "full")) == 6
 
 
-def test_eval_only_and_foreign_checkpoints(tiny_set, tmp_path):
+def test_eval_only_and_foreign_checkpoints(tiny_cls_set, tmp_path):
     out = tmp_path / "run"
-    trained = pretrain_cls.main(args(tiny_set, out, "train.max_iter=2"))
-    again = pretrain_cls.main(args(tiny_set, tmp_path / "eval") +
+    trained = pretrain_cls.main(args(tiny_cls_set, out, "train.max_iter=2"))
+    again = pretrain_cls.main(args(tiny_cls_set, tmp_path / "eval") +
                               ["--eval-only", "--weights", str(out / "model_final.pth")])
     assert again["top1_err"] == trained["top1_err"]
     (folder,) = (tmp_path / "eval" / "eval_only").iterdir()
     assert json.loads((folder / "eval" / "metrics.json").read_text())["top1_err"] == pytest.approx(
         trained["top1_err"])
     with pytest.raises(CheckpointError, match="another model") as e:
-        pretrain_cls.main(args(tiny_set, tmp_path / "x", "model.backbone.depth=14") +
+        pretrain_cls.main(args(tiny_cls_set, tmp_path / "x", "model.backbone.depth=14") +
                           ["--eval-only", "--weights", str(out / "model_final.pth")])
     assert len(str(e.value)) < 2000
     det = tmp_path / "det.pth"
     atomic_save({"model": {}, "task": "detection", "arch": "FasterRCNN"}, det)
     with pytest.raises(CheckpointError, match="'detection' checkpoint"):
-        pretrain_cls.main(args(tiny_set, tmp_path / "y") + ["--eval-only", "--weights", str(det)])
+        pretrain_cls.main(args(tiny_cls_set, tmp_path / "y")
+                          + ["--eval-only", "--weights", str(det)])
 
 
 def test_unknown_key_and_missing_dataset_are_clear(tmp_path, monkeypatch):

@@ -17,6 +17,11 @@ class WeightsNotFoundError(FileNotFoundError):
     """A weights file is neither on disk nor obtainable from torchvision's URL."""
 
 
+class UnreadableWeightsError(ValueError):
+    """A weights file that torch cannot load with ``weights_only=True``: truncated, another
+    format, or a pickle that would run code (refused, never executed)."""
+
+
 class WeightsMismatchError(ValueError):
     """A state dict has missing, unexpected or wrongly shaped keys for the model."""
 
@@ -65,12 +70,17 @@ def read_state_dict(spec: str) -> dict[str, Tensor]:
         path = spec
     else:
         raise WeightsNotFoundError(f"weights file not found: {spec}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, another format, or pickled code that must not run
+        raise UnreadableWeightsError(
+            f"{spec}: cannot read as a weights-only torch file ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError(f"{spec}: expected a state dict (name -> tensor) or a checkpoint "
-                         f"with one under 'model'")
+        raise UnreadableWeightsError(f"{spec}: expected a state dict (name -> tensor) or a "
+                                     f"checkpoint with one under 'model'")
     return obj
 
 
