@@ -7,6 +7,7 @@
 - a checkpoint crafted to run code when unpickled (a ``__reduce__`` payload) is refused by every
   loader a user can point at a file, and the code never runs.
 """
+import json
 import random
 import signal
 import subprocess
@@ -14,8 +15,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from helpers import ROOT, load_tool, narrow_detector, tiny_cls_args
 
 from detres.cli import run_main
@@ -126,3 +129,51 @@ def test_a_pickled_payload_is_refused_by_every_loader(hostile, tiny_cls_set, tmp
             tiny_cls_set, tmp_path / "eval", "--eval-only", "--weights", str(path))))
     assert "weights-only" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not marker.exists()
+
+
+def test_dotdot_and_symlinks_in_annotations_write_nothing_outside_the_run(tmp_path, monkeypatch):
+    """COCO file names with ``..`` and a symlinked image are read, but every file the run
+    writes lies inside train.output_dir."""
+    images = tmp_path / "data" / "images"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    paths = [images / "a.png", tmp_path / "data" / "outside.png", tmp_path / "elsewhere.png"]
+    for p in paths:
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(p)
+    (images / "link.png").symlink_to(tmp_path / "elsewhere.png")
+    names = ["a.png", "../outside.png", "link.png", "../images/../outside.png"]
+    coco = {"images": [{"id": i + 1, "file_name": n, "width": 64, "height": 64}
+                       for i, n in enumerate(names)],
+            "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                             "bbox": [8.0, 8.0, 30.0, 30.0], "area": 900.0}
+                            for i in range(len(names))],
+            "categories": [{"id": 1, "name": "thing"}]}
+    annotations = tmp_path / "data" / "instances.json"
+    annotations.write_text(json.dumps(coco))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    out = tmp_path / "run"
+    split = [f"annotations={annotations}", f"images={images}", "type=coco"]
+    load_tool("train_det").main([
+        *[f"data.{s}.{kv}" for s in ("train", "val") for kv in split],
+        "data.min_size_train=[64]", "data.max_size_train=64", "data.min_size_test=64",
+        "data.max_size_test=64", "model.backbone.width=8", "solver.ims_per_batch=2",
+        "solver.steps=[]", "solver.warmup_iters=0", "train.device=cpu", "train.num_workers=0",
+        "train.max_iter=1", "test.ims_per_batch=4", f"train.output_dir={out}"])
+    changed = {p for p in tmp_path.rglob("*")
+               if p not in before or p.stat().st_mtime_ns != before[p]}
+    assert changed and all(p == out or out in p.parents for p in changed), sorted(changed)
+
+
+def test_two_runs_started_into_one_folder_at_once_one_refuses(tiny_cls_set, tmp_path):
+    out = tmp_path / "shared"
+    args = tiny_cls_args(tiny_cls_set, out, "train.max_iter=30", "train.checkpoint_period=0")
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tools" / "pretrain_cls.py"), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 1], results
+    refusal = next(err for code, err in results if code == 1).strip().splitlines()[-1]
+    assert refusal.startswith("error: ") and str(out) in refusal
+    assert [r["iteration"] for r in read_metrics(out) if r["phase"] == "train"] == list(
+        range(1, 31))                                  # one run's records, nothing mixed
