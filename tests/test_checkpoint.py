@@ -10,7 +10,8 @@ from detres.engine.checkpoint import (CheckpointError, Checkpointer, atomic_save
                                       extract_backbone, get_rng_state, load_checkpoint,
                                       load_model_state, set_rng_state)
 from detres.models.classifier import Classifier
-from detres.models.resnet import ResNet, load_weights
+from detres.models.resnet import ResNet
+from detres.models.weights import load_weights
 
 
 def classifier(depth=8, width=4, classes=3) -> Classifier:

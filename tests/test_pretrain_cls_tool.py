@@ -14,7 +14,8 @@ from detres.data.builtin_cls import CLASS_NAMES
 from detres.data.classification import DatasetNotFoundError
 from detres.engine.checkpoint import CheckpointError, atomic_save
 from detres.engine.logging import read_metrics
-from detres.models.resnet import ResNet, load_weights
+from detres.models.resnet import ResNet
+from detres.models.weights import load_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 pretrain_cls = load_tool("pretrain_cls")

@@ -12,8 +12,8 @@ import torchvision
 from torch import nn
 
 from detres.models.norm import FrozenBatchNorm2d
-from detres.models.resnet import (ResNet, WeightsMismatchError, WeightsNotFoundError,
-                                  ZeroPadShortcut, load_weights)
+from detres.models.resnet import ResNet, ZeroPadShortcut
+from detres.models.weights import WeightsMismatchError, WeightsNotFoundError, load_weights
 
 # Table 1 blocks per stage; torchvision counts with 1000 classes.
 BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),

@@ -174,7 +174,7 @@ def extract_backbone(model_state: dict[str, Tensor], prefix: str) -> dict[str, T
     """The ResNet part of a classifier's state dict, renamed to torchvision names minus ``fc``.
 
     ``extract_backbone(classifier.state_dict(), "net.")`` gives what
-    ``resnet.load_weights(ResNet(..., num_classes=None), file)`` accepts (the detector's
+    ``weights.load_weights(ResNet(..., num_classes=None), file)`` accepts (the detector's
     initial weights, Appendix A).
     """
     out = {k[len(prefix):]: v for k, v in model_state.items()

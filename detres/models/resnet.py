@@ -363,9 +363,3 @@ class ResNetHead(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layer4(x)
-
-
-# Weights live in their own module; these names stay importable from here.
-from detres.models.weights import (TORCHVISION_SCHEME, WeightsMismatchError,  # noqa: E402,F401
-                                   WeightsNotFoundError, check_state_dict, load_weights,
-                                   read_state_dict)

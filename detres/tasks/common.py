@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from detres.engine.schedule import WarmupMultiStepSchedule, scale_lr
-from detres.models.resnet import ResNet, load_weights
+from detres.models.resnet import ResNet
+from detres.models.weights import load_weights
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 

@@ -21,7 +21,7 @@ from detres.models.anchors import AnchorGenerator
 from detres.models.classifier import Classifier
 from detres.models.loc_inference import LocTestSettings
 from detres.models.localizer import Localizer, PerClassRPN, PerClassRPNHead, RCNNRefiner
-from detres.models.resnet import load_weights
+from detres.models.weights import load_weights
 from detres.tasks.classification.build import TASK as CLASSIFICATION_TASK
 from detres.tasks.common import BackboneConfig, build_backbone
 from detres.tasks.localization.config import LocalizationConfig, LocDataConfig, LocDatasetConfig
