@@ -101,13 +101,3 @@ def test_backbone_weights_file_initialises_trunk_and_head(tmp_path):
     torch.testing.assert_close(model.trunk.conv1.weight, resnet.conv1.weight)
     torch.testing.assert_close(model.roi_head.res5.layer4[0].conv1.weight,
                                resnet.layer4[0].conv1.weight)
-
-
-def test_only_training_splits_stand_a_good_image_in_for_a_bad_one(tmp_path, monkeypatch):
-    monkeypatch.setenv("DETRES_CACHE", str(tmp_path))
-    cfg = load_config(None, ["data.builtin.num_train=4", "data.builtin.num_val=2",
-                             "data.builtin.image_size=64", "data.skip_bad_images=true"],
-                      schema=DetectionConfig)
-    train = build.build_det_dataset(cfg.data.train, cfg.data, train=True, key="data.train")
-    val = build.build_det_dataset(cfg.data.val, cfg.data, train=False, key="data.val")
-    assert train.substitute_bad_images and not val.substitute_bad_images

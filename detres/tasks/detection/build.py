@@ -115,17 +115,8 @@ def build_det_dataset(cfg: DetDatasetConfig, data: DetDataConfig, train: bool,
                                     flip_prob=data.flip_prob, color_jitter=data.color_jitter)
     else:
         transform = eval_transform(data.min_size_test, data.max_size_test)
-    dataset = _open_split(cfg, data, train, key, dict(
-        transform=transform, filter_empty=train and data.filter_empty,
-        skip_bad_images=data.skip_bad_images))
-    # Training may read the next good image instead of a bad one; a test image is scored under
-    # its own id, so there a bad image gives an empty result (evaluation/detection.py).
-    dataset.substitute_bad_images = train
-    return dataset
-
-
-def _open_split(cfg: DetDatasetConfig, data: DetDataConfig, train: bool, key: str,
-                common: dict[str, Any]) -> DetectionDataset:
+    common = dict(transform=transform, filter_empty=train and data.filter_empty,
+                  skip_bad_images=data.skip_bad_images)
     if cfg.type == "builtin":
         b = data.builtin
         folder = ensure_builtin_shapes(cfg.root, num_train=b.num_train, num_val=b.num_val,
