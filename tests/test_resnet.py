@@ -13,7 +13,8 @@ from torch import nn
 
 from detres.models.norm import FrozenBatchNorm2d
 from detres.models.resnet import ResNet, ZeroPadShortcut
-from detres.models.weights import WeightsMismatchError, WeightsNotFoundError, load_weights
+from detres.models.weights import (BackboneArchError, WeightsMismatchError, WeightsNotFoundError,
+                                   backbone_file, load_weights, read_weights)
 
 # Table 1 blocks per stage; torchvision counts with 1000 classes.
 BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
@@ -303,6 +304,41 @@ def test_torchvision_spec_reads_hub_cache(tmp_path, monkeypatch):
     assert torch.equal(backbone.bn1.running_var, ref.bn1.running_var)
     with pytest.raises(WeightsMismatchError, match="ignore_prefixes=\\('fc.',\\)"):
         load_weights(backbone, "torchvision://resnet18")
+
+
+def test_torchvision_weights_imply_their_stride_placement(tmp_path, monkeypatch):
+    # torchvision puts the stride in the 3x3: an MSRA-layout model (stride in the 1x1) has the
+    # same shapes, so only the implied record can refuse it
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
+    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
+    cached = tmp_path / "hub" / "checkpoints" / os.path.basename(urlparse(url).path)
+    cached.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), cached)
+    with pytest.raises(BackboneArchError, match="stride_in_1x1: file False, model True"):
+        load_weights(ResNet(50, stride_in_1x1=True), "torchvision://resnet50")
+    load_weights(ResNet(50), "torchvision://resnet50")
+
+
+def test_backbone_file_records_its_arch(tmp_path):
+    source = ResNet(50, width=8, num_classes=None, stride_in_1x1=True)
+    randomize_norms(source)
+    path = tmp_path / "backbone.pth"
+    torch.save(backbone_file(source.state_dict(), source.arch()), path)
+    assert read_weights(str(path))[1]["stride_in_1x1"] is True
+    target = ResNet(50, width=8, num_classes=None, stride_in_1x1=True)
+    load_weights(target, str(path))
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(target.eval().forward_features(x)["res5"],
+                       source.eval().forward_features(x)["res5"])
+    with pytest.raises(BackboneArchError, match="stride_in_1x1") as info:   # same shapes
+        load_weights(ResNet(50, width=8, num_classes=None), str(path))
+    assert "model.backbone" in str(info.value)
+    plain = ResNet(50, width=8, num_classes=None, stride_in_1x1=True, residual=False)
+    with pytest.raises(BackboneArchError, match="residual: file True, model False"):
+        load_weights(plain, str(path))
+    with pytest.raises(ValueError, match="unknown backbone arch keys"):
+        backbone_file(source.state_dict(), {"depth": 50, "dilation": 2})
 
 
 def test_torchvision_spec_missing_from_cache(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ layers (depth 6n + 2) with 16/32/64 filters, named res2..res4 at strides 1, 2, 4
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -248,6 +249,7 @@ class ResNet(nn.Module):
             raise ValueError("zero_init_residual would zero every block of a plain net")
         self.depth, self.stem, self.residual, self.shortcut = depth, stem, residual, shortcut
         width = width if width is not None else (16 if stem == "cifar" else 64)
+        self.stride_in_1x1, self.width = stride_in_1x1, width
 
         if stem == "imagenet":  # Table 1 conv1: 7x7, 64, stride 2; 3x3 max pool, stride 2
             self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
@@ -334,6 +336,13 @@ class ResNet(nn.Module):
     def extra_repr(self) -> str:
         return (f"depth={self.depth}, stem={self.stem!r}, residual={self.residual}, "
                 f"shortcut={self.shortcut!r}")
+
+    def arch(self) -> dict[str, Any]:
+        """What a backbone file records (``weights.backbone_file``): every choice that changes
+        the function without changing a parameter shape, beside those that do."""
+        return {"depth": self.depth, "stem": self.stem, "residual": self.residual,
+                "shortcut": self.shortcut, "stride_in_1x1": self.stride_in_1x1,
+                "width": self.width}
 
 
 class ResNetTrunk(nn.Module):

@@ -1,9 +1,14 @@
 """Loading ResNet weights: local state-dict files, pretraining backbone files, and
 torchvision's ImageNet weights (``torchvision://resnet101``) from the torch hub cache; mismatches
-are reported as lists of missing, unexpected and wrongly shaped keys, never a raw key dump."""
+are reported as lists of missing, unexpected and wrongly shaped keys, never a raw key dump.
+
+A backbone file records the architecture it was trained with (``backbone_file``): a choice
+such as ``stride_in_1x1`` moves a stride without changing any parameter shape, so only the
+record can tell that a file does not fit. torchvision's ImageNet weights imply theirs."""
 from __future__ import annotations
 
 import os
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -24,6 +29,17 @@ class UnreadableWeightsError(ValueError):
 
 class WeightsMismatchError(ValueError):
     """A state dict has missing, unexpected or wrongly shaped keys for the model."""
+
+
+class BackboneArchError(WeightsMismatchError):
+    """A backbone file was trained with another architecture than the model's (same shapes)."""
+
+
+# the ResNet.arch() keys a file must agree on; keys a file does not record are not checked
+ARCH_KEYS = ("depth", "stem", "residual", "shortcut", "stride_in_1x1", "width")
+# torchvision's ResNets: 7x7 stem, projection shortcuts, stride in the 3x3 ("ResNet v1.5")
+TORCHVISION_ARCH = {"stem": "imagenet", "residual": True, "shortcut": "B",
+                    "stride_in_1x1": False, "width": 64}
 
 
 def _torchvision_file(spec: str) -> str:
@@ -58,14 +74,33 @@ def _torchvision_file(spec: str) -> str:
     return path
 
 
+def backbone_file(state_dict: dict[str, Tensor], arch: dict[str, Any]) -> dict[str, Any]:
+    """What a backbone file holds: ``{"model": state dict, "arch": ResNet.arch()}``."""
+    unknown = set(arch) - set(ARCH_KEYS)
+    if unknown:
+        raise ValueError(f"unknown backbone arch keys {sorted(unknown)}; valid: {ARCH_KEYS}")
+    return {"model": state_dict, "arch": dict(arch)}
+
+
 def read_state_dict(spec: str) -> dict[str, Tensor]:
-    """Reads a state dict from a local file or "torchvision://NAME[.TAG]".
+    """Reads a state dict from a local file or "torchvision://NAME[.TAG]"."""
+    return read_weights(spec)[0]
+
+
+def read_weights(spec: str) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """Reads a state dict and the architecture it records (None when the file has none).
 
     A file may hold a state dict or a checkpoint dict whose "model" entry is one (our
-    checkpoints, detectron2's). Loading uses ``weights_only=True``: no pickled code runs.
+    checkpoints and backbone files, detectron2's). Loading uses ``weights_only=True``: no
+    pickled code runs. torchvision://resnetD implies ``TORCHVISION_ARCH`` with depth D.
     """
+    arch = None
     if spec.startswith(TORCHVISION_SCHEME):
         path = _torchvision_file(spec)
+        name = spec[len(TORCHVISION_SCHEME):].partition(".")[0]
+        arch = dict(TORCHVISION_ARCH)
+        if name.startswith("resnet") and name[6:].isdigit():
+            arch["depth"] = int(name[6:])
     elif os.path.isfile(spec):
         path = spec
     else:
@@ -77,11 +112,27 @@ def read_state_dict(spec: str) -> dict[str, Tensor]:
             f"{spec}: cannot read as a weights-only torch file ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:200]})") from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        if isinstance(obj.get("arch"), dict):  # a backbone file (our checkpoints: a string)
+            arch = obj["arch"]
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise UnreadableWeightsError(f"{spec}: expected a state dict (name -> tensor) or a "
                                      f"checkpoint with one under 'model'")
-    return obj
+    return obj, arch
+
+
+def check_arch(model: nn.Module, arch: dict[str, Any] | None, spec: str) -> None:
+    """Raises BackboneArchError when ``arch`` (a file's record) disagrees with the model's."""
+    if arch is None or not hasattr(model, "arch"):
+        return
+    own = model.arch()
+    wrong = [f"{k}: file {arch[k]!r}, model {own[k]!r}" for k in ARCH_KEYS
+             if k in arch and k in own and arch[k] != own[k]]
+    if wrong:
+        raise BackboneArchError(
+            f"weights {spec} were trained with another architecture ({'; '.join(wrong)}); "
+            f"set model.backbone.<key> to the file's value (stride_in_1x1 moves a stride "
+            f"without changing any weight shape, so loading anyway would be silently wrong)")
 
 
 def _listed(keys: list[str]) -> str:
@@ -129,7 +180,8 @@ def load_weights(model: nn.Module, spec: str, ignore_prefixes: tuple[str, ...] =
             there only when absent.
         ignore_prefixes: keys skipped on both sides, e.g. ``("fc.",)`` for a detection backbone.
     """
-    state_dict = read_state_dict(spec)
+    state_dict, arch = read_weights(spec)
+    check_arch(model, arch, spec)
     check_state_dict(model, state_dict, spec, ignore_prefixes)
     ignore = tuple(ignore_prefixes)
     model.load_state_dict({k: v for k, v in state_dict.items() if not k.startswith(ignore)},

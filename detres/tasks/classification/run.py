@@ -18,6 +18,7 @@ from detres.engine.launch import releases_run_lock, setup_run
 from detres.engine.logging import write_json
 from detres.engine.loop import Trainer, recompute_bn_stats
 from detres.evaluation.classification import evaluate_classifier
+from detres.models.weights import backbone_file
 from detres.tasks.classification.build import (TASK, build_classifier, build_cls_datasets,
                                                build_cls_test_loader, build_cls_train_loader,
                                                describe_classifier)
@@ -78,7 +79,8 @@ def train(cfg: ClassificationConfig, resume: bool = False) -> dict[str, Any]:
     result = trainer.run()
     trainer.close()
     if dist.is_main:
-        atomic_save(extract_backbone(model.state_dict(), "net."), output_dir / "backbone.pth")
+        atomic_save(backbone_file(extract_backbone(model.state_dict(), "net."),
+                                  model.net.arch()), output_dir / "backbone.pth")
         _write_eval(output_dir, result.eval_results)
     for dataset in (train_set, val_set):
         if hasattr(dataset, "report_skipped_images"):      # data.skip_bad_images
