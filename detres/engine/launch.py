@@ -36,8 +36,8 @@ EVAL_ONLY = "eval_only"
 # what a run writes into its folder once it has started (and into each stage sub-folder of a
 # localization run); with only SETUP_RECORDS a run stopped before its first step (e.g. on a
 # missing dataset): a fresh run replaces those
-RECORDS = frozenset({"metrics.jsonl", "last_checkpoint", "model_final.pth", "backbone.pth",
-                     "proposals.pth", "eval", "tensorboard"})
+RECORDS = frozenset({"metrics.jsonl", "last_checkpoint", "model_final.pth", "model_best.pth",
+                     "model_best.json", "backbone.pth", "proposals.pth", "eval", "tensorboard"})
 SETUP_RECORDS = ("config.yaml", "env.json", "log.txt")
 _held_lock: Path | None = None    # the run.lock this process holds (main rank, training)
 T = TypeVar("T")

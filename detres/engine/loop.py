@@ -11,7 +11,8 @@ The loop knows nothing about the task. It needs:
   such as ``ImageBatch``/``Targets``, possibly nested in tuples, lists and dicts);
 - optionally an ``eval_fn(model) -> dict[str, float]`` run every ``eval_period`` iterations and
   at the end, and a ``finish_fn(model)`` run after the last iteration, before ``model_final.pth``
-  is written (precise BN).
+  is written (precise BN). With a ``best_metric`` each evaluation that beats the best so far
+  writes ``model_best.pth`` (``detres.engine.best``).
 
 Per iteration: LR from the schedule -> forward under autocast -> backward (grad scaler for
 fp16) -> all ranks average the losses and a flag of non-finite gradients -> a non-finite loss,
@@ -33,11 +34,13 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from detres.config import ConfigError
 from detres.engine import distributed as du
-from detres.engine.checkpoint import (CheckpointError, Checkpointer, get_rng_state,
+from detres.engine.best import BEST_CHECKPOINT, BEST_RECORD, BestTracker, read_best_entry
+from detres.engine.checkpoint import (CheckpointError, Checkpointer, atomic_save, get_rng_state,
                                       load_checkpoint, load_task_weights, periodic_name,
                                       set_rng_state)
-from detres.engine.logging import MetricsWriter, format_record
+from detres.engine.logging import MetricsWriter, format_record, write_json
 from detres.engine.schedule import WarmupMultiStepSchedule
 
 logger = logging.getLogger("detres")
@@ -58,6 +61,7 @@ class TrainResult:
     iteration: int                                       # finished iterations
     losses: list[float] = field(default_factory=list)    # total loss of each iteration run now
     eval_results: dict[str, float] = field(default_factory=dict)
+    best: dict[str, Any] | None = None                   # BestTracker.state_dict(), if kept
 
 
 def move_to_device(obj: Any, device: torch.device) -> Any:
@@ -103,6 +107,11 @@ class Trainer:
             float32 whatever ``amp`` says (and logs that it does).
         clip_grad_norm: max global gradient norm, or None.
         checkpoint_period, eval_period, log_period: in iterations (0: only at the end).
+        best_metric: keep ``model_best.pth`` by this metric of ``eval_fn``'s results, named
+            as in ``eval/metrics.json`` (e.g. ``bbox/AP``, ``top1_err``); None keeps none.
+        best_mode: ``auto``, ``max`` or ``min`` (``detres.engine.best.metric_direction``).
+        metrics_prefix: the name ``eval_fn``'s results stand under in ``eval/metrics.json``
+            (``bbox`` for detection), so that ``best_metric`` reads as it does there.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -113,7 +122,8 @@ class Trainer:
                  clip_grad_norm: float | None = None, checkpoint_period: int = 0,
                  log_period: int = 20, eval_fn: Callable[[nn.Module], dict] | None = None,
                  eval_period: int = 0, finish_fn: Callable[[nn.Module], None] | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, best_metric: str | None = None,
+                 best_mode: str = "auto", metrics_prefix: str | None = None) -> None:
         self.device = torch.device(device)
         self.module = model
         self.model = du.wrap_model(model, self.device)
@@ -137,6 +147,10 @@ class Trainer:
         self.checkpoint_period, self.log_period = checkpoint_period, max(log_period, 1)
         self.eval_fn, self.eval_period, self.finish_fn = eval_fn, eval_period, finish_fn
         self.progress = progress
+        if best_metric and eval_fn is None:
+            raise ConfigError(f"train.best_metric is {best_metric!r} but this run does not "
+                              f"evaluate; set it to null")
+        self.best = BestTracker(best_metric, best_mode, metrics_prefix) if best_metric else None
         self.iteration = 0
         self.lr = 0.0
         self.last_saved: Path | None = None
@@ -149,7 +163,9 @@ class Trainer:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
                 "iteration": self.iteration, "rng": get_rng_state(),
-                "sampler": {"next_batch": self.iteration}, "task": self.task, **self.meta}
+                "sampler": {"next_batch": self.iteration}, "task": self.task,
+                **({"best": self.best.state_dict()} if self.best is not None else {}),
+                **self.meta}
 
     def load_state_dict(self, ckpt: dict[str, Any], path: str | Path = "checkpoint") -> None:
         load_task_weights(self.module, path, self.task, ckpt=ckpt)
@@ -167,6 +183,8 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         if self.sampler is not None and "sampler" in ckpt:
             self.sampler.load_state_dict(ckpt["sampler"])
+        if self.best is not None:
+            self.best.load_state_dict(ckpt.get("best"), str(path))
         self._data_iter = None
 
     def resume(self, path: str | Path | None = None) -> bool:
@@ -177,6 +195,9 @@ class Trainer:
                 logger.info("no checkpoint to resume from; starting at iteration 0")
                 return False
         self.load_state_dict(load_checkpoint(path), path)
+        if self.best is not None and self.output_dir is not None:
+            best_file = self.output_dir / BEST_CHECKPOINT
+            self.best.load_state_dict(read_best_entry(best_file), str(best_file))
         self.last_saved = Path(path)
         logger.info(f"resumed from {path} at iteration {self.iteration}")
         return True
@@ -228,6 +249,7 @@ class Trainer:
             result.eval_results = self._evaluate()
             self.model.train()
         result.iteration = self.iteration
+        result.best = self.best.state_dict() if self.best is not None else None
         return result
 
     def step(self, batch: Any) -> tuple[dict[str, float], dict[str, float]]:
@@ -304,7 +326,27 @@ class Trainer:
         logger.info("eval " + format_record(record))
         if self._writer is not None:
             self._writer.write(record)
+        if self.best is not None:
+            self._keep_best(results)
         return results
+
+    def _keep_best(self, results: dict[str, Any]) -> None:
+        """Writes model_best.pth and model_best.json when ``results`` beat the best so far."""
+        previous = self.best.state_dict()
+        if not self.best.update(results, self.iteration):
+            logger.info(f"best {self.best.metric} stays {self.best.value:.4g} (iteration "
+                        f"{self.best.iteration})" if self.best.value is not None else
+                        f"{self.best.metric} is NaN: no best checkpoint yet")
+            return
+        was = (f" (was {previous['value']:.4g} at iteration {previous['iteration']})"
+               if previous["value"] is not None else "")
+        if self.output_dir is not None and self.dist.is_main:
+            atomic_save(self.state_dict(), self.output_dir / BEST_CHECKPOINT)
+            write_json(self.output_dir / BEST_RECORD,
+                       {**self.best.state_dict(), "checkpoint": BEST_CHECKPOINT})
+        logger.info(f"new best {self.best.metric} {self.best.value:.4g} at iteration "
+                    f"{self.iteration}{was}" + (f" -> {self.output_dir / BEST_CHECKPOINT}"
+                                                if self.output_dir is not None else ""))
 
     def _log_window(self, window: dict[str, float], count: int, seconds: float) -> None:
         record: dict[str, Any] = {"phase": "train", "iteration": self.iteration, "lr": self.lr}

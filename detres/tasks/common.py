@@ -93,6 +93,12 @@ class RunConfig:
 class TrainConfig(RunConfig):
     max_iter: int = 1000
     eval_period: int = 0                               # 0: evaluate at the end only
+    # keep model_best.pth, the checkpoint that scored best at the evaluations so far, by this
+    # metric named as in eval/metrics.json: bbox/AP (bbox/mAP with VOC metrics), top1_err, ...;
+    # null keeps none (model_best.json records its value and iteration)
+    best_metric: str | None = None
+    # max | min | auto: minimise a metric whose name has "err" or "loss" in it, maximise others
+    best_mode: Literal["auto", "max", "min"] = "auto"
 
 
 # ----------------------------------------------------------------------------- builders
