@@ -184,3 +184,45 @@ def test_best_files_are_run_records(tmp_path):
     (tmp_path / "model_best.json").write_text("{}")
     (tmp_path / "model_best.pth").write_bytes(b"")
     assert [p.name for p in run_records(tmp_path)] == ["model_best.json", "model_best.pth"]
+
+
+# ----------------------------------------------------------------------------- through the tools
+def test_train_det_keeps_the_best_by_a_bbox_metric(tmp_path, monkeypatch):
+    from helpers import load_tool
+
+    from detres.data.builtin import ensure_builtin_shapes
+    from detres.engine.logging import read_metrics
+
+    cache = tmp_path / "cache"
+    ensure_builtin_shapes(cache, num_train=8, num_val=4, image_size=64)
+    monkeypatch.setenv("DETRES_CACHE", str(cache))
+    out = tmp_path / "run"
+    load_tool("train_det").main([
+        "data.builtin.num_train=8", "data.builtin.num_val=4", "data.builtin.image_size=64",
+        "data.min_size_train=[64]", "data.max_size_train=64", "data.min_size_test=64",
+        "data.max_size_test=64", "model.backbone.width=8", "model.backbone.depth=18",
+        "solver.ims_per_batch=2", "solver.steps=[]", "solver.warmup_iters=0",
+        "train.device=cpu", "train.num_workers=0", "train.num_threads=1", "train.max_iter=4",
+        "train.checkpoint_period=2", "train.eval_period=2", "test.ims_per_batch=4",
+        "model.roi_head.score_threshold=0.0", "train.best_metric=bbox/AP50",
+        f"train.output_dir={out}"])
+    evals = [r for r in read_metrics(out) if r["phase"] == "eval"]
+    assert [r["iteration"] for r in evals] == [2, 4]
+    # the oracle: the logged evaluations; the first of equal values is kept
+    best = max(evals, key=lambda r: (r["AP50"], -r["iteration"]))
+    record = json.loads((out / "model_best.json").read_text())
+    assert record["metric"] == "bbox/AP50" and record["mode"] == "max"
+    assert record["iteration"] == best["iteration"]
+    assert record["value"] == pytest.approx(best["AP50"])
+    assert torch.load(out / "model_best.pth", weights_only=True)["task"] == "detection"
+
+
+def test_pretrain_cls_names_an_unknown_best_metric(tiny_cls_set, tmp_path):
+    from helpers import load_tool, tiny_cls_args
+
+    with pytest.raises(ConfigError) as e:
+        load_tool("pretrain_cls").main(tiny_cls_args(
+            tiny_cls_set, tmp_path / "run", "train.max_iter=2", "train.best_metric=top1_error",
+            "train.num_threads=1"))
+    assert str(e.value).startswith("train.best_metric") and "'top1_error'" in str(e.value)
+    assert "top1_err, top5_err" in str(e.value)

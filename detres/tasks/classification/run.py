@@ -72,6 +72,7 @@ def train(cfg: ClassificationConfig, resume: bool = False) -> dict[str, Any]:
         amp=cfg.train.amp, clip_grad_norm=cfg.solver.clip_grad_norm,
         checkpoint_period=cfg.train.checkpoint_period, log_period=cfg.train.log_period,
         eval_fn=eval_fn, eval_period=cfg.train.eval_period,
+        best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode,
         finish_fn=functools.partial(precise_bn, cfg=cfg, train_set=train_set, dist=dist,
                                     device=device) if cfg.precise_bn.num_batches else None)
     if resume:

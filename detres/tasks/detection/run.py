@@ -67,7 +67,8 @@ def train(cfg: DetectionConfig, resume: bool = False) -> dict[str, Any]:
               "category_ids": [int(c) for c in getattr(train_set, "label_to_category_id", [])]},
         amp=cfg.train.amp, clip_grad_norm=cfg.solver.clip_grad_norm,
         checkpoint_period=cfg.train.checkpoint_period, log_period=cfg.train.log_period,
-        eval_fn=eval_fn, eval_period=cfg.train.eval_period)
+        eval_fn=eval_fn, eval_period=cfg.train.eval_period,
+        best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode, metrics_prefix="bbox")
     if resume:
         trainer.resume()
     result = trainer.run()
