@@ -54,6 +54,28 @@ def draw_ground_truth(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
     return canvas
 
 
+def ground_truth_view(dataset: Any, i: int, transformed: bool = True, seed: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Image ``i`` of a detection dataset with all its boxes, crowd / difficult ones included.
+
+    With ``transformed`` the image and boxes go through ``dataset.transform`` (its
+    augmentation driven by ``seed``, as a training sampler's seed drives it), else they are
+    the original pixels. Returns the (H, W, 3) uint8 image, (M, 4) xyxy boxes, (M,) labels and
+    (M,) ignored flags.
+    """
+    image = dataset.read_image(i)
+    ann = dataset.get_annotations(i)
+    boxes, labels, ignored = ann["boxes"], ann["labels"], ann["ignore"]
+    if transformed and dataset.transform is not None:
+        # the box indices ride through the transform as labels, so the flags of the boxes
+        # that survive it (a crop may drop some) stay aligned with them
+        index = np.arange(len(boxes))
+        image, boxes, kept, _ = (dataset.transform(image, boxes, index) if seed is None else
+                                 dataset.transform(image, boxes, index, seed=seed))
+        labels, ignored = labels[kept], ignored[kept]
+    return image, np.asarray(boxes, np.float32).reshape(-1, 4), labels, ignored
+
+
 def _draw_box(canvas: Image.Image, box: Sequence[float], label: int,
               class_names: list[str] | None, suffix: str, dashed: bool = False) -> None:
     """One box in its class colour with a filled tag "name<suffix>" above it (inside the box
