@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Export a trained detector's inference graph to TorchScript or ONNX.
+
+    python tools/export.py --weights W [--config CONFIG] --format torchscript|onnx --out FILE
+        [key=value ...]
+
+The exported model takes one image, (3, H, W) float32 RGB values 0..255 resized as in
+evaluation (shorter side data.min_size_test, longer side at most data.max_size_test; any H, W
+run), and its scale (a 0-d float32 tensor: resized / original size, 1.0 for an image used at
+its own size), and returns boxes (D, 4) xyxy in that image's pixels (divide by the scale for
+the original's), scores (D,) and labels (D,) int64 (label k is class_names[k]). FILE.json
+beside it records the class names, dataset category ids and the test-time resize. Without --config the config stored in the checkpoint is used;
+key=value overrides apply either way (e.g. model.roi_head.score_threshold=0.3).
+
+After writing, the file is read back (torch.jit.load; ONNX Runtime for ONNX when installed:
+pip install -e ".[export]") and its detections are compared with the model's on two images of
+different sizes; a mismatch is an error.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from detres.cli import run_main
+from detres.config import load_config
+from detres.engine.logging import write_json
+from detres.export import ExportError, compare_exported, export_detector, load_exported
+from detres.tasks.detection.build import detector_for_checkpoint, detector_from_checkpoint
+from detres.tasks.detection.config import DetectionConfig
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument("--weights", required=True, help="detection checkpoint")
+    parser.add_argument("--config", help="YAML config (default: the one in the checkpoint)")
+    parser.add_argument("--format", required=True, choices=("torchscript", "onnx"))
+    parser.add_argument("--out", required=True, type=Path, help="file to write")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip reading the file back and comparing it with the model")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.config is None:
+        model, cfg, meta = detector_from_checkpoint(args.weights, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides, schema=DetectionConfig)
+        model, meta = detector_for_checkpoint(cfg.model, args.weights)
+    model = model.cpu().eval()
+    tta = [k for k in ("box_refinement", "scales", "flip") if getattr(cfg.test, k, None)]
+    if tta:
+        print(f"note: test.{', test.'.join(tta)} (test-time steps around the detector) are not "
+              "part of the exported graph")
+    lo, hi = cfg.data.min_size_test, cfg.data.max_size_test
+    size = (lo, min(hi, round(lo * 4 / 3)))         # a landscape image at the test scale
+    export_detector(model, args.out, args.format, size)
+    info = {"format": args.format, "weights": str(args.weights),
+            "inputs": {"image": "(3, H, W) float32 RGB 0..255, resized: shorter side "
+                                f"{lo}, longer side at most {hi}",
+                       "scale": "() float32, resized / original"},
+            "outputs": {"boxes": "(D, 4) xyxy in the input's pixels", "scores": "(D,)",
+                        "labels": "(D,) int64, index into class_names"},
+            "class_names": list(meta["class_names"]),
+            "category_ids": list(meta.get("category_ids") or
+                                 range(1, len(meta["class_names"]) + 1)),
+            "min_size_test": lo, "max_size_test": hi}
+    write_json(f"{args.out}.json", info)
+    print(f"wrote {args.out} ({args.format}) and {args.out}.json")
+    if not args.no_check:
+        info["max_box_difference"] = check(model, args.out, args.format, size)
+    return info
+
+
+def check(model, path: Path, fmt: str, size: tuple[int, int]) -> float | None:
+    """Compares the file's detections with the model's on the traced size and its transpose."""
+    try:
+        run = load_exported(path, fmt)
+    except ExportError as e:
+        print(f"not checked: {e}")
+        return None
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, h, w), generator=g).float() for h, w in (size, size[::-1])]
+    worst = compare_exported(model, run, images)
+    print(f"checked: same detections as the model on {size[0]}x{size[1]} and "
+          f"{size[1]}x{size[0]} images (largest box difference {worst:.2g} px)")
+    return worst
+
+
+if __name__ == "__main__":
+    run_main(main, extra_errors=(ExportError,))
