@@ -29,10 +29,11 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, la
         labels: (D,) contiguous class indices, named through ``class_names``.
     """
     canvas = Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
+    pen = _Pen(canvas)
     order = np.argsort(scores)  # draw the most confident last, on top
     for i in order:
         if scores[i] >= min_score:
-            _draw_box(canvas, boxes[i], int(labels[i]), class_names, f" {scores[i]:.2f}")
+            pen.box(boxes[i], int(labels[i]), class_names, f" {scores[i]:.2f}")
     return canvas
 
 
@@ -48,9 +49,10 @@ def draw_ground_truth(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
     """
     canvas = Image.fromarray(np.ascontiguousarray(image)).convert("RGB")
     ignored = np.zeros(len(boxes), bool) if ignored is None else np.asarray(ignored, bool)
+    pen = _Pen(canvas)
     for i in np.argsort(ignored, kind="stable")[::-1]:  # ignored first, targets on top
-        _draw_box(canvas, boxes[i], int(labels[i]), class_names,
-                  f" ({ignored_name})" if ignored[i] else "", dashed=bool(ignored[i]))
+        pen.box(boxes[i], int(labels[i]), class_names,
+                f" ({ignored_name})" if ignored[i] else "", dashed=bool(ignored[i]))
     return canvas
 
 
@@ -76,25 +78,30 @@ def ground_truth_view(dataset: Any, i: int, transformed: bool = True, seed: int 
     return image, np.asarray(boxes, np.float32).reshape(-1, 4), labels, ignored
 
 
-def _draw_box(canvas: Image.Image, box: Sequence[float], label: int,
-              class_names: list[str] | None, suffix: str, dashed: bool = False) -> None:
-    """One box in its class colour with a filled tag "name<suffix>" above it (inside the box
-    when it touches the top)."""
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
-    line = max(1, round(min(canvas.size) / 200))
-    x1, y1, x2, y2 = (float(v) for v in box)
-    colour = class_colour(label)
-    if dashed:
-        _dashed_rectangle(draw, (x1, y1, x2, y2), colour, line, dash=max(3, 3 * line))
-    else:
-        draw.rectangle((x1, y1, x2, y2), outline=colour, width=line)
-    name = class_names[label] if class_names and 0 <= label < len(class_names) else str(label)
-    text = f"{name}{suffix}"
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    tw, th = right - left, bottom - top
-    ty = y1 - th - 2 if y1 - th - 2 >= 0 else y1
-    draw.rectangle((x1, ty, x1 + tw + 2, ty + th + 2), fill=colour)
-    draw.text((x1 + 1, ty), text, fill=(0, 0, 0), font=font)
+class _Pen:
+    """Draws boxes onto one canvas: a box in its class colour with a filled tag
+    "name<suffix>" above it (inside the box when it touches the top)."""
+
+    def __init__(self, canvas: Image.Image) -> None:
+        self.draw, self.font = ImageDraw.Draw(canvas), ImageFont.load_default()
+        self.line = max(1, round(min(canvas.size) / 200))
+
+    def box(self, box: Sequence[float], label: int, class_names: list[str] | None,
+            suffix: str, dashed: bool = False) -> None:
+        draw, line = self.draw, self.line
+        x1, y1, x2, y2 = (float(v) for v in box)
+        colour = class_colour(label)
+        if dashed:
+            _dashed_rectangle(draw, (x1, y1, x2, y2), colour, line, dash=max(3, 3 * line))
+        else:
+            draw.rectangle((x1, y1, x2, y2), outline=colour, width=line)
+        known = class_names and 0 <= label < len(class_names)
+        text = f"{class_names[label] if known else label}{suffix}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=self.font)
+        tw, th = right - left, bottom - top
+        ty = y1 - th - 2 if y1 - th - 2 >= 0 else y1
+        draw.rectangle((x1, ty, x1 + tw + 2, ty + th + 2), fill=colour)
+        draw.text((x1 + 1, ty), text, fill=(0, 0, 0), font=self.font)
 
 
 def _dashed_rectangle(draw: ImageDraw.ImageDraw, box: tuple[float, float, float, float],

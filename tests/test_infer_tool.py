@@ -1,6 +1,6 @@
 """tools/infer.py's files: drawings mirror the input's relative path (no two images share one),
 an unreadable image is skipped and reported, results carry file_name, nothing lands outside
---out. The detector is a confident random one (the trained end-to-end run is in
+--out; a video gives an annotated video and one JSON line per frame. The detector is a confident random one (the trained end-to-end run is in
 tests/test_train_det_tool.py)."""
 import json
 import logging
@@ -16,6 +16,7 @@ from detres.data.io import DatasetError
 from detres.predictor import Predictor
 
 infer = load_tool("infer")
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: a second thread only waits
 
 
 @pytest.fixture(autouse=True)
@@ -97,3 +98,80 @@ def test_nothing_is_written_outside_out(tmp_path):
     assert new and all(p.resolve().is_relative_to(out.resolve()) for p in new)
     results = _infer(src, out=out)          # a second run does not read the first's drawings
     assert {r["file_name"] for r in results} == {str(src / "a/2.png"), str(src / "sub/1.png")}
+
+
+# ----------------------------------------------------------------------------- video
+def _write_video(path, frames, fps=5.0):
+    import cv2
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    for rgb in frames:
+        writer.write(np.ascontiguousarray(rgb[:, :, ::-1]))
+    writer.release()
+
+
+def _read_video(path):
+    import cv2
+    capture, frames = cv2.VideoCapture(str(path)), []
+    while True:
+        ok, bgr = capture.read()
+        if not ok:
+            break
+        frames.append(np.ascontiguousarray(bgr[:, :, ::-1]))
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    capture.release()
+    return frames, fps
+
+
+def test_video_gives_an_annotated_video_and_one_json_line_per_frame(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(5)]
+    _write_video(tmp_path / "clip.mp4", frames)
+    out = tmp_path / "out"
+    infer.main([str(tmp_path / "clip.mp4"), "--weights", "unused.pth", "--out", str(out),
+                "--min-score", "0.0", "--batch-size", "2"])
+    printed = capsys.readouterr().out
+    assert "5 frames" in printed and "frames/s" in printed
+    drawn, fps = _read_video(out / "clip.mp4.mp4")
+    assert len(drawn) == 5 and drawn[0].shape == (64, 64, 3) and fps == pytest.approx(5.0)
+    lines = [json.loads(line) for line in (out / "clip.mp4.jsonl").read_text().splitlines()]
+    assert [r["frame"] for r in lines] == [0, 1, 2, 3, 4]
+    assert [r["time"] for r in lines] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
+    # the oracle: the predictor on the decoded input frames, one at a time
+    decoded, _ = _read_video(tmp_path / "clip.mp4")
+    predictor = infer.make_predictor(None)
+    for line, frame in zip(lines, decoded):
+        expected = predictor.to_coco_results(predictor(frame), line["frame"])
+        assert len(line["detections"]) == len(expected) > 0
+        for got, want in zip(line["detections"], expected):
+            assert got["category_id"] == want["category_id"]
+            assert got["class"] == "abc"[want["category_id"] - 7]
+            assert got["bbox"] == pytest.approx(want["bbox"], abs=0.05)
+            assert got["score"] == pytest.approx(want["score"], abs=1e-4)
+    assert not (out / "results.json").exists()        # no image was given
+
+
+def test_max_frames_and_unusable_sources(tmp_path):
+    frames = [np.full((64, 64, 3), 30 * k, np.uint8) for k in range(4)]
+    _write_video(tmp_path / "clip.avi", frames)
+    infer.main([str(tmp_path / "clip.avi"), "--weights", "unused.pth", "--out",
+                str(tmp_path / "out"), "--max-frames", "3"])
+    assert len(_read_video(tmp_path / "out" / "clip.avi.mp4")[0]) == 3
+    assert len((tmp_path / "out" / "clip.avi.jsonl").read_text().splitlines()) == 3
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    with pytest.raises(DatasetError, match=r"bad\.mp4: cannot be read as a video"):
+        infer.main([str(tmp_path / "bad.mp4"), "--weights", "unused.pth", "--out",
+                    str(tmp_path / "out2")])
+    with pytest.raises(DatasetError, match="camera 63 could not be opened"):
+        infer.main(["--webcam", "63", "--weights", "unused.pth", "--out", str(tmp_path / "o3")])
+
+
+def test_missing_opencv_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+    frames = [np.zeros((64, 64, 3), np.uint8)]
+    _write_video(tmp_path / "clip.mp4", frames)
+    monkeypatch.setitem(sys.modules, "cv2", None)          # import cv2 now fails
+    with pytest.raises(DatasetError, match="video input needs OpenCV.*pip install "
+                                           "opencv-python-headless"):
+        infer.main([str(tmp_path / "clip.mp4"), "--weights", "unused.pth", "--out",
+                    str(tmp_path / "out")])

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
-"""Detect objects in images with a trained detector; draw them and write COCO results.
+"""Detect objects in images, videos or a camera with a trained detector; draw them and write
+the detections.
 
-    python tools/infer.py [CONFIG] --weights W IMAGE_OR_DIR [...] --out DIR [key=value ...]
+    python tools/infer.py [CONFIG] --weights W INPUT [...] --out DIR [key=value ...]
+    python tools/infer.py [CONFIG] --weights W --webcam 0 --out DIR [--max-frames N]
 
 Draws every image (boxes, class names and scores) as DIR/<name>.png, where <name> is the
 image's path relative to the folder given (folders are searched recursively), or its file name
@@ -13,6 +15,13 @@ the image id is the image's position in the input list (folders sorted). An unre
 skipped with a warning and named at the end; the run fails only if no image could be read.
 Without CONFIG the config stored in the checkpoint is used; key=value overrides apply either
 way, e.g. ``model.roi_head.score_threshold=0.5``.
+
+A video file given as an input (.mp4, .avi, .mov, .mkv, .webm, ...; videos are not searched
+for in folders) gives DIR/<name>.mp4, its frames with the detections drawn, and
+DIR/<name>.jsonl, one JSON line per frame: {"frame", "time" (seconds), "detections": [{
+"category_id", "class", "bbox" [x, y, w, h] in the frame's pixels, "score"}]}. --webcam N reads
+camera N into DIR/webcamN.mp4 / .jsonl until Ctrl-C or --max-frames. Frames per second are
+printed at the end (reading, detecting, drawing and writing included).
 """
 from __future__ import annotations
 
@@ -30,6 +39,7 @@ from detres.engine.logging import write_json
 from detres.predictor import Predictor
 from detres.tasks.detection.build import detector_for_checkpoint
 from detres.tasks.detection.config import DetectionConfig
+from detres.video import VIDEO_SUFFIXES, annotate_video
 from detres.visualize import save_detections
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -40,22 +50,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("inputs", nargs="+", metavar="[CONFIG] IMAGE_OR_DIR",
-                        help="an optional YAML config, then image files or folders, and "
-                             "key=value overrides")
+    parser.add_argument("inputs", nargs="*", metavar="[CONFIG] IMAGE_OR_DIR_OR_VIDEO",
+                        help="an optional YAML config, then image files, folders or video "
+                             "files, and key=value overrides")
     parser.add_argument("--weights", required=True, help="detection checkpoint")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--min-score", type=float, default=0.5,
                         help="draw detections at or above this score (results.json keeps all)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--webcam", type=int, default=None, metavar="N",
+                        help="read camera N (0 is the first) until Ctrl-C or --max-frames")
+    parser.add_argument("--max-frames", type=int, default=None, metavar="N",
+                        help="stop each video or camera after N frames")
     args = parser.parse_intermixed_args(argv)
     args.overrides = [a for a in args.inputs if "=" in a and not Path(a).exists()]
     rest = [a for a in args.inputs if a not in args.overrides]
     args.config = rest.pop(0) if rest and rest[0].endswith((".yaml", ".yml")) else None
-    args.images = rest
-    if not args.images:
-        parser.error("no images given")
+    args.videos = [a for a in rest if Path(a).suffix.lower() in VIDEO_SUFFIXES
+                   and Path(a).is_file()]
+    args.images = [a for a in rest if a not in args.videos]
+    if not args.images and not args.videos and args.webcam is None:
+        parser.error("no images, videos or --webcam given")
     return args
 
 
@@ -109,9 +125,27 @@ def make_predictor(args: argparse.Namespace) -> Predictor:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     out = Path(args.out)
-    images = list_images(args.images, out)
+    images = list_images(args.images, out) if args.images else []
     drawings = drawing_paths(images, out)
+    videos = [(Path(v), Path(v).name) for v in args.videos]
+    if args.webcam is not None:
+        videos.append((args.webcam, f"webcam{args.webcam}"))
+    drawing_paths([(path, f"{name}.mp4") for path, name in videos], out)   # names unique
     predictor = make_predictor(args)
+    results = infer_images(args, predictor, images, drawings) if images else []
+    for source, name in videos:
+        stats = annotate_video(predictor, source, out / f"{name}.mp4", out / f"{name}.jsonl",
+                               args.min_score, args.max_frames)
+        print(f"{source if isinstance(source, Path) else f'camera {source}'}: {stats.frames} "
+              f"frames, {stats.detections} detections, {stats.frames_per_second:.1f} frames/s "
+              f"-> {out / f'{name}.mp4'}, {out / f'{name}.jsonl'}")
+    return results
+
+
+def infer_images(args: argparse.Namespace, predictor: Predictor,
+                 images: list[tuple[Path, str]], drawings: list[Path]) -> list[dict]:
+    """Draws and writes the detections of every image; returns the COCO results."""
+    out = Path(args.out)
     results: list[dict] = []
     failed: list[Path] = []
     bar = tqdm(total=len(images), desc="infer", dynamic_ncols=True)
