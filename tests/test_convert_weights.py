@@ -1,0 +1,401 @@
+"""Weight converters (detres/convert, tools/convert_weights.py): files built here with the
+sources' own key names and layouts, converted, and compared with a small forward written in the
+source's layout (BGR input minus the mean, Caffe-style bottlenecks with the stride in the 1x1,
+BatchNorm as scale and shift, detectron2's size-major exact anchors and box decoding)."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import pickle
+import runpy
+import struct
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import ROOT, load_tool
+from PIL import Image
+from torchvision.ops import roi_align
+
+from detres import boxes as box_ops
+from detres.config import load_config
+from detres.convert import ConversionError, UnsafePickleError, convert_file, read_arrays
+from detres.convert.categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES, class_list
+from detres.convert.msra import MSRA_PIXEL_MEAN_BGR
+from detres.predictor import Predictor
+from detres.structures import ImageBatch
+from detres.models.resnet import ResNet
+from detres.models.weights import load_weights
+from detres.tasks.common import build_backbone
+from detres.tasks.detection.build import detector_for_checkpoint
+from detres.tasks.detection.config import DetectionConfig
+
+EPS = 1e-5
+D2_NAMES = {"2a": "conv1", "2b": "conv2", "2c": "conv3", "1": "shortcut"}
+
+
+# ----------------------------------------------------------------------------- source files
+def resnet_convs(blocks, width, bottleneck):
+    """(stage k, block i, branch, (out, in, kh, kw)) of every convolution, Caffe's branches."""
+    cin = width
+    for k, n in zip(range(2, 6), blocks):
+        mid = width * 2 ** (k - 2)
+        cout = mid * 4 if bottleneck else mid
+        for i in range(n):
+            convs = ([("2a", mid, cin, 1), ("2b", mid, mid, 3), ("2c", cout, mid, 1)]
+                     if bottleneck else [("2a", mid, cin, 3), ("2b", mid, mid, 3)])
+            if i == 0 and (cin != cout or k > 2):
+                convs.append(("1", cout, cin, 1))
+            for branch, o, c, s in convs:
+                yield k, i, branch, (o, c, s, s)
+            cin = cout
+
+
+def randn(g, *shape, std=1.0):
+    return (torch.randn(*shape, generator=g) * std).numpy()
+
+
+def msra_blobs(blocks, width, bottleneck, num_classes, g):
+    """Caffe names as in MSRA's R-50.pkl: weights, BatchNorm folded to scale s and shift b."""
+    blobs = {"conv1_w": randn(g, width, 3, 7, 7, std=(2 / 147) ** 0.5),
+             "conv1_b": randn(g, width, std=0.1),      # some files carry one: folded into BN
+             "res_conv1_bn_s": 0.5 + randn(g, width, std=0.1),
+             "res_conv1_bn_b": randn(g, width, std=0.1), "res_conv1_bn_s_momentum": np.zeros(1)}
+    for k, i, branch, shape in resnet_convs(blocks, width, bottleneck):
+        p = f"res{k}_{i}_branch{branch}"
+        last = branch in ("2c", "1") or (not bottleneck and branch == "2b")
+        blobs[p + "_w"] = randn(g, *shape, std=(2 / np.prod(shape[1:])) ** 0.5)
+        blobs[p + "_bn_s"] = (0.3 if last else 1.0) + randn(g, shape[0], std=0.1)
+        blobs[p + "_bn_b"] = randn(g, shape[0], std=0.1)
+    cout = width * 8 * (4 if bottleneck else 1)
+    blobs["fc1000_w"] = randn(g, num_classes, cout, std=0.05)
+    blobs["fc1000_b"] = randn(g, num_classes, std=0.05)
+    return {k: v.astype(np.float32) for k, v in blobs.items()}
+
+
+def d2_norm(name, n, g, scale=1.0):
+    return {f"{name}.norm.weight": scale + randn(g, n, std=0.1),
+            f"{name}.norm.bias": randn(g, n, std=0.1),
+            f"{name}.norm.running_mean": randn(g, n, std=0.1),
+            f"{name}.norm.running_var": 0.5 + np.abs(randn(g, n))}
+
+
+def d2_name(k, i, branch):
+    stage = f"backbone.res{k}" if k < 5 else "roi_heads.res5"
+    return f"{stage}.{i}.{D2_NAMES[branch]}"
+
+
+def d2_state(width, num_classes, num_anchors, g):
+    """detectron2's names for a C4 Faster R-CNN on ResNet-50 of the given width."""
+    sd = {"backbone.stem.conv1.weight": randn(g, width, 3, 7, 7, std=(2 / 147) ** 0.5),
+          **d2_norm("backbone.stem.conv1", width, g)}
+    for k, i, branch, shape in resnet_convs((3, 4, 6, 3), width, True):
+        name = d2_name(k, i, branch)
+        sd[name + ".weight"] = randn(g, *shape, std=(2 / np.prod(shape[1:])) ** 0.5)
+        sd.update(d2_norm(name, shape[0], g, 0.3 if branch in ("2c", "1") else 1.0))
+    c4, c5, rpn = width * 16, width * 32, "proposal_generator.rpn_head."
+    sd.update({rpn + "conv.weight": randn(g, c4, c4, 3, 3, std=0.02),
+               rpn + "conv.bias": randn(g, c4, std=0.01),
+               rpn + "objectness_logits.weight": randn(g, num_anchors, c4, 1, 1, std=0.05),
+               rpn + "objectness_logits.bias": randn(g, num_anchors, std=0.1),
+               rpn + "anchor_deltas.weight": randn(g, 4 * num_anchors, c4, 1, 1, std=0.02),
+               rpn + "anchor_deltas.bias": randn(g, 4 * num_anchors, std=0.1),
+               "roi_heads.box_predictor.cls_score.weight": randn(g, num_classes + 1, c5, std=0.05),
+               "roi_heads.box_predictor.cls_score.bias": randn(g, num_classes + 1, std=0.1),
+               "roi_heads.box_predictor.bbox_pred.weight": randn(g, 4 * num_classes, c5, std=0.05),
+               "roi_heads.box_predictor.bbox_pred.bias": randn(g, 4 * num_classes, std=0.1)})
+    return {k: v.astype(np.float32) for k, v in sd.items()}
+
+
+class Py2Pickler(pickle._Pickler):
+    """Writes strings and bytes as Python 2 ``str`` (BINSTRING), as the Caffe-era files are."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+
+    dispatch[bytes] = save_py2_str
+    dispatch[str] = save_py2_str
+
+
+def write_py2_pickle(path, obj):
+    buffer = io.BytesIO()
+    Py2Pickler(buffer, protocol=2).dump(obj)
+    # Python 2's numpy lived in numpy.core (numpy 2: numpy._core)
+    path.write_bytes(buffer.getvalue().replace(b"numpy._core.", b"numpy.core."))
+
+
+# ----------------------------------------------------------------------------- references
+class Source:
+    """Weights by the source's names: ``conv(x, k, i, branch, stride, pad)`` and ``norm``."""
+
+    def __init__(self, arrays, fmt):
+        self.w = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        self.fmt = fmt
+
+    def name(self, k, i, branch):
+        if self.fmt == "msra":
+            return "conv1" if k == 1 else f"res{k}_{i}_branch{branch}"
+        return "backbone.stem.conv1" if k == 1 else d2_name(k, i, branch)
+
+    def has(self, k, i, branch):
+        return any(n.startswith(self.name(k, i, branch)) for n in self.w)
+
+    def conv(self, x, k, i, branch, stride, pad):
+        sep = "_" if self.fmt == "msra" else "."
+        name = self.name(k, i, branch)
+        bias = self.w.get(name + "_b") if self.fmt == "msra" else None
+        return F.conv2d(x, self.w[name + sep + ("w" if self.fmt == "msra" else "weight")],
+                        bias, stride, pad)
+
+    def norm(self, x, k, i, branch):
+        if self.fmt == "msra":     # Caffe's BatchNorm + Scale, folded: s x + b
+            name = "res_conv1_bn" if k == 1 else self.name(k, i, branch) + "_bn"
+            return x * self.w[name + "_s"].view(-1, 1, 1) + self.w[name + "_b"].view(-1, 1, 1)
+        p = self.name(k, i, branch) + ".norm."
+        scale = self.w[p + "weight"] / torch.sqrt(self.w[p + "running_var"] + EPS)
+        return ((x - self.w[p + "running_mean"].view(-1, 1, 1)) * scale.view(-1, 1, 1)
+                + self.w[p + "bias"].view(-1, 1, 1))
+
+
+def ref_block(src, x, k, i, stride, bottleneck):
+    """A residual block with the stride in the first 1x1 (MSRA, detectron2 STRIDE_IN_1X1)."""
+    if bottleneck:
+        y = F.relu(src.norm(src.conv(x, k, i, "2a", stride, 0), k, i, "2a"))
+        y = F.relu(src.norm(src.conv(y, k, i, "2b", 1, 1), k, i, "2b"))
+        y = src.norm(src.conv(y, k, i, "2c", 1, 0), k, i, "2c")
+    else:
+        y = F.relu(src.norm(src.conv(x, k, i, "2a", stride, 1), k, i, "2a"))
+        y = src.norm(src.conv(y, k, i, "2b", 1, 1), k, i, "2b")
+    shortcut = src.norm(src.conv(x, k, i, "1", stride, 0), k, i, "1") if src.has(k, i, "1") else x
+    return F.relu(y + shortcut)
+
+
+def ref_resnet(src, x, blocks, bottleneck, stages=(2, 3, 4, 5)):
+    """Stem (7x7/2, max pool 3/2 with padding 1 as detectron2 runs it) and the given stages."""
+    x = F.max_pool2d(F.relu(src.norm(src.conv(x, 1, 0, "", 2, 3), 1, 0, "")), 3, 2, 1)
+    return ref_stages(src, x, blocks, bottleneck, stages)
+
+
+def ref_stages(src, x, blocks, bottleneck, stages):
+    for k in stages:
+        for i in range(blocks[k - 2]):
+            x = ref_block(src, x, k, i, 2 if (i == 0 and k > 2) else 1, bottleneck)
+    return x
+
+
+def d2_anchors(sizes, ratios, height, width, stride=16):
+    """detectron2's DefaultAnchorGenerator: size-major, w = sqrt(s^2 / r), offset 0."""
+    cell = []
+    for s in sizes:
+        for r in ratios:
+            w = math.sqrt(s * s / r)
+            cell.append([-w / 2, -r * w / 2, w / 2, r * w / 2])
+    ys, xs = torch.meshgrid(torch.arange(height) * float(stride),
+                            torch.arange(width) * float(stride), indexing="ij")
+    shifts = torch.stack((xs, ys, xs, ys), -1).view(height, width, 1, 4)
+    return shifts.double() + torch.tensor(cell, dtype=torch.float64)   # (H, W, A, 4)
+
+
+def d2_apply_deltas(deltas, boxes, weights):
+    """detectron2's Box2BoxTransform.apply_deltas (float64 here)."""
+    w, h = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+    cx, cy = boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h
+    dx, dy = deltas[..., 0] / weights[0], deltas[..., 1] / weights[1]
+    dw = (deltas[..., 2] / weights[2]).clamp(max=math.log(1000 / 16))
+    dh = (deltas[..., 3] / weights[3]).clamp(max=math.log(1000 / 16))
+    px, py, pw, ph = dx * w + cx, dy * h + cy, torch.exp(dw) * w, torch.exp(dh) * h
+    return torch.stack((px - pw / 2, py - ph / 2, px + pw / 2, py + ph / 2), -1)
+
+
+# ----------------------------------------------------------------------------- tests
+def test_pickle_naming_a_function_is_refused_and_not_run(tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+            return os.system, (f"touch {marker}",)
+
+    path = tmp_path / "R-50.pkl"
+    path.write_bytes(pickle.dumps({"conv1_w": np.zeros((2, 3, 7, 7)), "x": Payload()}))
+    with pytest.raises(UnsafePickleError, match=r"R-50.pkl: refused to unpickle posix.system"):
+        read_arrays(path)
+    monkeypatch.setattr(sys, "argv", ["convert_weights.py", "msra", str(path), "--out",
+                                      str(tmp_path / "out.pth")])
+    with pytest.raises(SystemExit) as exit_info:   # the tool's own __main__, in this process
+        runpy.run_path(str(ROOT / "tools" / "convert_weights.py"), run_name="__main__")
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "posix.system" in err[0]
+    assert not marker.exists() and not (tmp_path / "out.pth").exists()
+
+
+def test_python2_pickle_of_arrays_reads(tmp_path):
+    arrays = {"res2_0_branch2a_w": np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
+              "big": np.linspace(0, 1, 300, dtype=np.float32), "lr": np.float32(0.1)}
+    path = tmp_path / "old.pkl"
+    write_py2_pickle(path, {"blobs": arrays})
+    assert b"numpy.core.multiarray" in path.read_bytes()
+    read = read_arrays(path)
+    assert set(read) == {"res2_0_branch2a_w", "big"}          # a scalar is no named array
+    for name in read:
+        assert torch.equal(read[name], torch.from_numpy(arrays[name]))
+    (tmp_path / "bad.pkl").write_bytes(b"not a pickle")
+    with pytest.raises(ConversionError, match="bad.pkl: not a readable pickle"):
+        read_arrays(tmp_path / "bad.pkl")
+
+
+@pytest.mark.parametrize("blocks,bottleneck,depth", [((3, 4, 6, 3), True, 50),
+                                                     ((2, 2, 2, 2), False, 18)])
+def test_msra_backbone_matches_caffe_forward(tmp_path, blocks, bottleneck, depth):
+    g = torch.Generator().manual_seed(depth)
+    blobs = msra_blobs(blocks, 8, bottleneck, 10, g)
+    src = tmp_path / f"R-{depth}.pkl"
+    write_py2_pickle(src, blobs)
+    out = tmp_path / f"R-{depth}.pth"
+    lines = convert_file("msra", src, out)
+    assert lines[-1] == f"wrote {out} (backbone file) and {out.with_suffix('.yaml')}"
+    cfg = load_config(out.with_suffix(".yaml"), schema=DetectionConfig)
+    assert cfg.model.backbone.depth == depth and cfg.model.backbone.stride_in_1x1
+    assert cfg.model.pixel_mean == MSRA_PIXEL_MEAN_BGR[::-1] and cfg.model.pixel_std == (1, 1, 1)
+    trunk = build_backbone(cfg.model.backbone).eval()     # as a detector loads it: no fc
+    net = ResNet(depth, width=8, num_classes=10, stride_in_1x1=True).eval()
+    load_weights(net, str(out))                             # the ImageNet classifier, fc too
+    rgb = torch.rand(2, 3, 64, 96) * 255
+    x = rgb - torch.tensor(cfg.model.pixel_mean).view(1, 3, 1, 1)
+    bgr = rgb.flip(1) - torch.tensor(MSRA_PIXEL_MEAN_BGR).view(1, 3, 1, 1)
+    ref = ref_resnet(Source(blobs, "msra"), bgr, blocks, bottleneck)
+    logits = ref.mean((2, 3)) @ torch.from_numpy(blobs["fc1000_w"]).T + torch.from_numpy(
+        blobs["fc1000_b"])
+    with torch.no_grad():
+        torch.testing.assert_close(trunk(x), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(net(x), logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConversionError, match="already exist; pass --overwrite"):
+        convert_file("msra", src, out)
+
+
+def convert_tiny_detectron2(tmp_path, sizes=(32.0, 64.0, 128.0), ratios=(0.5, 1.0, 2.0)):
+    g = torch.Generator().manual_seed(0)
+    sd = d2_state(8, 3, len(sizes) * len(ratios), g)
+    path = tmp_path / "model_final.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": sd, "__author__": "Detectron2 Model Zoo"}, f)
+    out = tmp_path / "det.pth"
+    lines = convert_file("detectron2", path, out, class_names=["a", "b", "c"],
+                         anchor_sizes=sizes, aspect_ratios=ratios)
+    return sd, out, lines
+
+
+def test_detectron2_c4_matches_detectron2_forward(tmp_path):
+    sizes, ratios = (32.0, 64.0, 128.0), (0.5, 1.0, 2.0)
+    sd, out, lines = convert_tiny_detectron2(tmp_path, sizes, ratios)
+    assert "ResNet-50 (width 8, stride in the 1x1), 3 classes, 9 anchors per cell" in lines[0]
+    cfg = load_config(out.with_suffix(".yaml"), schema=DetectionConfig)
+    model, meta = detector_for_checkpoint(cfg.model, out)
+    assert meta["class_names"] == ["a", "b", "c"] and meta["category_ids"] == [1, 2, 3]
+    src = Source(sd, "d2")
+    rgb = torch.rand(1, 3, 64, 96) * 255
+    with torch.no_grad():
+        features = model.trunk(model.normalize(ImageBatch.from_tensors([rgb[0]])))
+        logits, deltas = model.rpn.head(features)
+        boxes = box_ops.decode(deltas, model.rpn.anchor_generator(features)).double()
+        bgr = rgb.flip(1) - torch.tensor([103.530, 116.280, 123.675]).view(1, 3, 1, 1)
+        ref_features = ref_resnet(src, bgr, (3, 4, 6, 3), True, stages=(2, 3, 4))
+        torch.testing.assert_close(features, ref_features, rtol=1e-4, atol=1e-4)
+        w = src.w
+        t = F.relu(F.conv2d(ref_features, w["proposal_generator.rpn_head.conv.weight"],
+                            w["proposal_generator.rpn_head.conv.bias"], padding=1))
+        ref_logits = F.conv2d(t, w["proposal_generator.rpn_head.objectness_logits.weight"],
+                              w["proposal_generator.rpn_head.objectness_logits.bias"])
+        ref_deltas = F.conv2d(t, w["proposal_generator.rpn_head.anchor_deltas.weight"],
+                              w["proposal_generator.rpn_head.anchor_deltas.bias"])
+        _, a, h, wd = ref_logits.shape
+        ref_boxes = d2_apply_deltas(ref_deltas.view(a, 4, h, wd).permute(2, 3, 0, 1).double(),
+                                    d2_anchors(sizes, ratios, h, wd), (1, 1, 1, 1))
+        # detres's cell order is ratio-major (models/anchors.py): anchor r * S + s
+        order = [s * len(ratios) + r for r in range(len(ratios)) for s in range(len(sizes))]
+        torch.testing.assert_close(logits.view(h, wd, a), ref_logits[0].permute(1, 2, 0)[..., order])
+        torch.testing.assert_close(boxes.view(h, wd, a, 4), ref_boxes[:, :, order],
+                                   rtol=1e-4, atol=1e-3)
+        rois = torch.tensor([[0, 3.0, 5.0, 40.0, 50.0], [0, 20.5, 10.0, 90.0, 60.0],
+                             [0, 0.0, 0.0, 96.0, 64.0]])
+        cls_logits, box_deltas = model.roi_head.predict(features, rois)
+        pooled = roi_align(ref_features, rois, 14, 1 / 16, 0, aligned=True)   # ROIAlignV2
+        head = ref_stages(src, pooled, (3, 4, 6, 3), True, stages=(5,)).mean((2, 3))
+        p = "roi_heads.box_predictor."
+        torch.testing.assert_close(cls_logits, head @ w[p + "cls_score.weight"].T
+                                   + w[p + "cls_score.bias"], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(box_deltas, head @ w[p + "bbox_pred.weight"].T
+                                   + w[p + "bbox_pred.bias"], rtol=1e-4, atol=1e-4)
+
+
+def test_detectron2_pth_equals_pkl_and_bad_layouts_refused(tmp_path):
+    sd, out, _ = convert_tiny_detectron2(tmp_path)
+    pth = tmp_path / "model_final.pth"
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}, "iteration": 9}, pth)
+    convert_file("detectron2", pth, tmp_path / "from_pth.pth", class_names=["a", "b", "c"],
+                 anchor_sizes=(32, 64, 128))
+    a = torch.load(out, weights_only=True)["model"]
+    b = torch.load(tmp_path / "from_pth.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConversionError, match="9 anchors per cell but 5 sizes x 3"):
+        convert_file("detectron2", pth, tmp_path / "x.pth", class_names=["a", "b", "c"])
+    with pytest.raises(ConversionError, match="gives 2 classes but the weights detect 3"):
+        convert_file("detectron2", pth, tmp_path / "x.pth", class_names=["a", "b"],
+                     anchor_sizes=(32, 64, 128))
+    fpn = {**{k: torch.from_numpy(v) for k, v in sd.items()},
+           "backbone.fpn_lateral2.weight": torch.zeros(1)}
+    torch.save(fpn, tmp_path / "fpn.pth")
+    with pytest.raises(ConversionError, match="fpn_lateral2.*C4 layout"):
+        convert_file("detectron2", tmp_path / "fpn.pth", tmp_path / "x.pth")
+
+
+def test_convert_tool_detectron2_then_evaluate_and_predict(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    sd = d2_state(8, 80, 15, g)                               # COCO's 80, detectron2's anchors
+    with open(tmp_path / "r50_c4.pkl", "wb") as f:
+        pickle.dump({"model": sd, "__author__": "Detectron2 Model Zoo"}, f)
+    out = tmp_path / "r50_c4.pth"
+    lines = load_tool("convert_weights").main(["detectron2", str(tmp_path / "r50_c4.pkl"),
+                                               "--out", str(out)])
+    assert lines[-1].endswith(f"{out.with_suffix('.yaml')}")
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in (1, 2):
+        Image.fromarray(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    gt = {"images": [{"id": i, "file_name": f"{i}.png", "height": 60, "width": 80} for i in (1, 2)],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 18, "bbox": [10, 10, 30, 20],
+                           "area": 600, "iscrowd": 0}],
+          "categories": [{"id": i, "name": n} for i, n in zip(COCO_CATEGORY_IDS, COCO_CLASS_NAMES)]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    metrics = load_tool("eval_det").main([
+        str(out.with_suffix(".yaml")), f"train.output_dir={tmp_path / 'run'}",
+        f"data.val.annotations={tmp_path / 'gt.json'}", f"data.val.images={images}",
+        "data.min_size_test=64", "data.max_size_test=96", "train.device=cpu",
+        "--weights", str(out)])
+    assert set(metrics) >= {"AP", "AP50"}
+    predictor = Predictor.from_checkpoint(out, "cpu", ["data.min_size_test=64"])
+    detections = predictor(str(images / "1.png"))
+    assert predictor.class_names[16] == "dog" and predictor.category_ids[16] == 18
+    assert detections.boxes.shape[1] == 4 and len(detections.boxes) <= 100
+
+
+def test_class_list_sources(tmp_path):
+    assert class_list(80) == (list(COCO_CLASS_NAMES), list(COCO_CATEGORY_IDS))
+    coco128 = json.load(open(ROOT / "../shared/data/coco128/annotations.json"))["categories"]
+    assert [(c["id"], c["name"]) for c in coco128] == list(zip(COCO_CATEGORY_IDS, COCO_CLASS_NAMES))
+    (tmp_path / "cats.json").write_text(json.dumps({"categories": [{"id": 7, "name": "b"},
+                                                                   {"id": 3, "name": "a"}]}))
+    assert class_list(2, tmp_path / "cats.json") == (["a", "b"], [3, 7])
+    with pytest.raises(ConversionError, match="not COCO's 80: name them"):
+        class_list(5)
