@@ -180,3 +180,73 @@ def test_bad_annotations_can_be_skipped_with_a_count(tmp_path, caplog):
     assert "skipped 1 annotations that refer to an unknown image id" in caplog.text
     assert "skipped 1 annotations that have a bbox with negative width" in caplog.text
     assert len(ds.index.boxes) == 1 and ds.index.ignore.all()
+
+
+def test_unknown_category_ids_are_listed_beside_the_known_ones(tmp_path):
+    data = _base()
+    data["annotations"][0]["category_id"] = 3
+    data["annotations"][1]["category_id"] = 4
+    data["annotations"][2]["category_id"] = 3
+    with pytest.raises(DatasetError, match=r"category ids 3, 4 are used by 3 annotations but "
+                                           r"'categories' has ids 5, 9; set bad_annotations: "
+                                           r"skip"):
+        COCODetection(*_write(tmp_path, data))
+
+
+def test_file_without_annotations_loads_as_images_without_boxes(tmp_path):
+    """COCO test-dev ships image info only: it loads for inference and format-only use."""
+    data = _base()
+    del data["annotations"]
+    ds = COCODetection(*_write(tmp_path, data))
+    assert not ds.has_annotations and len(ds) == 2 and ds.class_names == ["five", "nine"]
+    assert ds.image_ids.tolist() == [1, 2]
+    image, t = ds[1]
+    assert tuple(image.shape) == (3, 30, 40) and t.image_id == 2 and len(t) == 0
+    with pytest.raises(DatasetError, match=r"ann\.json has no 'annotations' .* not training"):
+        COCODetection(*_write(tmp_path, data), filter_empty=True)
+    assert COCODetection(*_write(tmp_path, _base())).has_annotations
+
+
+def _as_corners(coco: dict) -> dict:
+    coco = json.loads(json.dumps(coco))
+    for a in coco["annotations"]:
+        x, y, w, h = a["bbox"]
+        a["bbox"] = [x, y, x + w, y + h]
+    return coco
+
+
+@needs_coco128
+def test_coco128_written_as_corners_is_refused(tmp_path, coco128_json):
+    """Real boxes: as xywh none runs past its image; as corners 738 of 929 do."""
+    ann = tmp_path / "corners.json"
+    ann.write_text(json.dumps(_as_corners(coco128_json)))
+    with pytest.raises(DatasetError, match=r"corners\.json: 738 of 929 boxes run past their "
+                                           r"image .* 929 are valid \[x1, y1, x2, y2\] boxes .*"
+                                           r"write them as \[x1, y1, x2 - x1, y2 - y1\]"):
+        COCODetection(ann, COCO128 / "images", bad_annotations="skip")
+
+
+def _boxes_file(tmp_path: Path, boxes: list) -> tuple[Path, Path]:
+    data = {"images": [{"id": 1, "file_name": "a.jpg", "width": 40, "height": 30}],
+            "annotations": [{"id": k + 1, "image_id": 1, "category_id": 1, "bbox": b}
+                            for k, b in enumerate(boxes)],
+            "categories": [{"id": 1, "name": "thing"}]}
+    return _write(tmp_path, data)
+
+
+@pytest.mark.parametrize("boxes,refused", [
+    # corners [x1, y1, x2, y2]: 3 of 4 run past the 40x30 image as xywh
+    ([[2, 3, 12, 15], [20, 10, 38, 28], [25, 2, 39, 12], [5, 16, 20, 29]], True),
+    # two boxes past the edge, both also valid corners: fewer than 3, clipped, not refused
+    ([[12, 3, 30, 20], [20, 10, 25, 25], [1, 1, 5, 5]], False),
+    # 3 of 4 past the edge, but two cannot be corners (w <= x): xywh with sloppy boxes
+    ([[30, 20, 15, 15], [35, 2, 10, 5], [3, 3, 39, 28], [2, 2, 5, 5]], False),
+])
+def test_corner_boxes_are_told_apart_from_boxes_past_the_edge(tmp_path, boxes, refused):
+    if refused:
+        with pytest.raises(DatasetError, match=r"3 of 4 boxes run past .* annotation id 2, "
+                                               r"image id 1: bbox \[20, 10, 38, 28\] in a 40x30"):
+            COCODetection(*_boxes_file(tmp_path, boxes))
+    else:
+        ds = COCODetection(*_boxes_file(tmp_path, boxes))
+        assert ds.index.boxes[:, 2].max() <= 40 and ds.index.boxes[:, 3].max() <= 30

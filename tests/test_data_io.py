@@ -136,3 +136,18 @@ def test_skip_without_substitution_gives_placeholder_with_own_id(tmp_path, caplo
     with caplog.at_level(logging.WARNING):
         assert ds.report_skipped_images() == 2
     assert "2.jpg" in caplog.text and "4.jpg" in caplog.text
+
+
+def test_missing_images_are_counted_and_named_before_any_work(tmp_path, caplog):
+    ann = _tiny_coco(tmp_path, n=6)
+    for i in (2, 3, 5, 6):
+        (tmp_path / "img" / f"{i}.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"4 of 6 image files are missing, e\.g\. "
+                                           r".*img/2\.jpg \(image id 2\), .*img/3\.jpg \(image "
+                                           r"id 3\), .*img/5\.jpg \(image id 5\) \.\.\.; check "
+                                           r"the image folder \(.*img: data\.\*\.images") as e:
+        COCODetection(ann, tmp_path / "img")
+    assert str(ann) in str(e.value) and "6.jpg" not in str(e.value)
+    with caplog.at_level(logging.WARNING):            # skipping goes on, and says how many
+        ds = COCODetection(ann, tmp_path / "img", skip_bad_images=True)
+    assert ds.num_skipped_images == 4 and "skipped 4 of 6 images" in caplog.text

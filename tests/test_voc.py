@@ -1,6 +1,7 @@
 """VOC XML dataset on a tiny VOCdevkit written here: 1-based boxes, difficult, 07+12."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,38 @@ def test_missing_split_and_annotation(tmp_path):
     (root / "ImageSets" / "Main" / "val.txt").write_text("000009\n")
     with pytest.raises(DatasetError, match=r"000009\.xml: annotation of image 000009 not found"):
         VOCDetection((root, "val"))
+
+
+def test_own_classes_and_png_images(tmp_path):
+    """A VOC-style set of one's own: its class names, PNG files beside JPEGs."""
+    root = _devkit(tmp_path, "2007", {"a": [_obj("gadget", (1, 1, 10, 20))],
+                                      "b": [_obj("widget", (5, 5, 30, 30)),
+                                            _obj("gadget", (2, 2, 8, 8))]})
+    jpg = root / "JPEGImages" / "b.jpg"
+    Image.open(jpg).save(root / "JPEGImages" / "b.png")
+    jpg.unlink()
+    with pytest.raises(DatasetError, match=r"a\.xml: image a object #0 \(gadget\): unknown "
+                                           r"class 'gadget'.*; set class_names"):
+        VOCDetection((root, "trainval"), image_extensions=[".jpg", ".png"])
+    ds = VOCDetection((root, "trainval"), class_names=["widget", "gadget"],
+                      image_extensions=[".jpg", "png"])
+    assert ds.class_names == ["widget", "gadget"]
+    assert [ds.path(i).name for i in range(2)] == ["a.jpg", "b.png"]
+    assert ds[1][1].labels.tolist() == [0, 1] and ds[0][1].labels.tolist() == [1]
+    with pytest.raises(DatasetError, match=r"1 of 2 image files are missing, e\.g\. .*b\.jpg"):
+        VOCDetection((root, "trainval"), class_names=["widget", "gadget"])
+
+
+def test_bad_objects_can_be_skipped_with_a_count(tmp_path, caplog):
+    root = _devkit(tmp_path, "2007", {"000005": [_obj("dog", (1, 1, 10, 20)),
+                                                 _obj("unicorn", (1, 1, 10, 20)),
+                                                 _obj("cat", (10, 10, 5, 20)),
+                                                 _obj("cat", (70, 10, 80, 20))]})
+    with caplog.at_level(logging.WARNING):
+        ds = VOCDetection((root, "trainval"), bad_annotations="skip")
+    assert ds.num_skipped_annotations == 3
+    assert "skipped 3 objects" in caplog.text and "unknown class 'unicorn'" in caplog.text
+    assert ds.get_annotations(0)["labels"].tolist() == [VOC_CLASSES.index("dog")]
+    with pytest.raises(DatasetError, match=r"object #1 \(unicorn\): unknown class .* or "
+                                           r"bad_annotations: skip to drop such objects"):
+        VOCDetection((root, "trainval"))

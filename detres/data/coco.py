@@ -71,6 +71,13 @@ class COCODetection(DetectionDataset):
         self.annotation_file = Path(annotation_file)
         self.image_root = Path(image_root)
         data = _load_json(self.annotation_file)
+        #: False for an image-info-only file (COCO test-dev): no boxes, nothing to train on
+        self.has_annotations = data["annotations"] is not None
+        if filter_empty and not self.has_annotations:
+            raise DatasetError(f"{self.annotation_file} has no 'annotations' (image info only, "
+                               "as COCO test-dev ships): it serves inference and format-only "
+                               "evaluation, not training")
+        data["annotations"] = data["annotations"] or []
         cat_ids, names = _parse_categories(data["categories"], self.annotation_file)
         self.label_to_category_id: list[int] = cat_ids
         self.category_id_to_label: dict[int, int] = {c: k for k, c in enumerate(cat_ids)}
@@ -94,11 +101,18 @@ def _load_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: a COCO annotation file is a JSON object, got "
                            f"{type(data).__name__}")
-    missing = [k for k in ("images", "annotations", "categories") if k not in data]
+    missing = [k for k in ("images", "categories") if k not in data]
     if missing:
         raise DatasetError(f"{path}: missing {', '.join(repr(k) for k in missing)}; a COCO "
-                           "instances file needs 'images', 'annotations' and 'categories'")
+                           "instances file needs 'images' and 'categories' (and 'annotations' "
+                           "to train or evaluate on it)")
+    if "annotations" not in data:  # image info only, as COCO test-dev ships
+        logger.info("%s: no 'annotations': %d images without boxes (for inference and "
+                    "format-only evaluation)", path, len(data["images"]))
+        data["annotations"] = None
     for k in ("images", "annotations", "categories"):
+        if k == "annotations" and data[k] is None:
+            continue
         if not isinstance(data[k], list):
             raise DatasetError(f"{path}: '{k}' must be a list, got {type(data[k]).__name__}")
     return data
@@ -199,9 +213,10 @@ def _build_index(data: dict, path: Path, image_root: Path, cat_ids: list[int], s
     for mask, msg in problems:
         mask = mask & ~bad
         if mask.any():
-            _report_bad(path, a, mask, msg, data["annotations"], skip)
+            _report_bad(path, a, mask, msg, data["annotations"], skip, cat_ids)
         bad |= mask
     good = ~bad
+    _check_xywh(path, a, size, good & ~a["crowd"], data["annotations"])
     img, label, crowd = img[good], label[good], a["crowd"][good]
     x1, y1 = np.maximum(x[good], 0), np.maximum(y[good], 0)
     x2 = np.minimum(x[good] + w[good], size[good, 1])
@@ -232,17 +247,51 @@ def _first_ids(ids: np.ndarray, n: int = 5) -> str:
     return s + (", ..." if len(ids) > n else "")
 
 
-def _report_bad(path: Path, a: dict, mask: np.ndarray, msg: str, raw: list, skip: bool) -> None:
+def _report_bad(path: Path, a: dict, mask: np.ndarray, msg: str, raw: list, skip: bool,
+                cat_ids: list[int]) -> None:
     rows = np.flatnonzero(mask)
     first = int(rows[0])
     aid = int(a["id"][first])
     name = f"annotation id {aid}" if aid >= 0 else f"annotation #{first}"
     detail = (f"{name} (image id {int(a['image_id'][first])}, category id "
               f"{int(a['category_id'][first])}, bbox {raw[first].get('bbox')}) {msg}")
+    if "category" in msg:  # the usual cause: ids renumbered in one place and not the other
+        unknown = np.unique(a["category_id"][rows])
+        detail += (f"; category ids {_first_ids(unknown, 10)} are used by {len(rows)} "
+                   f"annotations but 'categories' has ids {_first_ids(np.asarray(cat_ids), 10)}")
     if not skip:
-        more = f" ({len(rows) - 1} more like it)" if len(rows) > 1 else ""
-        raise DatasetError(f"{path}: {detail}{more}; pass bad_annotations='skip' to drop such "
-                           "annotations")
+        more = f" ({len(rows) - 1} more like it)" if len(rows) > 1 and "category" not in msg \
+            else ""
+        raise DatasetError(f"{path}: {detail}{more}; set bad_annotations: skip (data.train / "
+                           "data.val) to drop such annotations")
     logger.warning("%s: skipped %d annotations that %s, e.g. %s (annotation ids %s)", path,
                    len(rows), msg.replace("has", "have").replace("refers", "refer"), detail,
                    _first_ids(a["id"][rows]))
+
+
+def _check_xywh(path: Path, a: dict, size: np.ndarray, rows: np.ndarray, raw: list) -> None:
+    """Refuses a file whose boxes look like corners [x1, y1, x2, y2] rather than COCO's
+    [x, y, width, height].
+
+    Read as xywh, a corner box runs past the right or bottom edge whenever its centre lies in
+    the right or bottom half of the image, so about 3 boxes in 4 do; read as corners, all of
+    them are valid boxes inside the image (x2 > x1, y2 > y1, x2 <= width, y2 <= height). Real
+    xywh annotations almost never run past the image by more than a pixel, and only those in
+    the top-left corner of their image satisfy w > x and h > y. So the file is refused when at
+    least 3 boxes and 20% of them run past the image by more than 1 px while 98% or more read
+    as valid corner boxes; a file with fewer than 3 such boxes is never refused.
+    """
+    x, y, w, h = a["bbox"][rows].T
+    height, width = size[rows].T
+    past = (x + w > width + 1) | (y + h > height + 1)
+    corners = (w > x) & (h > y) & (w <= width + 1) & (h <= height + 1)
+    if past.sum() < 3 or past.mean() < 0.2 or corners.mean() < 0.98:
+        return
+    first = int(np.flatnonzero(rows)[np.flatnonzero(past)[0]])
+    raise DatasetError(
+        f"{path}: {int(past.sum())} of {len(past)} boxes run past their image when read as "
+        f"COCO's [x, y, width, height] (e.g. annotation id {int(a['id'][first])}, image id "
+        f"{int(a['image_id'][first])}: bbox {raw[first].get('bbox')} in a "
+        f"{int(size[first, 1])}x{int(size[first, 0])} image), while {int(corners.sum())} are "
+        "valid [x1, y1, x2, y2] boxes inside their image: the boxes seem to be corners; write "
+        "them as [x1, y1, x2 - x1, y2 - y1]")

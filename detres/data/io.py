@@ -173,6 +173,23 @@ def filter_empty_images(index: AnnotationIndex, keep_ignored: bool,
     return index.select(has_box)
 
 
+def check_images_exist(index: AnnotationIndex, source: str | os.PathLike) -> None:
+    """Raises ``DatasetError`` naming how many image files are missing, and the first few,
+    before any work starts (one stat per image: ~1 s for COCO train2017 on a local disk)
+    rather than at the first missing one, hours into training."""
+    missing = [i for i in range(len(index)) if not os.path.isfile(index.paths[i])]
+    if not missing:
+        return
+    first = ", ".join(f"{index.path(i)} (image id {int(index.image_ids[i])})"
+                      for i in missing[:3])
+    folders = sorted({str(index.path(i).parent) for i in missing[:100]})[:2]
+    raise DatasetError(
+        f"{source}: {len(missing)} of {len(index)} image files are missing, e.g. {first}"
+        f"{' ...' if len(missing) > 3 else ''}; check the image folder ({', '.join(folders)}: "
+        "data.*.images for COCO-format sets, data.*.root for VOC) or set "
+        "data.skip_bad_images: true to go on without them")
+
+
 def _concat(parts: list[np.ndarray], empty_shape: tuple[int, ...], dtype) -> np.ndarray:
     parts = [np.asarray(p, dtype=dtype).reshape(-1, *empty_shape[1:]) for p in parts]
     return np.concatenate(parts) if parts else np.zeros(empty_shape, dtype)
@@ -290,6 +307,8 @@ class DetectionDataset(Dataset):
         self.skip_bad_images = skip_bad_images
         self.substitute_bad_images = substitute_bad_images
         self.source = source
+        if not skip_bad_images:
+            check_images_exist(index, source)
         self.skipper = BadImageSkipper(len(index), skip_bad_images, source, index.path)
 
     @property

@@ -20,7 +20,7 @@ from detres.data.coco import COCODetection
 from detres.data.io import DetectionDataset
 from detres.data.loader import build_detection_loader
 from detres.data.transforms import eval_transform, train_transform
-from detres.data.voc import VOCDetection
+from detres.data.voc import VOC_CLASSES, VOCDetection
 from detres.engine.checkpoint import (CheckpointError, check_task, load_checkpoint,
                                       load_task_weights)
 from detres.engine.distributed import DistInfo
@@ -116,7 +116,10 @@ def build_det_dataset(cfg: DetDatasetConfig, data: DetDataConfig, train: bool,
     else:
         transform = eval_transform(data.min_size_test, data.max_size_test)
     common = dict(transform=transform, filter_empty=train and data.filter_empty,
-                  skip_bad_images=data.skip_bad_images)
+                  skip_bad_images=data.skip_bad_images, bad_annotations=cfg.bad_annotations)
+    if cfg.class_names is not None and cfg.type != "voc":
+        raise ConfigError(f"{key}.class_names is for VOC-style sets; a {cfg.type} set takes its "
+                          "class names from the annotation file's 'categories'")
     if cfg.type == "builtin":
         b = data.builtin
         folder = ensure_builtin_shapes(cfg.root, num_train=b.num_train, num_val=b.num_val,
@@ -147,7 +150,9 @@ def build_det_dataset(cfg: DetDatasetConfig, data: DetDataConfig, train: bool,
         folder = _require_file(root / f"VOC{year}", f"{key}.root", f"VOC{year}",
                                "PASCAL VOC comes from http://host.robots.ox.ac.uk/pascal/VOC/.")
         sources.append((folder, split))
-    return VOCDetection(sources, keep_difficult=train and data.keep_difficult, **common)
+    return VOCDetection(sources, keep_difficult=train and data.keep_difficult,
+                        class_names=cfg.class_names or VOC_CLASSES,
+                        image_extensions=cfg.image_extensions, **common)
 
 
 def build_det_train_loader(cfg: DetectionConfig, dataset: DetectionDataset, dist: DistInfo,

@@ -28,6 +28,13 @@ class DetDatasetConfig:
     root: str | None = None
     # voc: YEAR/SPLIT pairs, the paper's 07+12 is [2007/trainval, 2012/trainval]; builtin: train | val
     splits: tuple[str, ...] = ("train",)
+    # coco, voc: an annotation that cannot be used (unknown image or class, impossible box)
+    # stops the load naming it (error), or is dropped and counted in a warning (skip)
+    bad_annotations: Literal["error", "skip"] = "error"
+    # voc: the <name> values, in label order (null: the 20 PASCAL VOC classes)
+    class_names: tuple[str, ...] | None = None
+    # voc: image suffixes tried in order for JPEGImages/<name><suffix>
+    image_extensions: tuple[str, ...] = (".jpg",)
 
 
 @dataclass(frozen=True, kw_only=True)
