@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from helpers import TinyData, tiny_model
+from test_engine import CrashAt
 
 from detres.config import ConfigError
 from detres.data.classification import make_loader
@@ -47,15 +48,13 @@ def make_trainer(output_dir, max_iter, eval_fn, crash_at=None, **kwargs) -> Trai
                    **{**defaults, **kwargs})
 
 
-class CrashAt:
-    def __init__(self, loader, at):
-        self.loader, self.at = loader, at
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i == self.at:
-                raise KeyboardInterrupt("simulated crash")
-            yield batch
+def crash_after_two_evaluations(folder, values):
+    """A 16-iteration run evaluating every 4 that crashes while fetching batch 9: its
+    evaluations at 4 and 8 return ``values``; its last checkpoint holds 8 iterations."""
+    first = make_trainer(folder, 16, Scripted("AP", values), crash_at=9, best_metric="AP")
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    first.close()
 
 
 def best_entry(folder):
@@ -133,11 +132,7 @@ def test_explicit_mode_overrides_the_name(tmp_path):
 def test_resume_restores_the_best_so_a_worse_evaluation_does_not_replace_it(tmp_path):
     # evaluations at 4 (10) and 8 (30); the crash comes while fetching batch 9, so the last
     # checkpoint (after 8 iterations) was written before the evaluation at 8 saw 30
-    first = make_trainer(tmp_path, 16, Scripted("AP", [10.0, 30.0]), crash_at=9,
-                         best_metric="AP")
-    with pytest.raises(KeyboardInterrupt):
-        first.run()
-    first.close()
+    crash_after_two_evaluations(tmp_path, [10.0, 30.0])
     assert torch.load(tmp_path / "model_0000007.pth", weights_only=True)["best"]["value"] == 10.0
     before = (tmp_path / "model_best.pth").read_bytes()
 
@@ -153,11 +148,7 @@ def test_resume_restores_the_best_so_a_worse_evaluation_does_not_replace_it(tmp_
 
 
 def test_best_in_checkpoint_alone_survives_resume(tmp_path):
-    first = make_trainer(tmp_path, 16, Scripted("AP", [30.0, 10.0]), crash_at=9,
-                         best_metric="AP")
-    with pytest.raises(KeyboardInterrupt):
-        first.run()
-    first.close()
+    crash_after_two_evaluations(tmp_path, [30.0, 10.0])
     (tmp_path / "model_best.pth").unlink()      # e.g. copied elsewhere by the user
     resumed = make_trainer(tmp_path, 16, Scripted("AP", [20.0, 35.0]), best_metric="AP")
     resumed.resume()
