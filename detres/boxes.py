@@ -103,6 +103,25 @@ def decode(deltas: Tensor, anchors: Tensor,
     return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
 
 
+def vote(boxes: Tensor, labels: Tensor, pool_boxes: Tensor, pool_scores: Tensor,
+         pool_labels: Tensor, iou_threshold: float = 0.5) -> Tensor:
+    """Box voting (Gidaris & Komodakis 2015, used by He et al. 2015, Appendix B).
+
+    Each kept box (D, 4) of class ``labels`` becomes the score-weighted mean of the pool's
+    boxes (P, 4) of its class whose IoU with it is >= ``iou_threshold`` (itself included when
+    it is in the pool, so the set is never empty then). A box with no such neighbour is kept.
+    Scores are unchanged.
+    """
+    if len(boxes) == 0 or len(pool_boxes) == 0:
+        return boxes
+    iou = box_iou(boxes.float(), pool_boxes.float())                       # (D, P)
+    same = labels[:, None] == pool_labels[None, :]
+    weights = torch.where(same & (iou >= iou_threshold), pool_scores.float()[None, :], 0.0)
+    total = weights.sum(dim=1, keepdim=True)                              # (D, 1)
+    voted = weights @ pool_boxes.float() / total.clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.where(total > 0, voted, boxes.float()).to(boxes.dtype)
+
+
 def box_iou_numpy(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
     """(P, 4), (Q, 4) numpy xyxy -> (P, Q) IoU, widths without +1; degenerate boxes give 0.
 

@@ -49,17 +49,26 @@ class Predictor:
         self.batch_size = batch_size
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto",
-                        overrides: Sequence[str] = (), batch_size: int = 4) -> Predictor:
+    def from_checkpoint(cls, path: str | os.PathLike | Sequence[str | os.PathLike],
+                        device: str = "auto", overrides: Sequence[str] = (),
+                        batch_size: int = 4) -> Predictor:
         """Rebuilds the detector from the config stored in a training checkpoint.
 
-        ``overrides`` (``key=value``) adjust that config, e.g. ``model.roi_head.score_threshold=0.3``.
+        ``overrides`` (``key=value``) adjust that config, e.g. ``model.roi_head.score_threshold=0.3``
+        or Appendix B's ``test.box_refinement=true``, ``test.scales=[400,600,800]``,
+        ``test.flip=true``. Several paths are an ensemble, configured by the first one's config.
         """
         # the detection task's build sits above this module in the layering
-        from detres.tasks.detection.build import detector_from_checkpoint
-        model, cfg, meta = detector_from_checkpoint(path, overrides)
-        return cls(model, meta["class_names"], cfg.data.min_size_test, cfg.data.max_size_test,
-                   resolve_device(device), meta.get("category_ids"), batch_size)
+        from detres.tasks.detection.build import (build_test_detector, detector_from_checkpoint,
+                                                  detectors_for_checkpoints)
+        paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+        model, cfg, meta = detector_from_checkpoint(paths[0], overrides)
+        models = [model]
+        if len(paths) > 1:
+            models, meta = detectors_for_checkpoints(cfg.model, paths)
+        return cls(build_test_detector(cfg, models), meta["class_names"], cfg.data.min_size_test,
+                   cfg.data.max_size_test, resolve_device(device), meta.get("category_ids"),
+                   batch_size)
 
     def __call__(self, images: Image | Sequence[Image]) -> Detections | list[Detections]:
         if isinstance(images, (str, os.PathLike, np.ndarray)):
@@ -79,7 +88,7 @@ class Predictor:
                                          np.zeros((0,), np.int64))
                 tensors.append(torch.from_numpy(resized.image).permute(2, 0, 1))
                 scales.append(resized.scale)
-            batch = ImageBatch.from_tensors(tensors).to(self.device)
+            batch = ImageBatch.from_tensors(tensors, scales=scales).to(self.device)
             for d, scale, image in zip(self.model(batch).detections, scales, chunk):
                 h, w = image.shape[:2]
                 boxes = (d.boxes.float().cpu() / scale)

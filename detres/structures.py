@@ -23,19 +23,25 @@ class ImageBatch:
         tensor: (N, 3, H, W) float32 RGB in 0..255, zero-padded at the bottom/right so that
             H and W are multiples of 32.
         sizes: ``sizes[i] = (h, w)`` of image i before padding.
+        scales: resized / original per image (``Targets.scale``), or None when unknown (1);
+            the RPN's minimum proposal size is stated in original pixels.
     """
 
     tensor: Tensor
     sizes: list[tuple[int, int]]
+    scales: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.tensor.dim() != 4 or self.tensor.shape[1] != 3:
             raise ValueError(f"ImageBatch.tensor must be (N, 3, H, W), got {tuple(self.tensor.shape)}")
         if len(self.sizes) != self.tensor.shape[0]:
             raise ValueError(f"ImageBatch has {self.tensor.shape[0]} images but {len(self.sizes)} sizes")
+        if self.scales is not None and len(self.scales) != len(self.sizes):
+            raise ValueError(f"ImageBatch has {len(self.sizes)} images but {len(self.scales)} scales")
 
     @classmethod
-    def from_tensors(cls, images: list[Tensor], size_divisibility: int = SIZE_DIVISIBILITY) -> ImageBatch:
+    def from_tensors(cls, images: list[Tensor], size_divisibility: int = SIZE_DIVISIBILITY,
+                     scales: list[float] | None = None) -> ImageBatch:
         """Pads (3, h, w) images (any dtype, values 0..255) into one float32 batch."""
         if not images:
             raise ValueError("ImageBatch.from_tensors needs at least one image")
@@ -47,10 +53,11 @@ class ImageBatch:
         batch = images[0].new_zeros((len(images), 3, pad_h, pad_w), dtype=torch.float32)
         for i, im in enumerate(images):
             batch[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
-        return cls(batch, sizes)
+        return cls(batch, sizes, scales)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ImageBatch:
-        return ImageBatch(self.tensor.to(device, non_blocking=non_blocking), list(self.sizes))
+        return ImageBatch(self.tensor.to(device, non_blocking=non_blocking), list(self.sizes),
+                          self.scales)
 
     def __len__(self) -> int:
         return self.tensor.shape[0]

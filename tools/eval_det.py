@@ -15,11 +15,17 @@ without ground truth, is written as ``null``).
 
 From a trained model:
 
-    python tools/eval_det.py CONFIG --weights W [key=value ...] [--metric M] [--engine E]
+    python tools/eval_det.py CONFIG --weights W [W2 ...] [key=value ...] [--metric M]
+        [--engine E] [--format-only]
 
 evaluates on the config's ``data.val`` as ``tools/train_det.py --eval-only`` does; ``--metric``
 and ``--engine`` override the config's ``test.metric`` (and the default COCO engine), as in
-file mode. Its records (config.yaml, env.json, log.txt, eval/) go to a new
+file mode. Several ``--weights`` are an ensemble (He et al. 2015, Appendix B): the union of
+their proposals, each region scored by every model, scores and boxes averaged. The test-time
+improvements are config keys: ``test.box_refinement=true``, ``test.scales=[200,400,600,800,1000]``,
+``test.flip=true``. ``--format-only`` (``test.format_only=true``) writes the results for an
+evaluation server (COCO test-dev: ``eval/coco_results.json``; VOC 2012 test: the devkit's
+``comp4_det_test_<class>.txt`` files) without scoring. Its records (config.yaml, env.json, log.txt, eval/) go to a new
 ``train.output_dir/eval_only/<YYYYmmdd-HHMMSS>/`` (logged as "records in ..."); the training
 run's own records there are left alone.
 """
@@ -45,7 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                "'iscrowd', is a difficult box.")
     parser.add_argument("config", nargs="?", help="model mode: YAML config of the trained detector")
     parser.add_argument("overrides", nargs="*", help="model mode: key=value config overrides")
-    parser.add_argument("--weights", help="model mode: checkpoint to evaluate")
+    parser.add_argument("--weights", nargs="+",
+                        help="model mode: checkpoint to evaluate; several: an ensemble")
+    parser.add_argument("--format-only", action="store_true",
+                        help="model mode: write the results files only, no scoring "
+                             "(test-dev, VOC 2012 test)")
     parser.add_argument("--gt", type=Path, help="file mode: COCO-format ground-truth JSON")
     parser.add_argument("--dt", type=Path, help="file mode: COCO results JSON")
     parser.add_argument("--metric", choices=("coco", "voc07", "voc12"), default=None,
@@ -67,10 +77,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "(file mode), not both")
         if not args.weights:
             raise SystemExit("model mode needs --weights W (a detection checkpoint)")
-        cfg = load_config(args.config, args.overrides, schema=detection.DetectionConfig)
+        overrides = list(args.overrides) + (["test.format_only=true"] if args.format_only else [])
+        cfg = load_config(args.config, overrides, schema=detection.DetectionConfig)
         metric = args.metric or cfg.test.metric
         metrics = detection.evaluate(cfg, args.weights, metric=metric, engine=args.engine,
                                      summary_only=False)
+        if cfg.test.format_only:
+            print(f"format only: {metrics['num_detections']} detections on "
+                  f"{metrics['num_images']} images in {metrics['format_only']}")
+            return metrics
     else:
         if args.gt is None or args.dt is None:
             raise SystemExit("file mode needs both --gt ANNOTATIONS.json and --dt RESULTS.json "

@@ -75,7 +75,8 @@ def collate_detection(batch: Sequence[tuple[Tensor, Targets]],
                       size_divisibility: int = SIZE_DIVISIBILITY) -> DetectionBatch:
     """[(image (3, h, w), Targets)] -> (ImageBatch, float32, zero-padded to a multiple of 32,
     list[Targets])."""
-    images = ImageBatch.from_tensors([im for im, _ in batch], size_divisibility)
+    images = ImageBatch.from_tensors([im for im, _ in batch], size_divisibility,
+                                     [t.scale for _, t in batch])
     return DetectionBatch((images, [t for _, t in batch]))
 
 
@@ -89,7 +90,7 @@ class _PackedBatch(tuple):
     def unpack(self) -> tuple[ImageBatch, list[Targets]]:
         tensor, sizes, targets = self
         out = torch.empty(tensor.shape, dtype=torch.float32, pin_memory=tensor.is_pinned())
-        return ImageBatch(out.copy_(tensor), sizes), targets
+        return ImageBatch(out.copy_(tensor), sizes, [t.scale for t in targets]), targets
 
 
 def _collate_packed(batch: Sequence[tuple[Tensor, Targets]]) -> _PackedBatch:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from detres.atomic import atomic_write_bytes
 from detres.data.io import SkippedImageTargets
 from detres.engine import distributed as du
 from detres.engine.logging import write_json
@@ -74,7 +75,7 @@ def voc_inputs(dataset: Any, pairs: Sequence[tuple[Targets, Detections]]
 def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: torch.device,
                       metric: str = "coco", output_dir: str | Path | None = None,
                       amp_dtype: torch.dtype | None = None, summary_only: bool = True,
-                      engine: str = "faster") -> dict[str, Any]:
+                      engine: str = "faster", format_only: bool = False) -> dict[str, Any]:
     """Scores ``model`` on ``dataset`` (whose test loader is ``loader``) on every rank.
 
     Args:
@@ -83,6 +84,11 @@ def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: 
             ``get_annotations`` (difficult boxes ignored).
         engine: the COCO engine, ``faster`` (faster-coco-eval) or ``pycocotools``.
         output_dir: the run's folder; the main rank writes ``eval/`` there.
+        format_only: no scoring (a test set without public ground truth): write the results
+            for the evaluation server, ``eval/coco_results.json`` (metric ``coco``: dataset
+            image and category ids) or the VOC submission files ``eval/results/VOC<year>/Main/
+            comp4_det_<split>_<class>.txt`` (``voc07``/``voc12``: image names, 1-based boxes),
+            and return the counts written.
 
     Returns:
         The metrics, the same on every rank: the summary numbers, plus ``per_class`` unless
@@ -93,6 +99,8 @@ def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: 
             d.substitute_bad_images = False   # a bad test image must not stand in for another
     pairs = run_detector(model, loader, device, amp_dtype)
     _report_skipped(pairs, len(dataset))
+    if format_only:
+        return write_results_only(pairs, dataset, metric, output_dir)
     if metric == "coco":
         gathered = du.all_gather_objects(coco_results(pairs, dataset.label_to_category_id))
         results = merge_results(gathered)
@@ -117,6 +125,58 @@ def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: 
             if results is not None:
                 write_json(Path(output_dir) / "eval" / "coco_results.json", results, indent=None)
     return {k: v for k, v in metrics.items() if not (summary_only and k == "per_class")}
+
+
+def write_results_only(pairs: Sequence[tuple[Targets, Detections]], dataset: Any, metric: str,
+                       output_dir: str | Path | None) -> dict[str, Any]:
+    """The format-only branch of :func:`evaluate_detector`: gathers every rank's detections
+    and writes the server's files under ``output_dir/eval`` (main rank)."""
+    if output_dir is None:
+        raise ValueError("test.format_only needs an output folder for the results files")
+    if metric == "coco":
+        results = merge_results(du.all_gather_objects(
+            coco_results(pairs, dataset.label_to_category_id)))
+        path = Path(output_dir) / "eval" / "coco_results.json"
+        if du.get_dist_info().is_main:
+            write_json(path, results, indent=None)
+    else:
+        lines = du.all_gather_objects(voc_result_lines(dataset, pairs))
+        results = [line for rank in lines for line in rank]
+        path = Path(output_dir) / "eval" / "results"
+        if du.get_dist_info().is_main:
+            write_voc_results(path, dataset, results)
+    summary = {"format_only": str(path), "num_images": len(dataset),
+               "num_detections": len(results)}
+    if du.get_dist_info().is_main:
+        logger.info(f"format only: {len(results)} detections on {len(dataset)} images written "
+                    f"to {path} (no ground truth scored)")
+    return summary
+
+
+def voc_result_lines(dataset: Any, pairs: Sequence[tuple[Targets, Detections]]
+                     ) -> list[tuple[int, str]]:
+    """(label, line) per detection in the VOC devkit's results format: ``name score xmin
+    ymin xmax ymax`` with VOC's 1-based inclusive pixels (the inverse of data/voc.py)."""
+    index_of = {int(i): k for k, i in enumerate(dataset.image_ids)}
+    out = []
+    for targets, d in pairs:
+        name = dataset.path(index_of[targets.image_id]).stem
+        boxes = d.boxes.double().numpy() / targets.scale
+        for (x1, y1, x2, y2), score, label in zip(boxes, d.scores.tolist(), d.labels.tolist()):
+            out.append((label, f"{name} {score:.6f} {x1 + 1:.1f} {y1 + 1:.1f} {x2:.1f} {y2:.1f}"))
+    return out
+
+
+def write_voc_results(folder: Path, dataset: Any, lines: Sequence[tuple[int, str]]) -> None:
+    """One ``comp4_det_<split>_<class>.txt`` per class (every class, empty ones too) under
+    ``folder/VOC<year>/Main/``, year and split those of the dataset's first source."""
+    year, split = getattr(dataset, "submission_name", ("2012", "test"))
+    main = folder / f"VOC{year}" / "Main"
+    main.mkdir(parents=True, exist_ok=True)
+    for label, name in enumerate(dataset.class_names):
+        text = "".join(line + "\n" for k, line in lines if k == label)
+        data = text.encode()
+        atomic_write_bytes(main / f"comp4_det_{split}_{name}.txt", lambda f: f.write(data))
 
 
 def _report_skipped(pairs: Sequence[tuple[Targets, Detections]], num_images: int) -> None:

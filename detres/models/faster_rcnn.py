@@ -90,7 +90,7 @@ class FasterRCNN(nn.Module):
         elif self.training:
             raise ValueError("FasterRCNN in training mode needs targets")
         features = self.trunk(self.normalize(images))                  # (N, C, H/16, W/16)
-        proposals, rpn_losses, rpn_stats = self.rpn(features, images.sizes, targets)
+        proposals, rpn_losses, rpn_stats = self.rpn(features, images.sizes, targets, images.scales)
         roi_losses, detections, roi_stats = self.roi_head(features, proposals, images.sizes,
                                                           targets)
         return DetectorOutput(losses={**rpn_losses, **roi_losses}, detections=detections,

@@ -142,6 +142,9 @@ class C4RoIHead(nn.Module):
         box_loss / smooth_l1_beta: smooth-L1 with beta 1 (Fast R-CNN eq. 3) or "l1" (modern).
         score_threshold / nms_threshold / detections_per_image: inference, 0.05 / 0.5 / 100.
         min_box_size: detections with width or height <= this (pixels) are dropped.
+        global_context: append to each region's conv5_x feature the image's own, pooled with
+            the whole image as the RoI through the same layers, before the sibling layers
+            (Appendix B, "Global context"); the sibling layers then take 2D inputs.
     """
 
     def __init__(self, res5: nn.Module, num_classes: int, out_channels: int, *,
@@ -152,15 +155,18 @@ class C4RoIHead(nn.Module):
                  box_weights: tuple[float, float, float, float] = BOX_WEIGHTS,
                  box_loss: BoxLoss = "smooth_l1", smooth_l1_beta: float = 1.0,
                  score_threshold: float = 0.05, nms_threshold: float = 0.5,
-                 detections_per_image: int = 100, min_box_size: float = 0.0) -> None:
+                 detections_per_image: int = 100, min_box_size: float = 0.0,
+                 global_context: bool = False) -> None:
         super().__init__()
         if roi_op not in ("pool", "align"):
             raise ValueError(f"roi_op must be 'pool' or 'align', got {roi_op!r}")
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.res5 = res5
-        self.cls_score = nn.Linear(out_channels, num_classes + 1)
-        self.bbox_pred = nn.Linear(out_channels, 4 * num_classes)
+        in_features = out_channels * (2 if global_context else 1)
+        self.cls_score = nn.Linear(in_features, num_classes + 1)
+        self.bbox_pred = nn.Linear(in_features, 4 * num_classes)
+        self.global_context = global_context
         init_box_predictor(self.cls_score, self.bbox_pred)
         self.num_classes = num_classes
         self.roi_op: RoIOp = roi_op
@@ -197,7 +203,7 @@ class C4RoIHead(nn.Module):
         stats: dict[str, Tensor] = {}
         if targets is not None:
             rois, gt_labels, gt_deltas, valid = self.sample_rois(proposals, targets)
-            logits, deltas = self.predict(features, rois)
+            logits, deltas = self.predict(features, rois, image_sizes)
             losses = self.losses(logits, deltas, gt_labels, gt_deltas, valid)
             fg = valid & (gt_labels < self.num_classes)
             stats = {"roi_num_fg": fg.sum() / float(len(targets)),
@@ -205,12 +211,41 @@ class C4RoIHead(nn.Module):
         detections = None
         if not self.training:
             rois = box_ops.boxes_to_rois(proposals)
-            logits, deltas = self.predict(features, rois)
+            logits, deltas = self.predict(features, rois, image_sizes)
             detections = self.detect(logits, deltas, rois, [len(p) for p in proposals], image_sizes)
         return losses, detections, stats
 
-    def predict(self, features: Tensor, rois: Tensor) -> tuple[Tensor, Tensor]:
-        """(N, C, H, W), (R, 5) -> logits (R, K + 1), deltas (R, 4K)."""
+    def predict(self, features: Tensor, rois: Tensor,
+                image_sizes: list[tuple[int, int]] | None = None) -> tuple[Tensor, Tensor]:
+        """(N, C, H, W), (R, 5) -> logits (R, K + 1), deltas (R, 4K); ``image_sizes`` (h, w)
+        are needed with global context."""
+        return self.box_predictor(self.box_features(features, rois, image_sizes))
+
+    def box_predictor(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The sibling layers: (R, D or 2D) -> logits (R, K + 1), deltas (R, 4K)."""
+        return self.cls_score(x), self.bbox_pred(x)
+
+    def box_features(self, features: Tensor, rois: Tensor,
+                     image_sizes: list[tuple[int, int]] | None = None) -> Tensor:
+        """What the sibling layers see: (R, D), or (R, 2D) with global context.
+
+        The context RoI of image i is its whole unpadded extent (0, 0, w_i, h_i): "global
+        Spatial Pyramid Pooling (with a single-level pyramid), implemented as RoI pooling
+        using the entire image's bounding box as the RoI" (Appendix B); it runs through
+        conv5_x in the same batch as the regions.
+        """
+        if not self.global_context:
+            return self.region_features(features, rois)
+        if image_sizes is None:
+            raise ValueError("a C4RoIHead with global_context needs the image sizes")
+        whole = torch.tensor([[i, 0.0, 0.0, w, h] for i, (h, w) in enumerate(image_sizes)],
+                             dtype=rois.dtype, device=rois.device)            # (N, 5)
+        x = self.region_features(features, torch.cat((rois, whole)))        # (R + N, D)
+        regions, context = x[: len(rois)], x[len(rois):]
+        return torch.cat((regions, context[rois[:, 0].long()]), dim=1)     # (R, 2D)
+
+    def region_features(self, features: Tensor, rois: Tensor) -> Tensor:
+        """RoI pooling, conv5_x, global average pooling: (R, 5) -> (R, D)."""
         x = pool_rois(features, rois, self.roi_op, self.pooled_size, self.spatial_scale,
                       self.sampling_ratio, self.aligned)               # (R, C, 14, 14)
         # conv5_x runs in the trunk's layout (NHWC when FasterRCNN(channels_last=True)).
@@ -218,8 +253,7 @@ class C4RoIHead(nn.Module):
                 and not features.is_contiguous())
         x = x.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
         x = self.res5(x)                                                # (R, D, 7, 7)
-        x = x.mean(dim=(2, 3))                                          # (R, D) global avg pool
-        return self.cls_score(x), self.bbox_pred(x)
+        return x.mean(dim=(2, 3))                                       # (R, D) global avg pool
 
     @torch.no_grad()
     def sample_rois(self, proposals: list[Tensor], targets: list[Targets]
@@ -274,13 +308,30 @@ class C4RoIHead(nn.Module):
     @torch.no_grad()
     def detect(self, logits: Tensor, deltas: Tensor, rois: Tensor, rois_per_image: list[int],
                image_sizes: list[tuple[int, int]]) -> list[Detections]:
-        """Softmax, class-specific decode, clip, score threshold, per-class NMS, top 100.
+        """Softmax, class-specific decode, then :meth:`postprocess`.
 
         (R, K + 1) logits, (R, 4K) deltas, (R, 5) rois ordered by image -> N Detections.
         """
+        scores, boxes = self.scores_and_boxes(logits, deltas, rois)
+        return self.postprocess(scores, boxes, rois_per_image, image_sizes)
+
+    def scores_and_boxes(self, logits: Tensor, deltas: Tensor, rois: Tensor
+                         ) -> tuple[Tensor, Tensor]:
+        """(R, K + 1) logits, (R, 4K) deltas -> foreground probabilities (R, K) and decoded,
+        unclipped class boxes (R, K, 4)."""
         scores = F.softmax(logits.float(), dim=-1)[:, :-1]             # (R, K), drop background
         boxes = box_ops.decode(deltas, rois[:, 1:], self.box_weights)  # (R, 4K)
-        boxes = boxes.view(-1, self.num_classes, 4)
+        return scores, boxes.view(-1, self.num_classes, 4)
+
+    @torch.no_grad()
+    def postprocess(self, scores: Tensor, boxes: Tensor, rois_per_image: list[int],
+                    image_sizes: list[tuple[int, int]], voting_iou: float | None = None
+                    ) -> list[Detections]:
+        """Clip, score threshold, per-class NMS, top 100; then, with ``voting_iou``, box
+        voting (:func:`detres.boxes.vote`) among the thresholded boxes of the same class.
+
+        (R, K) scores, (R, K, 4) boxes, rows ordered by image -> N Detections.
+        """
         classes = torch.arange(self.num_classes, device=boxes.device)
         detections = []
         per_image = zip(boxes.split(rois_per_image), scores.split(rois_per_image), image_sizes)
@@ -292,6 +343,9 @@ class C4RoIHead(nn.Module):
             boxes_i, scores_i, labels_i = boxes_i[keep], scores_i[keep], labels_i[keep]
             keep = batched_nms(boxes_i, scores_i, labels_i, self.nms_threshold)
             keep = keep[: self.detections_per_image]
-            detections.append(Detections(boxes_i[keep], scores_i[keep], labels_i[keep]))
+            kept = boxes_i[keep]
+            if voting_iou is not None:
+                kept = box_ops.vote(kept, labels_i[keep], boxes_i, scores_i, labels_i, voting_iou)
+            detections.append(Detections(kept, scores_i[keep], labels_i[keep]))
         return detections
 

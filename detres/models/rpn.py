@@ -61,13 +61,16 @@ class RPN(nn.Module):
         post_nms_topk_train / post_nms_topk_test: proposals kept after NMS; the paper trains
             the detector on 2000 and tests on 300 (Ren et al. 2015, 3.3 and 4.1); modern 1000.
         nms_threshold: IoU of the proposal NMS, 0.7 (Ren et al. 2015, 3.3).
-        min_box_size: proposals with width or height <= this (pixels) are dropped.
+        min_box_size: proposals with width or height below this many pixels of the original
+            image (times the image's scale, ``ImageBatch.scales``) are dropped; Faster R-CNN
+            (py-faster-rcnn RPN_MIN_SIZE): 16.
         iou_thresholds: (low, high) = (0.3, 0.7) for negative / positive anchors (3.1.2).
         batch_size_per_image / positive_fraction: 256 anchors per image, up to half positive.
         box_loss / smooth_l1_beta: "smooth_l1" with beta 1/9 (py-faster-rcnn sigma 3) or "l1".
         boundary_threshold: if set, anchors crossing the image border by more than this many
             pixels are ignored in training (paper: 0, "cross-boundary anchors are ignored",
-            3.3); None keeps them (torchvision, detectron2).
+            3.3); None keeps them (torchvision, detectron2). Either way an anchor centred in
+            the batch padding, outside its image, is never sampled.
     """
 
     def __init__(self, head: RPNHead, anchor_generator: AnchorGenerator, *,
@@ -98,7 +101,7 @@ class RPN(nn.Module):
         self.boundary_threshold = boundary_threshold
 
     def forward(self, features: Tensor, image_sizes: list[tuple[int, int]],
-                targets: list[Targets] | None = None
+                targets: list[Targets] | None = None, image_scales: list[float] | None = None
                 ) -> tuple[list[Tensor], dict[str, Tensor], dict[str, Tensor]]:
         """Proposes boxes; computes the RPN losses when targets are given.
 
@@ -106,6 +109,7 @@ class RPN(nn.Module):
             features: (N, C, H, W) stride-16 features.
             image_sizes: (h, w) of each image before padding; proposals are clipped to it.
             targets: ground truth per image, or None.
+            image_scales: resized / original per image (None: 1), for ``min_box_size``.
 
         Returns:
             proposals: N tensors (P_i, 4) float32, detached, best objectness first.
@@ -114,18 +118,29 @@ class RPN(nn.Module):
         """
         logits, deltas = self.head(features)                           # (N, R), (N, R, 4)
         anchors = self.anchor_generator(features)                       # (R, 4)
-        proposals = self.select_proposals(logits.detach(), deltas.detach(), anchors, image_sizes)
+        proposals, _ = self.select_proposals(logits.detach(), deltas.detach(), anchors,
+                                             image_sizes, image_scales)
         if targets is None:
             return proposals, {}, {}
         losses, stats = self.losses(logits, deltas, anchors, image_sizes, targets)
         return proposals, losses, stats
 
     @torch.no_grad()
+    def propose(self, features: Tensor, image_sizes: list[tuple[int, int]],
+                image_scales: list[float] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """Inference only: N proposals (P_i, 4) and their objectness logits (P_i,)."""
+        logits, deltas = self.head(features)
+        return self.select_proposals(logits, deltas, self.anchor_generator(features),
+                                     image_sizes, image_scales)
+
     def select_proposals(self, logits: Tensor, deltas: Tensor, anchors: Tensor,
-                         image_sizes: list[tuple[int, int]]) -> list[Tensor]:
+                         image_sizes: list[tuple[int, int]],
+                         image_scales: list[float] | None = None
+                         ) -> tuple[list[Tensor], list[Tensor]]:
         """Top-k by objectness, decode, clip, drop tiny boxes, NMS, top-k (Ren et al. 3.3).
 
-        (N, R) logits, (N, R, 4) deltas, (R, 4) anchors -> N tensors (P_i, 4).
+        (N, R) logits, (N, R, 4) deltas, (R, 4) anchors -> N proposals (P_i, 4) and their
+        logits (P_i,), best first.
         """
         num_images, num_anchors = logits.shape
         k = min(self.pre_nms_topk[self.training], num_anchors)
@@ -133,14 +148,16 @@ class RPN(nn.Module):
         top_deltas = torch.gather(deltas, 1, top_idx.unsqueeze(-1).expand(-1, -1, 4))
         boxes = box_ops.decode(top_deltas, anchors[top_idx])            # (N, k, 4) float32
         post_k = self.post_nms_topk[self.training]
-        proposals = []
+        proposals, proposal_logits = [], []
         for i, size in enumerate(image_sizes):
             boxes_i = box_ops.clip(boxes[i], size)
-            keep = box_ops.nonempty(boxes_i, self.min_box_size)
+            scale = image_scales[i] if image_scales is not None else 1.0
+            keep = box_ops.nonempty(boxes_i, self.min_box_size * scale)
             boxes_i, logits_i = boxes_i[keep], top_logits[i][keep]       # host sync, as NMS
             keep = nms(boxes_i, logits_i, self.nms_threshold)[:post_k]  # sorted by score
             proposals.append(boxes_i[keep])
-        return proposals
+            proposal_logits.append(logits_i[keep])
+        return proposals, proposal_logits
 
     def label_anchors(self, anchors: Tensor, image_sizes: list[tuple[int, int]],
                       targets: list[Targets]) -> tuple[Tensor, Tensor]:
@@ -154,12 +171,15 @@ class RPN(nn.Module):
         for size, target in zip(image_sizes, targets):
             gt_boxes = target.boxes.to(device=anchors.device, dtype=torch.float32)
             matched_idxs, labels = self.matcher(box_ops.box_iou(gt_boxes, anchors))
+            h, w = size
             if self.boundary_threshold is not None:
                 t = self.boundary_threshold
-                h, w = size
                 inside = ((anchors[:, 0] >= -t) & (anchors[:, 1] >= -t)
                           & (anchors[:, 2] <= w + t) & (anchors[:, 3] <= h + t))
-                labels = labels.masked_fill(~inside, -1)
+            else:  # the batch padding is not image: no negatives sampled from it
+                inside = (((anchors[:, 0] + anchors[:, 2]) / 2 < w)
+                          & ((anchors[:, 1] + anchors[:, 3]) / 2 < h))
+            labels = labels.masked_fill(~inside, -1)
             sampled = sample_balanced(labels, self.batch_size_per_image, self.positive_fraction)
             labels_per_image.append(labels.masked_fill(~sampled, -1))
             # With no ground truth every anchor is negative; regress it onto itself (deltas 0).

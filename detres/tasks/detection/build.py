@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from detres.config import ConfigError, from_dict
@@ -28,6 +29,7 @@ from detres.models.anchors import AnchorGenerator
 from detres.models.faster_rcnn import FasterRCNN
 from detres.models.roi_head import C4RoIHead
 from detres.models.rpn import RPN, RPNHead
+from detres.models.test_time import TestTimeDetector
 from detres.tasks.common import build_backbone
 from detres.tasks.detection.config import (DetDataConfig, DetDatasetConfig, DetectionConfig,
                                            DetModelConfig)
@@ -75,7 +77,8 @@ def build_detector(cfg: DetModelConfig, num_classes: int) -> FasterRCNN:
               post_nms_topk_train=r.proposals_train, post_nms_topk_test=r.proposals_test,
               nms_threshold=r.nms_threshold, iou_thresholds=r.iou_thresholds,
               batch_size_per_image=r.batch_size_per_image,
-              positive_fraction=r.positive_fraction, box_loss=r.box_loss)
+              positive_fraction=r.positive_fraction, box_loss=r.box_loss,
+              boundary_threshold=r.boundary_threshold, min_box_size=r.min_size)
     h = cfg.roi_head
     roi_head = C4RoIHead(head, num_classes, head.out_channels, roi_op=h.roi_op,
                          pooled_size=h.pooled_size, sampling_ratio=h.sampling_ratio,
@@ -84,19 +87,72 @@ def build_detector(cfg: DetModelConfig, num_classes: int) -> FasterRCNN:
                          positive_fraction=h.positive_fraction,
                          fg_iou_threshold=h.fg_iou_threshold, box_loss=h.box_loss,
                          score_threshold=h.score_threshold, nms_threshold=h.nms_threshold,
-                         detections_per_image=h.detections_per_image)
+                         detections_per_image=h.detections_per_image,
+                         global_context=h.global_context)
     model = FasterRCNN(trunk, rpn, roi_head, cfg.pixel_mean, cfg.pixel_std,
                        channels_last=cfg.channels_last)
     if cfg.weights:
-        load_detector_weights(model, cfg.weights, cfg.reinit_class_layers)
+        load_detector_weights(model, cfg.weights, cfg.reinit_class_layers, cfg)
     return model
 
 
-def load_detector_weights(model: FasterRCNN, path: str, reinit_class_layers: bool = False) -> None:
+def load_detector_weights(model: FasterRCNN, path: str, reinit_class_layers: bool = False,
+                          cfg: DetModelConfig | None = None) -> None:
     """Loads a detection checkpoint; another class count is an error unless
-    ``reinit_class_layers`` (then the class-specific layers keep their fresh init)."""
-    load_task_weights(model, path, TASK, class_layers=CLASS_LAYER_PREFIXES,
+    ``reinit_class_layers`` (then the class-specific layers keep their fresh init). With
+    ``cfg``, a checkpoint trained with another structure (:func:`check_structure`) is refused
+    first."""
+    ckpt = load_checkpoint(path)
+    if cfg is not None:
+        check_structure(cfg, ckpt, path)
+    load_task_weights(model, path, TASK, ckpt=ckpt, class_layers=CLASS_LAYER_PREFIXES,
                       reinit_class_layers=reinit_class_layers)
+
+
+# model keys that change the function or the head's input width, with their value in
+# checkpoints written before the key existed
+STRUCTURE_KEYS = {("roi_head", "global_context"): False, ("backbone", "stride_in_1x1"): False,
+                  ("backbone", "residual"): True, ("backbone", "shortcut"): "B",
+                  ("backbone", "stem"): "imagenet", ("roi_head", "roi_op"): None,
+                  ("roi_head", "pooled_size"): None}
+
+
+def check_structure(cfg: DetModelConfig, ckpt: dict[str, Any], path: str | Path) -> None:
+    """Raises CheckpointError naming the ``model.*`` key when the checkpoint's stored config
+    was trained with another structure than ``cfg``: global context changes the sibling layers'
+    input width (that would otherwise read as another class count), stride placement and RoI
+    pooling change the function without changing a shape."""
+    stored = (ckpt.get("config") or {}).get("model") or {}
+    for (section, key), default in STRUCTURE_KEYS.items():
+        theirs = (stored.get(section) or {}).get(key, default)
+        ours = getattr(getattr(cfg, section), key)
+        if theirs is not None and theirs != ours:
+            raise CheckpointError(
+                f"{path} was trained with model.{section}.{key}={theirs!r} but the config says "
+                f"{ours!r}; set model.{section}.{key}: {theirs!r} (or use the checkpoint's own "
+                f"config)")
+
+
+def detectors_for_checkpoints(cfg: DetModelConfig, paths: Sequence[str | Path]
+                              ) -> tuple[list[FasterRCNN], dict[str, Any]]:
+    """One detector per checkpoint (an ensemble when several), all over one class list;
+    returns the models and the first checkpoint's metadata."""
+    models, metas = zip(*(detector_for_checkpoint(cfg, p) for p in paths))
+    for path, meta in zip(paths[1:], metas[1:]):
+        if meta["class_names"] != metas[0]["class_names"]:
+            raise CheckpointError(f"{path} predicts other classes than {paths[0]}; an ensemble "
+                                  f"needs one class list")
+    return list(models), metas[0]
+
+
+def build_test_detector(cfg: DetectionConfig, models: Sequence[FasterRCNN]) -> nn.Module:
+    """The model evaluation and the Predictor run: the detector itself, or, with any of
+    Appendix B's test-time switches (``test.*``) or several models, a TestTimeDetector."""
+    t = cfg.test
+    if len(models) == 1 and not (t.box_refinement or t.scales or t.flip):
+        return models[0]
+    return TestTimeDetector(models, box_refinement=t.box_refinement, voting_iou=t.voting_iou,
+                            scales=t.scales, base_size=cfg.data.min_size_test, flip=t.flip)
 
 
 def _require_file(path: Path, key: str, what: str, how: str) -> Path:
@@ -195,6 +251,7 @@ def detector_for_checkpoint(cfg: DetModelConfig, path: str | Path
     if not names:
         raise CheckpointError(f"{path} does not record its class_names; it was not written by "
                               f"tools/train_det.py")
+    check_structure(cfg, ckpt, path)
     plain = dataclasses.replace(cfg, weights=None,
                                 backbone=dataclasses.replace(cfg.backbone, weights=None))
     model = build_detector(plain, len(names))

@@ -75,6 +75,13 @@ class RPNConfig:
     positive_fraction: float = 0.5
     box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
     conv_channels: int | None = None               # null: the trunk's channels
+    # anchors crossing the image border by more than this many pixels are ignored in training;
+    # Faster R-CNN: 0 ("cross-boundary anchors are ignored", Ren et al. 3.3); null keeps them
+    # (detectron2, torchvision). Anchors centred in batch padding are never sampled.
+    boundary_threshold: float | None = None
+    # proposals narrower or shorter than this many pixels of the original image are dropped;
+    # Faster R-CNN: 16 (py-faster-rcnn RPN_MIN_SIZE); detectron2: 0
+    min_size: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,8 +95,11 @@ class RoIHeadConfig:
     fg_iou_threshold: float = 0.5
     box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
     score_threshold: float = 0.05
-    nms_threshold: float = 0.5
+    nms_threshold: float = 0.5                     # Faster R-CNN tests with 0.3; detectron2 0.5
     detections_per_image: int = 100
+    # the image's own conv5_x feature (whole image as the RoI) beside each region's, before
+    # the sibling layers (Appendix B, "Global context"); changes the model and its checkpoints
+    global_context: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +125,17 @@ class DetTestConfig:
     ims_per_batch: int = 4                         # per process
     # coco: COCO mAP (COCO-format sets, built-in included); voc07 (11-point) | voc12 (area)
     metric: Literal["coco", "voc07", "voc12"] = "coco"
+    # Appendix B's test-time improvements (models/test_time.py); all off is the baseline.
+    # Box refinement: pool the regressed boxes again, union of the old and new predictions,
+    # NMS at model.roi_head.nms_threshold (the paper: 0.3), then box voting at voting_iou
+    box_refinement: bool = False
+    voting_iou: float = 0.5                        # Gidaris & Komodakis 2015
+    # multi-scale testing: shorter sides of the pyramid, e.g. [200, 400, 600, 800, 1000];
+    # each RoI on two adjacent scales merged by maxout (Ren et al. [33]); [] single-scale
+    scales: tuple[int, ...] = ()
+    flip: bool = False                             # also score each RoI on the mirrored image
+    # write the results files only (COCO test-dev, VOC 2012 test): no ground truth needed
+    format_only: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

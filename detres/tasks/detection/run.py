@@ -4,7 +4,9 @@ write into the run folder of docs/architecture.md: ``train`` into ``train.output
 ``evaluate`` into its own new ``train.output_dir/eval_only/<YYYYmmdd-HHMMSS>/``."""
 from __future__ import annotations
 
-import functools
+import dataclasses
+import os
+from collections.abc import Sequence
 from typing import Any
 
 from detres.config import ConfigError, to_dict
@@ -14,6 +16,7 @@ from detres.evaluation.detection import evaluate_detector
 from detres.tasks.common import build_lr_schedule, build_optimizer
 from detres.tasks.detection.build import (TASK, build_det_dataset, build_det_test_loader,
                                           build_det_train_loader, build_detector,
+                                          build_test_detector,
                                           describe_detector, load_detector_weights,
                                           scale_schedule)
 from detres.tasks.detection.config import DetectionConfig
@@ -21,25 +24,41 @@ from detres.tasks.detection.config import DetectionConfig
 
 def _evaluator(cfg: DetectionConfig, device, dist, output_dir, metric: str | None = None,
                engine: str = "faster"):
-    """(val set, ``model -> metrics``) for ``data.val`` with ``test.metric`` (or ``metric``)."""
+    """(val set, ``models -> metrics``) for ``data.val`` with ``test.metric`` (or ``metric``);
+    the function takes a detector or a list (an ensemble) and applies the ``test.*``
+    switches (``build_test_detector``)."""
     val_set = build_det_dataset(cfg.data.val, cfg.data, train=False, key="data.val")
     val_loader = build_det_test_loader(cfg, val_set, dist, device)
     amp = AMP_DTYPES.get(cfg.train.amp) if device.type == "cuda" else None
-    return val_set, functools.partial(
-        evaluate_detector, loader=val_loader, dataset=val_set, device=device,
-        metric=metric or cfg.test.metric, engine=engine, output_dir=output_dir, amp_dtype=amp)
+
+    def evaluate_models(models, summary_only: bool = True) -> dict[str, Any]:
+        models = models if isinstance(models, (list, tuple)) else [models]
+        return evaluate_detector(
+            build_test_detector(cfg, models), loader=val_loader, dataset=val_set,
+            device=device, metric=metric or cfg.test.metric, engine=engine,
+            output_dir=output_dir, amp_dtype=amp, summary_only=summary_only,
+            format_only=cfg.test.format_only)
+    return val_set, evaluate_models
 
 
-def evaluate(cfg: DetectionConfig, weights: str, metric: str | None = None,
+def evaluate(cfg: DetectionConfig, weights: str | Sequence[str], metric: str | None = None,
              engine: str = "faster", summary_only: bool = True) -> dict[str, Any]:
-    """Scores checkpoint ``weights`` on ``data.val`` (``metric`` overrides ``test.metric``,
-    ``engine`` picks the COCO engine); per-class AP too when not ``summary_only`` (the
-    training log and ``tools/train_det.py --eval-only`` return the summary, as training does)."""
+    """Scores checkpoint ``weights`` (several: an ensemble, Appendix B) on ``data.val``
+    (``metric`` overrides ``test.metric``, ``engine`` picks the COCO engine); per-class AP
+    too when not ``summary_only`` (the training log and ``tools/train_det.py --eval-only``
+    return the summary, as training does)."""
+    paths = [weights] if isinstance(weights, (str, os.PathLike)) else list(weights)
     device, dist, output_dir, _ = setup_run(cfg, "eval")
     val_set, eval_fn = _evaluator(cfg, device, dist, output_dir, metric, engine)
-    model = build_detector(cfg.model, val_set.num_classes).to(device)
-    load_detector_weights(model, weights)
-    return eval_fn(model, summary_only=summary_only)
+    # the checkpoints hold every weight: no backbone file to read first
+    plain = dataclasses.replace(cfg.model, weights=None, backbone=dataclasses.replace(
+        cfg.model.backbone, weights=None))
+    models = []
+    for path in paths:
+        model = build_detector(plain, val_set.num_classes).to(device)
+        load_detector_weights(model, path, cfg=cfg.model)
+        models.append(model)
+    return eval_fn(models, summary_only=summary_only)
 
 
 @releases_run_lock
