@@ -224,22 +224,39 @@ def load_exported(path: str | os.PathLike, fmt: ExportFormat
     return run_onnx
 
 
-def compare_exported(model: FasterRCNN, run: Callable, images: Sequence[Tensor]) -> float:
-    """Largest box difference (pixels) between ``model`` and an exported copy ``run`` (from
-    :func:`load_exported`) on ``images`` (at scale 1); an ``ExportError`` when the detections
-    differ in number or labels, or scores by more than 1e-4."""
+def compare_exported(model: FasterRCNN, run: Callable, images: Sequence[Tensor],
+                     box_tol: float = 0.1, score_tol: float = 1e-3) -> tuple[int, int, float]:
+    """How far an exported copy ``run`` (from :func:`load_exported`) agrees with ``model`` on
+    ``images`` (at scale 1).
+
+    Detections are paired one to one, best score first, when they have the same label,
+    scores within ``score_tol`` and boxes within ``box_tol`` pixels. Pairing rather than
+    comparing in order: a model whose scores nearly tie (an untrained one) may order them,
+    and so cut the top-D list, differently after rounding differences of 1e-6.
+
+    Returns:
+        (paired detections, detections in the larger of each pair of lists, summed over the
+        images; the largest box difference among the pairs, in pixels).
+    """
     model = model.eval()
+    paired = total = 0
     worst = 0.0
     for image in images:
         with torch.no_grad():
-            ref = model(ImageBatch.from_tensors([image])).detections[0]
+            ref = model(ImageBatch.from_tensors([image])).detections[0].to("cpu")
         boxes, scores, labels = run(image)
-        size = "x".join(map(str, image.shape[1:]))
-        if len(boxes) != len(ref.boxes) or not torch.equal(labels, ref.labels.cpu()):
-            raise ExportError(f"the exported model finds {len(boxes)} detections on a {size} "
-                              f"image, the model {len(ref.boxes)} (or their labels differ)")
-        if len(boxes):
-            if (scores - ref.scores.cpu()).abs().max() > 1e-4:
-                raise ExportError(f"exported scores differ from the model's on a {size} image")
-            worst = max(worst, float((boxes - ref.boxes.cpu()).abs().max()))
-    return worst
+        total += max(len(boxes), len(ref.boxes))
+        if not len(boxes) or not len(ref.boxes):
+            continue
+        diff = (ref.boxes[:, None] - boxes[None]).abs().amax(dim=-1)            # (D, D')
+        ok = ((ref.labels[:, None] == labels[None])
+              & ((ref.scores[:, None] - scores[None]).abs() <= score_tol) & (diff <= box_tol))
+        free = torch.ones(len(boxes), dtype=torch.bool)
+        for i in range(len(ref.boxes)):
+            candidates = torch.where(ok[i] & free, diff[i], torch.inf)
+            j = int(candidates.argmin())
+            if torch.isfinite(candidates[j]):
+                free[j] = False
+                paired += 1
+                worst = max(worst, float(diff[i, j]))
+    return paired, total, worst

@@ -10,7 +10,7 @@ from helpers import ROOT, load_tool, narrow_detector
 
 from detres.config import load_config, to_dict
 from detres.engine.checkpoint import CheckpointError, atomic_save
-from detres.export import ExportableDetector, export_detector
+from detres.export import ExportableDetector, compare_exported, export_detector
 from detres.structures import ImageBatch
 from detres.tasks.detection.config import DetectionConfig
 
@@ -74,6 +74,23 @@ def test_global_context_and_min_proposal_size_in_original_pixels(tmp_path, scale
     _assert_same(model, torch.jit.load(str(tmp_path / "m.pt")), _images(), scale)
 
 
+def test_check_pairs_detections_in_any_order_and_catches_moved_boxes():
+    model = _confident(narrow_detector())
+    image = _images()[0]
+
+    def eager(shift=0.0, reverse=False):
+        def run(im):
+            with torch.no_grad():
+                d = model(ImageBatch.from_tensors([im])).detections[0]
+            order = torch.arange(len(d.boxes)).flip(0) if reverse else slice(None)
+            return d.boxes[order] + shift, d.scores[order], d.labels[order]
+        return run
+
+    paired, total, worst = compare_exported(model, eager(reverse=True), [image])
+    assert paired == total >= 10 and worst == 0
+    assert compare_exported(model, eager(shift=0.5), [image])[0] == 0
+
+
 def test_wrapper_keeps_the_model_untouched():
     model = _confident(narrow_detector())
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -112,7 +129,8 @@ def test_tool_onnx_with_an_override(tmp_path, capsys):
     out = tmp_path / "m.onnx"
     load_tool("export").main(["--weights", str(tmp_path / "m.pth"), "--format", "onnx",
                               "--out", str(out), "model.roi_head.detections_per_image=5"])
-    assert "checked: same detections as the model on 64x85 and 85x64" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "checked: 10 of 10 detections on 64x85 and 85x64 images equal the model's" in out_text
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     boxes, scores, labels = session.run(None, {"image": _images()[1].numpy(),
                                                "scale": np.array(1.0, np.float32)})
