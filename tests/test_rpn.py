@@ -115,3 +115,32 @@ def test_head_shapes_and_anchor_count_mismatch():
     assert logits.shape == (2, 5 * 7 * 9) and deltas.shape == (2, 5 * 7 * 9, 4)
     with pytest.raises(ValueError, match="anchors per cell"):
         RPN(RPNHead(16, 3), AnchorGenerator(SIZES, RATIOS))
+
+
+def test_anchors_centred_in_batch_padding_are_never_sampled():
+    # a 60x70 image padded to a 96x128 batch: its negatives come from the image alone
+    rpn = make_rpn(batch_size_per_image=4096, positive_fraction=0.5)
+    anchors = rpn.anchor_generator(torch.zeros(1, 1, 6, 8))
+    gt = torch.tensor([[5.0, 5.0, 30.0, 40.0]])
+    labels, _ = rpn.label_anchors(anchors, [(60, 70)], [Targets(gt, torch.tensor([0]), 0)])
+    cx, cy = (anchors[:, 0] + anchors[:, 2]) / 2, (anchors[:, 1] + anchors[:, 3]) / 2
+    padding = (cx >= 70) | (cy >= 60)
+    assert padding.any() and (labels[0][padding] == -1).all()
+    assert (labels[0][~padding] == 0).sum() > 0 and (labels[0] == 1).any()
+
+
+def test_min_size_is_in_original_pixels():
+    # Faster R-CNN drops proposals under 16 px of the original image: 8 px of an image shown
+    # at half size, 32 px of one shown at twice its size
+    rpn = make_rpn(min_box_size=16.0, post_nms_topk_test=1000, nms_threshold=1.0).eval()
+    features = torch.randn(2, 16, 6, 8)
+    sizes = [(96, 128), (96, 128)]
+    kept, _ = rpn.propose(features, sizes, image_scales=[0.5, 2.0])
+    everything, _ = make_rpn(post_nms_topk_test=1000, nms_threshold=1.0).eval().propose(
+        features, sizes)
+    for props, all_props, limit in zip(kept, everything, (8.0, 32.0)):
+        side = torch.minimum(props[:, 2] - props[:, 0], props[:, 3] - props[:, 1])
+        all_side = torch.minimum(all_props[:, 2] - all_props[:, 0],
+                                 all_props[:, 3] - all_props[:, 1])
+        assert (side >= limit).all() and (all_side < limit).any()
+        assert len(props) == int((all_side >= limit).sum())

@@ -75,7 +75,8 @@ def voc_inputs(dataset: Any, pairs: Sequence[tuple[Targets, Detections]]
 def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: torch.device,
                       metric: str = "coco", output_dir: str | Path | None = None,
                       amp_dtype: torch.dtype | None = None, summary_only: bool = True,
-                      engine: str = "faster", format_only: bool = False) -> dict[str, Any]:
+                      engine: str = "faster", format_only: bool = False,
+                      voc_split: tuple[str, str] = ("2012", "test")) -> dict[str, Any]:
     """Scores ``model`` on ``dataset`` (whose test loader is ``loader``) on every rank.
 
     Args:
@@ -87,8 +88,8 @@ def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: 
         format_only: no scoring (a test set without public ground truth): write the results
             for the evaluation server, ``eval/coco_results.json`` (metric ``coco``: dataset
             image and category ids) or the VOC submission files ``eval/results/VOC<year>/Main/
-            comp4_det_<split>_<class>.txt`` (``voc07``/``voc12``: image names, 1-based boxes),
-            and return the counts written.
+            comp4_det_<split>_<class>.txt`` (``voc07``/``voc12``: image names, 1-based boxes;
+            year and split from ``voc_split``), and return the counts written.
 
     Returns:
         The metrics, the same on every rank: the summary numbers, plus ``per_class`` unless
@@ -100,7 +101,7 @@ def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: 
     pairs = run_detector(model, loader, device, amp_dtype)
     _report_skipped(pairs, len(dataset))
     if format_only:
-        return write_results_only(pairs, dataset, metric, output_dir)
+        return write_results_only(pairs, dataset, metric, output_dir, voc_split)
     if metric == "coco":
         gathered = du.all_gather_objects(coco_results(pairs, dataset.label_to_category_id))
         results = merge_results(gathered)
@@ -128,7 +129,8 @@ def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: 
 
 
 def write_results_only(pairs: Sequence[tuple[Targets, Detections]], dataset: Any, metric: str,
-                       output_dir: str | Path | None) -> dict[str, Any]:
+                       output_dir: str | Path | None,
+                       voc_split: tuple[str, str] = ("2012", "test")) -> dict[str, Any]:
     """The format-only branch of :func:`evaluate_detector`: gathers every rank's detections
     and writes the server's files under ``output_dir/eval`` (main rank)."""
     if output_dir is None:
@@ -144,7 +146,7 @@ def write_results_only(pairs: Sequence[tuple[Targets, Detections]], dataset: Any
         results = [line for rank in lines for line in rank]
         path = Path(output_dir) / "eval" / "results"
         if du.get_dist_info().is_main:
-            write_voc_results(path, dataset, results)
+            write_voc_results(path, dataset.class_names, results, voc_split)
     summary = {"format_only": str(path), "num_images": len(dataset),
                "num_detections": len(results)}
     if du.get_dist_info().is_main:
@@ -167,13 +169,13 @@ def voc_result_lines(dataset: Any, pairs: Sequence[tuple[Targets, Detections]]
     return out
 
 
-def write_voc_results(folder: Path, dataset: Any, lines: Sequence[tuple[int, str]]) -> None:
+def write_voc_results(folder: Path, class_names: Sequence[str], lines: Sequence[tuple[int, str]],
+                      voc_split: tuple[str, str]) -> None:
     """One ``comp4_det_<split>_<class>.txt`` per class (every class, empty ones too) under
-    ``folder/VOC<year>/Main/``, year and split those of the dataset's first source."""
-    year, split = getattr(dataset, "submission_name", ("2012", "test"))
+    ``folder/VOC<year>/Main/``, the layout the VOC evaluation server takes as a tar."""
+    year, split = voc_split
     main = folder / f"VOC{year}" / "Main"
-    main.mkdir(parents=True, exist_ok=True)
-    for label, name in enumerate(dataset.class_names):
+    for label, name in enumerate(class_names):
         text = "".join(line + "\n" for k, line in lines if k == label)
         data = text.encode()
         atomic_write_bytes(main / f"comp4_det_{split}_{name}.txt", lambda f: f.write(data))

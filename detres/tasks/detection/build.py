@@ -18,6 +18,7 @@ from detres.config import replace as replace_config
 from detres.data.builtin import ensure_builtin_shapes, shapes_split
 from detres.data.classification import DatasetNotFoundError, datasets_root
 from detres.data.coco import COCODetection
+from detres.data.coco_splits import MergedCOCODetection, coco_split_files, image_ids_of
 from detres.data.io import DetectionDataset
 from detres.data.loader import build_detection_loader
 from detres.data.transforms import eval_transform, train_transform
@@ -187,16 +188,7 @@ def build_det_dataset(cfg: DetDatasetConfig, data: DetDataConfig, train: bool,
         annotations, images = shapes_split(folder, cfg.splits[0])
         return COCODetection(annotations, images, **common)
     if cfg.type == "coco":
-        split = "train2017" if train else "val2017"
-        coco = datasets_root() / "coco"
-        how = "COCO 2017 comes from https://cocodataset.org (images and annotations)."
-        annotations = _require_file(
-            Path(cfg.annotations) if cfg.annotations else
-            coco / "annotations" / f"instances_{split}.json", f"{key}.annotations",
-            "the annotation file", how)
-        images = _require_file(Path(cfg.images) if cfg.images else coco / split,
-                               f"{key}.images", "the image folder", how)
-        return COCODetection(annotations, images, **common)
+        return _coco_dataset(cfg, train, key, common)
     root = Path(cfg.root) if cfg.root else datasets_root() / "VOCdevkit"
     sources = []
     for item in cfg.splits:
@@ -209,6 +201,42 @@ def build_det_dataset(cfg: DetDatasetConfig, data: DetDataConfig, train: bool,
     return VOCDetection(sources, keep_difficult=train and data.keep_difficult,
                         class_names=cfg.class_names or VOC_CLASSES,
                         image_extensions=cfg.image_extensions, **common)
+
+
+def _coco_dataset(cfg: DetDatasetConfig, train: bool, key: str,
+                  common: dict[str, Any]) -> DetectionDataset:
+    """``splits`` by name (``coco_splits.COCO_SPLITS``) under $DETRES_DATASETS/coco, or one
+    set of one's own (``annotations`` + ``images``); several training splits are merged and
+    ``holdout``'s images left out."""
+    coco = datasets_root() / "coco"
+    how = "COCO comes from https://cocodataset.org (images and annotations)."
+    if len(cfg.splits) != 1 and (not train or cfg.annotations or cfg.images):
+        raise ConfigError(f"{key}.splits: {list(cfg.splits)}: several splits are merged for "
+                          f"training only, and not with {key}.annotations/images")
+    if cfg.holdout and not train:
+        raise ConfigError(f"{key}.holdout is for training sets (evaluate on the held-out "
+                          f"split itself)")
+    parts = []
+    for split in cfg.splits:
+        try:
+            annotations, images = coco_split_files(coco, split)
+        except ValueError as e:
+            raise ConfigError(f"{key}.splits: {e}") from None
+        annotations = _require_file(Path(cfg.annotations) if cfg.annotations else annotations,
+                                    f"{key}.annotations", "the annotation file", how)
+        images = _require_file(Path(cfg.images) if cfg.images else images, f"{key}.images",
+                               "the image folder", how)
+        parts.append(COCODetection(annotations, images, **common))
+    if not cfg.holdout:
+        return parts[0] if len(parts) == 1 else MergedCOCODetection(parts)
+    held_out = Path(cfg.holdout)
+    if held_out.suffix != ".json":
+        try:
+            held_out = coco_split_files(coco, cfg.holdout)[0]
+        except ValueError as e:
+            raise ConfigError(f"{key}.holdout: {e}") from None
+    held_out = _require_file(held_out, f"{key}.holdout", "the held-out annotation file", how)
+    return MergedCOCODetection(parts, image_ids_of(held_out))
 
 
 def build_det_train_loader(cfg: DetectionConfig, dataset: DetectionDataset, dist: DistInfo,

@@ -27,7 +27,13 @@ class DetDatasetConfig:
     # voc: the VOCdevkit folder; builtin: the cache folder (null: $DETRES_CACHE or ~/.cache/detres)
     root: str | None = None
     # voc: YEAR/SPLIT pairs, the paper's 07+12 is [2007/trainval, 2012/trainval]; builtin: train | val
+    # coco: released splits by name (data/coco_splits.py): train2014, val2014, minival2014,
+    # valminusminival2014, train2017 (alias train), val2017 (alias val), test-dev2015, ...;
+    # several training splits are merged (the paper's trainval: [train2014, val2014])
     splits: tuple[str, ...] = ("train",)
+    # coco training sets: a split name or annotation file whose images are left out
+    # (trainval minus a held-out minival: holdout: minival2014)
+    holdout: str | None = None
     # coco, voc: an annotation that cannot be used (unknown image or class, impossible box)
     # stops the load naming it (error), or is dropped and counted in a warning (skip)
     bad_annotations: Literal["error", "skip"] = "error"

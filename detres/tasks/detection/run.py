@@ -28,7 +28,13 @@ def _evaluator(cfg: DetectionConfig, device, dist, output_dir, metric: str | Non
     the function takes a detector or a list (an ensemble) and applies the ``test.*``
     switches (``build_test_detector``)."""
     val_set = build_det_dataset(cfg.data.val, cfg.data, train=False, key="data.val")
+    if not getattr(val_set, "has_annotations", True) and not cfg.test.format_only:
+        raise ConfigError(f"data.val: {val_set.source} has no ground truth (image info only, "
+                          f"as COCO test-dev); set test.format_only=true (tools/eval_det.py "
+                          f"--format-only) to write the results for the evaluation server")
     val_loader = build_det_test_loader(cfg, val_set, dist, device)
+    voc_split = tuple(cfg.data.val.splits[0].split("/", 1)) if cfg.data.val.type == "voc" \
+        else ("2012", "test")
     amp = AMP_DTYPES.get(cfg.train.amp) if device.type == "cuda" else None
 
     def evaluate_models(models, summary_only: bool = True) -> dict[str, Any]:
@@ -37,7 +43,7 @@ def _evaluator(cfg: DetectionConfig, device, dist, output_dir, metric: str | Non
             build_test_detector(cfg, models), loader=val_loader, dataset=val_set,
             device=device, metric=metric or cfg.test.metric, engine=engine,
             output_dir=output_dir, amp_dtype=amp, summary_only=summary_only,
-            format_only=cfg.test.format_only)
+            format_only=cfg.test.format_only, voc_split=voc_split)
     return val_set, evaluate_models
 
 
