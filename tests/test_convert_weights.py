@@ -323,7 +323,8 @@ def test_detectron2_c4_matches_detectron2_forward(tmp_path):
                                     d2_anchors(sizes, ratios, h, wd), (1, 1, 1, 1))
         # detres's cell order is ratio-major (models/anchors.py): anchor r * S + s
         order = [s * len(ratios) + r for r in range(len(ratios)) for s in range(len(sizes))]
-        torch.testing.assert_close(logits.view(h, wd, a), ref_logits[0].permute(1, 2, 0)[..., order])
+        torch.testing.assert_close(logits.view(h, wd, a),
+                                   ref_logits[0].permute(1, 2, 0)[..., order])
         torch.testing.assert_close(boxes.view(h, wd, a, 4), ref_boxes[:, :, order],
                                    rtol=1e-4, atol=1e-3)
         rois = torch.tensor([[0, 3.0, 5.0, 40.0, 50.0], [0, 20.5, 10.0, 90.0, 60.0],
