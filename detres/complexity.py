@@ -29,7 +29,7 @@ from detres.data.builtin_cls import CLASS_NAMES as BUILTIN_CLS_CLASSES
 from detres.models.norm import FrozenBatchNorm2d
 from detres.models.resnet import ResNet
 from detres.structures import SIZE_DIVISIBILITY
-from detres.tasks.common import BackboneConfig
+from detres.tasks.common import BackboneConfig, build_backbone
 from detres.tasks.detection.build import build_detector
 from detres.tasks.classification.config import ClassificationConfig
 from detres.tasks.detection.config import DetectionConfig, DetModelConfig
@@ -76,10 +76,9 @@ def num_params(*modules: nn.Module) -> int:
 
 
 def _resnet(cfg: BackboneConfig, num_classes: int | None) -> ResNet:
+    """The config's ResNet on the meta device, without its weights file."""
     with torch.device("meta"):
-        return ResNet(cfg.depth, stem=cfg.stem, num_classes=num_classes, residual=cfg.residual,
-                      shortcut=cfg.shortcut, stride_in_1x1=cfg.stride_in_1x1, width=cfg.width,
-                      norm=cfg.norm, gn_groups=cfg.gn_groups)
+        return build_backbone(dataclasses.replace(cfg, weights=None), num_classes)
 
 
 def trunk_costs(net: nn.Module, x: torch.Tensor, stages: list[str]

@@ -240,6 +240,26 @@ def detectron2_settings(layout: dict[str, int], *, stride_in_1x1: bool,
     return nested
 
 
+def input_convention(state: dict[str, Tensor], arrays: dict[str, Tensor], input_format: str,
+                     pixel_mean: Sequence[float] | None, pixel_std: Sequence[float] | None
+                     ) -> tuple[list[float], list[float], list[str]]:
+    """RGB pixel mean and std for the converted model (given ones, else the file's, else
+    detectron2's defaults, all in ``input_format`` order); a BGR model's conv1 takes RGB after
+    its input channels are reversed, in place. Returns (mean, std, report lines)."""
+    mean = pixel_mean or (arrays["pixel_mean"].flatten().tolist() if "pixel_mean" in arrays
+                          else D2_PIXEL_MEAN_BGR)
+    std = pixel_std or (arrays["pixel_std"].flatten().tolist() if "pixel_std" in arrays
+                        else D2_PIXEL_STD_BGR)
+    lines = []
+    if input_format == "BGR":   # conv(x_bgr, w) = conv(x_rgb, w reversed along input channels)
+        state["trunk.conv1.weight"] = state["trunk.conv1.weight"].flip(1)
+        mean, std = list(mean)[::-1], list(std)[::-1]
+        lines.append("input: BGR -> RGB (conv1's input channels reversed)")
+    lines.append(f"pixel_mean (RGB) {[round(v, 3) for v in mean]}, pixel_std "
+                 f"{[round(v, 3) for v in std]}")
+    return [float(v) for v in mean], [float(v) for v in std], lines
+
+
 def convert_detectron2(arrays: dict[str, Tensor], path: str, *,
                        categories: str | None = None, class_names: Sequence[str] | None = None,
                        stride_in_1x1: bool = True, input_format: str = "BGR",
@@ -266,19 +286,11 @@ def convert_detectron2(arrays: dict[str, Tensor], path: str, *,
     layout = infer_layout(state, path)
     k = layout["num_classes"]
     names, ids = class_list(k, categories, class_names)
-    mean = pixel_mean or (arrays["pixel_mean"].flatten().tolist() if "pixel_mean" in arrays
-                          else D2_PIXEL_MEAN_BGR)
-    std = pixel_std or (arrays["pixel_std"].flatten().tolist() if "pixel_std" in arrays
-                        else D2_PIXEL_STD_BGR)
     report = [f"detectron2 C4 Faster R-CNN, ResNet-{layout['depth']} (width {layout['width']}, "
               f"stride in the {'1x1' if stride_in_1x1 else '3x3'}), {k} classes, "
               f"{layout['num_anchors']} anchors per cell"]
-    if input_format == "BGR":   # conv(x_bgr, w) = conv(x_rgb, w reversed along input channels)
-        state["trunk.conv1.weight"] = state["trunk.conv1.weight"].flip(1)
-        mean, std = list(mean)[::-1], list(std)[::-1]
-        report.append("input: BGR -> RGB (conv1's input channels reversed)")
-    report.append(f"pixel_mean (RGB) {[round(v, 3) for v in mean]}, pixel_std "
-                  f"{[round(v, 3) for v in std]}")
+    mean, std, lines = input_convention(state, arrays, input_format, pixel_mean, pixel_std)
+    report += lines
     moved = adapt_rpn(state, anchor_sizes, aspect_ratios, anchor_offset)
     report.append(f"RPN: anchors reordered size-major -> ratio-major; deltas re-parameterised "
                   f"for detres's whole-pixel anchors (anchors moved up to {moved:.2f} px)")
