@@ -167,3 +167,82 @@ def test_voc_results_lines_invert_the_voc_coordinates():
     lines = voc_result_lines(Split(), [(Targets(torch.zeros(0, 4), torch.zeros(0, dtype=
                                                 torch.int64), image_id=1, scale=2.0), det)])
     assert lines == [(1, "2008_000002 0.500000 1.0 2.0 10.0 15.0")]
+
+
+# ----------------------------------------------------------------------------- ImageNet DET
+def _det_xml(folder: str, name: str, objects: list[tuple[str, tuple[int, int, int, int]]]) -> str:
+    objs = "".join(f"<object><name>{wnid}</name><truncated>1</truncated><bndbox><xmin>{b[0]}"
+                   f"</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox>"
+                   f"</object>" for wnid, b in objects)
+    return (f"<annotation><folder>{folder}</folder><filename>{name}</filename><source>"
+            f"<database>ILSVRC_2014</database></source><size><width>80</width><height>60"
+            f"</height></size>{objs}</annotation>")
+
+
+def test_imagenet_det_layout(tmp_path, monkeypatch):
+    root = tmp_path / "datasets" / "ILSVRC"
+    images = {"train": {"n02672831/n02672831_11478": [("n02672831", (1, 2, 40, 30)),
+                                                      ("n01443537", (20, 10, 80, 60))],
+                        "ILSVRC2014_train_0000/ILSVRC2014_train_00000663": []},
+              "val": {"ILSVRC2012_val_00000001": [("n01443537", (5, 5, 25, 45))],
+                      "ILSVRC2012_val_00000002": [("n02672831", (10, 10, 50, 50))]}}
+    for sub, entries in images.items():
+        for name, objects in entries.items():
+            for kind, text in (("Annotations", _det_xml(sub, name, objects)), ("Data", None)):
+                path = root / kind / "DET" / sub / (name + (".xml" if text else ".JPEG"))
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if text:
+                    path.write_text(text)
+                else:
+                    Image.new("RGB", (80, 60)).save(path, format="JPEG")
+    sets = root / "ImageSets" / "DET"
+    sets.mkdir(parents=True)
+    (sets / "train.txt").write_text("n02672831/n02672831_11478 1\n"
+                                    "ILSVRC2014_train_0000/ILSVRC2014_train_00000663 2\n")
+    (sets / "val1.txt").write_text("ILSVRC2012_val_00000001 1\n")
+    (sets / "val2.txt").write_text("ILSVRC2012_val_00000002 2\n")
+    monkeypatch.setenv("DETRES_DATASETS", str(tmp_path / "datasets"))
+    data = DetDataConfig(min_size_test=60, max_size_test=80)
+    train = build_det_dataset(DetDatasetConfig(type="imagenet_det", splits=("train", "val1")),
+                              data, train=True, key="data.train")
+    assert train.class_names == ["n01443537", "n02672831"]   # the WordNet ids, sorted
+    assert len(train) == 2                                    # the negative image filtered out
+    ann = train.get_annotations(0)
+    np.testing.assert_array_equal(ann["boxes"], [[0, 1, 40, 30], [19, 9, 80, 60]])
+    np.testing.assert_array_equal(ann["labels"], [1, 0])
+    assert train.path(1) == root / "Data" / "DET" / "val" / "ILSVRC2012_val_00000001.JPEG"
+    val = build_det_dataset(DetDatasetConfig(type="imagenet_det", splits=("val2",),
+                                             class_names=tuple(train.class_names)),
+                            data, train=False, key="data.val")
+    assert val.get_annotations(0)["labels"].tolist() == [1]
+    with pytest.raises(DatasetError, match="val3.txt: ILSVRC DET split file not found"):
+        build_det_dataset(DetDatasetConfig(type="imagenet_det", splits=("val3",)), data,
+                          train=False, key="data.val")
+    monkeypatch.setenv("DETRES_DATASETS", str(tmp_path / "nothing"))
+    with pytest.raises(DatasetNotFoundError, match="data.val.root: the ILSVRC folder"):
+        build_det_dataset(DetDatasetConfig(type="imagenet_det", splits=("val2",)), data,
+                          train=False, key="data.val")
+
+
+# ----------------------------------------------------------------------------- presets
+PAPER_PRESETS = ["frcnn_r101_coco", "frcnn_r101_coco2014", "frcnn_r101_coco_appb",
+                 "frcnn_r101_voc0712", "frcnn_r101_voc07pp12", "frcnn_r101_voc0712_ppp",
+                 "frcnn_r101_voc07pp12_ppp", "frcnn_r101_imagenet_det"]
+
+
+@pytest.mark.parametrize("name", PAPER_PRESETS)
+def test_paper_presets_follow_faster_rcnn_where_the_paper_defers(name):
+    from detres.cli import CONFIGS
+    from detres.config import load_config
+    cfg = load_config(CONFIGS / f"{name}.yaml", schema=DetectionConfig)
+    assert cfg.model.roi_head.nms_threshold == 0.3             # [32] test NMS
+    assert cfg.solver.weight_decay == 0.0005                   # [32] 3.1.3
+    assert cfg.model.rpn.boundary_threshold == 0               # [32] 3.3
+    assert cfg.model.rpn.min_size == 16                        # py-faster-rcnn
+    assert cfg.train.amp == "none"                             # the paper trained in fp32
+    assert cfg.solver.reference_batch == cfg.solver.ims_per_batch
+    assert cfg.model.roi_head.roi_op == "pool" and cfg.model.roi_head.pooled_size == 14
+    improved = name.endswith(("_appb", "_ppp", "imagenet_det"))
+    assert cfg.model.roi_head.global_context == improved
+    assert cfg.test.box_refinement == improved
+    assert bool(cfg.test.scales) == improved

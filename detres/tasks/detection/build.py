@@ -19,6 +19,7 @@ from detres.data.builtin import ensure_builtin_shapes, shapes_split
 from detres.data.classification import DatasetNotFoundError, datasets_root
 from detres.data.coco import COCODetection
 from detres.data.coco_splits import MergedCOCODetection, coco_split_files, image_ids_of
+from detres.data.ilsvrc_det import ILSVRCDetection
 from detres.data.io import DetectionDataset
 from detres.data.loader import build_detection_loader
 from detres.data.transforms import eval_transform, train_transform
@@ -174,7 +175,7 @@ def build_det_dataset(cfg: DetDatasetConfig, data: DetDataConfig, train: bool,
         transform = eval_transform(data.min_size_test, data.max_size_test)
     common = dict(transform=transform, filter_empty=train and data.filter_empty,
                   skip_bad_images=data.skip_bad_images, bad_annotations=cfg.bad_annotations)
-    if cfg.class_names is not None and cfg.type != "voc":
+    if cfg.class_names is not None and cfg.type not in ("voc", "imagenet_det"):
         raise ConfigError(f"{key}.class_names is for VOC-style sets; a {cfg.type} set takes its "
                           "class names from the annotation file's 'categories'")
     if cfg.type == "builtin":
@@ -189,6 +190,12 @@ def build_det_dataset(cfg: DetDatasetConfig, data: DetDataConfig, train: bool,
         return COCODetection(annotations, images, **common)
     if cfg.type == "coco":
         return _coco_dataset(cfg, train, key, common)
+    if cfg.type == "imagenet_det":
+        root = _require_file(Path(cfg.root) if cfg.root else datasets_root() / "ILSVRC",
+                             f"{key}.root", "the ILSVRC folder", "ImageNet (ILSVRC DET) comes "
+                             "from https://image-net.org (Data/DET, Annotations/DET, "
+                             "ImageSets/DET).")
+        return ILSVRCDetection(root, cfg.splits, class_names=cfg.class_names, **common)
     root = Path(cfg.root) if cfg.root else datasets_root() / "VOCdevkit"
     sources = []
     for item in cfg.splits:

@@ -21,7 +21,8 @@ class BuiltinShapesConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DetDatasetConfig:
-    type: Literal["coco", "voc", "builtin"] = "builtin"
+    # imagenet_det: ILSVRC DET in the ILSVRC layout (data/ilsvrc_det.py), root the ILSVRC folder
+    type: Literal["coco", "voc", "builtin", "imagenet_det"] = "builtin"
     annotations: str | None = None      # coco: the instances JSON
     images: str | None = None           # coco: the image folder
     # voc: the VOCdevkit folder; builtin: the cache folder (null: $DETRES_CACHE or ~/.cache/detres)
