@@ -24,10 +24,13 @@ from detres import boxes as box_ops
 from detres.config import load_config
 from detres.convert import ConversionError, UnsafePickleError, convert_file, read_arrays
 from detres.convert.categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES, class_list
+from detres.convert.detectron2 import adapt_rpn
 from detres.convert.msra import MSRA_PIXEL_MEAN_BGR
+from detres.models.anchors import AnchorGenerator
 from detres.predictor import Predictor
 from detres.structures import ImageBatch
 from detres.models.resnet import ResNet
+from detres.models.rpn import RPNHead
 from detres.models.weights import load_weights
 from detres.tasks.common import build_backbone
 from detres.tasks.detection.build import detector_for_checkpoint
@@ -192,8 +195,9 @@ def ref_stages(src, x, blocks, bottleneck, stages):
     return x
 
 
-def d2_anchors(sizes, ratios, height, width, stride=16):
-    """detectron2's DefaultAnchorGenerator: size-major, w = sqrt(s^2 / r), offset 0."""
+def d2_anchors(sizes, ratios, height, width, stride=16, offset=0.0):
+    """detectron2's DefaultAnchorGenerator: size-major, w = sqrt(s^2 / r), cell (y, x) centred
+    at ((x + offset) * stride, (y + offset) * stride)."""
     cell = []
     for s in sizes:
         for r in ratios:
@@ -201,7 +205,7 @@ def d2_anchors(sizes, ratios, height, width, stride=16):
             cell.append([-w / 2, -r * w / 2, w / 2, r * w / 2])
     ys, xs = torch.meshgrid(torch.arange(height) * float(stride),
                             torch.arange(width) * float(stride), indexing="ij")
-    shifts = torch.stack((xs, ys, xs, ys), -1).view(height, width, 1, 4)
+    shifts = torch.stack((xs, ys, xs, ys), -1).view(height, width, 1, 4) + offset * stride
     return shifts.double() + torch.tensor(cell, dtype=torch.float64)   # (H, W, A, 4)
 
 
@@ -400,3 +404,31 @@ def test_class_list_sources(tmp_path):
     assert class_list(2, tmp_path / "cats.json") == (["a", "b"], [3, 7])
     with pytest.raises(ConversionError, match="not COCO's 80: name them"):
         class_list(5)
+
+
+def test_rpn_reparameterised_for_an_anchor_offset():
+    """detectron2's ANCHOR_GENERATOR.OFFSET 0.5 centres anchors mid-cell; detres's sit on the
+    cell corner: the delta layer absorbs the 8 px shift as it absorbs the rounding."""
+    sizes, ratios, c, h, w = (24.0, 48.0), (0.5, 1.0, 2.0), 16, 5, 7
+    g = torch.Generator().manual_seed(3)
+    head = RPNHead(c, 6)
+    weights = {"rpn.head.cls_logits.weight": torch.randn(6, c, 1, 1, generator=g),
+               "rpn.head.cls_logits.bias": torch.randn(6, generator=g),
+               "rpn.head.bbox_pred.weight": torch.randn(24, c, 1, 1, generator=g) * 0.05,
+               "rpn.head.bbox_pred.bias": torch.randn(24, generator=g) * 0.1}
+    converted = dict(weights)
+    adapt_rpn(converted, sizes, ratios, offset=0.5)
+    head.load_state_dict({"conv.weight": torch.randn(c, c, 3, 3, generator=g) * 0.1,
+                          "conv.bias": torch.zeros(c),
+                          **{k[len("rpn.head."):]: v for k, v in converted.items()}})
+    features = torch.randn(1, c, h, w, generator=g)
+    with torch.no_grad():
+        _, deltas = head(features)
+        boxes = box_ops.decode(deltas, AnchorGenerator(sizes, ratios, 16)(features)).double()
+        t = F.relu(head.conv(features))
+        ref = F.conv2d(t, weights["rpn.head.bbox_pred.weight"], weights["rpn.head.bbox_pred.bias"])
+    ref_boxes = d2_apply_deltas(ref.view(6, 4, h, w).permute(2, 3, 0, 1).double(),
+                                d2_anchors(sizes, ratios, h, w, offset=0.5), (1, 1, 1, 1))
+    order = [s * len(ratios) + r for r in range(len(ratios)) for s in range(len(sizes))]
+    torch.testing.assert_close(boxes.view(h, w, 6, 4), ref_boxes[:, :, order], rtol=1e-5,
+                               atol=1e-3)
