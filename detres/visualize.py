@@ -201,10 +201,10 @@ def _breakdown_panel(ax: Any, recall: np.ndarray, entry: Mapping[str, Any], titl
     gives each curve's AP, as the COCO API's analyze() draws it."""
     below = np.zeros_like(recall)
     for key in ("C75", "C50", "Loc", "Sim", "Oth", "BG", "FN"):
-        curve = np.asarray(entry["curves"][key])
+        curve = np.maximum(np.asarray(entry["curves"][key]), below)   # bands never overlap
         ax.fill_between(recall, below, curve, color=BREAKDOWN_COLOURS[key], linewidth=0,
                         label=f"[{entry['AP'][key]:.3f}] {BREAKDOWN_LABELS[key]}")
-        below = np.maximum(below, curve)
+        below = curve
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="recall", ylabel="precision", title=title)
     # beside the plot, top to bottom as the bands lie from top (FN) to bottom (C75)
     handles, labels = ax.get_legend_handles_labels()
