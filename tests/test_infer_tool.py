@@ -1,7 +1,7 @@
 """tools/infer.py's files: drawings mirror the input's relative path (no two images share one),
 an unreadable image is skipped and reported, results carry file_name, nothing lands outside
---out; a video gives an annotated video and one JSON line per frame. The detector is a confident random one (the trained end-to-end run is in
-tests/test_train_det_tool.py)."""
+--out; a video gives an annotated video and one JSON line per frame. The detector is a
+confident random one (the trained end-to-end run is in tests/test_train_det_tool.py)."""
 import json
 import logging
 
