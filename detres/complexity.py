@@ -17,6 +17,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -191,6 +192,8 @@ def load_any_config(path: str | None, overrides: list[str], task: str = "auto"
                     ) -> tuple[str, Any]:
     """(task, config): ``task`` "auto" takes the first schema that reads the file, detection
     then classification; the error of each is shown when none does."""
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"{path}: config file does not exist")
     tasks = list(SCHEMAS) if task == "auto" else [task]
     errors = []
     for name in tasks:

@@ -109,7 +109,8 @@ def rename_detectron2(arrays: dict[str, Tensor], path: str
 
 def infer_layout(state: dict[str, Tensor], path: str) -> dict[str, int]:
     """depth, width, classes K, anchors per cell A and RPN conv channels from the shapes."""
-    need = ("trunk.conv1.weight", "rpn.head.cls_logits.weight", "roi_head.cls_score.weight")
+    need = ("trunk.conv1.weight", "rpn.head.conv.weight", "rpn.head.cls_logits.weight",
+            "roi_head.cls_score.weight")
     missing = [k for k in need if k not in state]
     if missing:
         raise ConversionError(f"{path}: no {missing[0]}; not a detectron2 C4 Faster R-CNN")
