@@ -24,6 +24,7 @@ data-dependent size would need hand-written bounds.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -177,6 +178,8 @@ def export_detector(model: FasterRCNN, path: str | os.PathLike, fmt: ExportForma
     """
     if fmt not in ("torchscript", "onnx"):
         raise ExportError(f"unknown export format {fmt!r}; use 'torchscript' or 'onnx'")
+    if fmt == "onnx" and importlib.util.find_spec("onnx") is None:
+        raise ExportError("--format onnx needs the onnx package: pip install -e \".[export]\"")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     wrapper = ExportableDetector(model).eval()

@@ -1,6 +1,7 @@
 """Exported detectors (TorchScript, ONNX) find what the eager detector finds, on the traced image
 size and on another one; tools/export.py writes a file that does so, with its class names."""
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from helpers import ROOT, load_tool, narrow_detector
 
 from detres.config import load_config, to_dict
 from detres.engine.checkpoint import CheckpointError, atomic_save
-from detres.export import ExportableDetector, compare_exported, export_detector
+from detres.export import (ExportableDetector, ExportError, compare_exported,
+                           export_detector)
 from detres.structures import ImageBatch
 from detres.tasks.detection.config import DetectionConfig
 
@@ -56,9 +58,11 @@ def test_torchscript_equals_eager_at_two_sizes(tmp_path, roi_op):
     _assert_same(model, loaded, _images())
 
 
-def test_onnx_runtime_equals_eager_at_two_sizes(tmp_path):
+@pytest.mark.parametrize("roi_op", ["pool", "align"])
+def test_onnx_runtime_equals_eager_at_two_sizes(tmp_path, roi_op):
+    pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    model = _confident(narrow_detector("roi_head.roi_op=align"))
+    model = _confident(narrow_detector(f"roi_head.roi_op={roi_op}"))
     export_detector(model, tmp_path / "m.onnx", "onnx", EXPORT_SIZE)
     session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["image", "scale"]
@@ -124,6 +128,7 @@ def test_tool_writes_a_model_and_its_class_names(tmp_path):
 
 
 def test_tool_onnx_with_an_override(tmp_path, capsys):
+    pytest.importorskip("onnx")
     onnxruntime = pytest.importorskip("onnxruntime")
     _checkpoint(tmp_path / "m.pth")
     out = tmp_path / "m.onnx"
@@ -135,6 +140,13 @@ def test_tool_onnx_with_an_override(tmp_path, capsys):
     boxes, scores, labels = session.run(None, {"image": _images()[1].numpy(),
                                                "scale": np.array(1.0, np.float32)})
     assert boxes.shape == (5, 4) and scores.shape == (5,) and labels.dtype == "int64"
+
+
+def test_onnx_without_the_onnx_package_is_a_user_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)     # as if not installed
+    with pytest.raises(ExportError, match=r'needs the onnx package: pip install -e "\.\[export\]"'):
+        export_detector(narrow_detector(), tmp_path / "m.onnx", "onnx", EXPORT_SIZE)
+    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_tool_missing_checkpoint_is_a_user_error(tmp_path):

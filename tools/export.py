@@ -9,8 +9,9 @@ evaluation (shorter side data.min_size_test, longer side at most data.max_size_t
 run), and its scale (a 0-d float32 tensor: resized / original size, 1.0 for an image used at
 its own size), and returns boxes (D, 4) xyxy in that image's pixels (divide by the scale for
 the original's), scores (D,) and labels (D,) int64 (label k is class_names[k]). FILE.json
-beside it records the class names, dataset category ids and the test-time resize. Without --config the config stored in the checkpoint is used;
-key=value overrides apply either way (e.g. model.roi_head.score_threshold=0.3).
+beside it records the class names, dataset category ids and the test-time resize. Without
+--config the config stored in the checkpoint is used; key=value overrides apply either way
+(e.g. model.roi_head.score_threshold=0.3).
 
 After writing, the file is read back (torch.jit.load; ONNX Runtime for ONNX when installed:
 pip install -e ".[export]") and its detections are paired with the model's on two random
