@@ -20,8 +20,9 @@ from detres.data.coco_splits import MergedCOCODetection
 from detres.data.io import DatasetError
 from detres.evaluation.detection import voc_result_lines
 from detres.structures import Detections, Targets
-from detres.tasks.detection.build import build_det_dataset
-from detres.tasks.detection.config import DetDataConfig, DetDatasetConfig, DetectionConfig
+from detres.tasks.detection.build import build_det_dataset, build_test_detector
+from detres.tasks.detection.config import (DetDataConfig, DetDatasetConfig, DetectionConfig,
+                                           DetTestConfig)
 
 CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 18, "name": "dog"}]
 
@@ -246,3 +247,57 @@ def test_paper_presets_follow_faster_rcnn_where_the_paper_defers(name):
     assert cfg.model.roi_head.global_context == improved
     assert cfg.test.box_refinement == improved
     assert bool(cfg.test.scales) == improved
+
+
+# ----------------------------------------------------------------------------- torchrun
+def _format_only(out: str, rank: int = 0, world_size: int = 1) -> None:
+    from detres.engine.distributed import DistInfo
+    from detres.evaluation.detection import evaluate_detector
+    from detres.tasks.detection.build import build_det_test_loader
+    cfg = DetectionConfig(model=NARROW_DETECTOR, data=DetDataConfig(
+        val=DetDatasetConfig(type="coco", splits=("val2014",)), min_size_test=64,
+        max_size_test=96), test=DetTestConfig(ims_per_batch=1, box_refinement=True,
+                                              scales=(48, 64, 96), flip=True))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=0))
+    dataset = build_det_dataset(cfg.data.val, cfg.data, train=False, key="data.val")
+    loader = build_det_test_loader(cfg, dataset, DistInfo(rank, world_size),
+                                   torch.device("cpu"))
+    model = build_test_detector(cfg, [narrow_detector(seed=0).eval()])
+    evaluate_detector(model, loader, dataset, torch.device("cpu"), output_dir=out,
+                      format_only=True)
+
+
+def _gloo_worker(rank: int, world_size: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        _format_only(out, rank, world_size)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_test_time_switches_under_two_gloo_processes_equal_one_process(tmp_path, coco_root):
+    import socket
+
+    import torch.multiprocessing as mp
+    _format_only(str(tmp_path / "single"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_gloo_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2,
+                       join=True, start_method="fork")
+    def read(run):
+        return sorted(json.loads((tmp_path / run / "eval" / "coco_results.json").read_text()),
+                      key=lambda r: (r["image_id"], -r["score"], r["category_id"]))
+    single, ddp = read("single"), read("ddp")
+    assert single and {r["image_id"] for r in ddp} == {10, 11, 12}
+    assert len(ddp) == len(single)
+    for a, b in zip(ddp, single):
+        assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
+        np.testing.assert_allclose(a["bbox"] + [a["score"]], b["bbox"] + [b["score"]],
+                                   rtol=1e-4, atol=1e-3)
