@@ -15,11 +15,12 @@ the input's shape, so one trace serves every image size:
       -> boxes (D, 4) xyxy in the input's pixels, scores (D,), labels (D,) int64 in 0..K-1
 
 Tracing (``torch.jit.trace``, and ``torch.onnx.export``'s TorchScript path, which traces the
-same way) rather than scripting: the ResNet trunk is not written for the TorchScript compiler,
-and once shapes are tensors there is no data-dependent Python control flow left to script.
-Data-dependent sizes (boxes left after a threshold or NMS) are ordinary ops (nonzero, NMS) in
-the graph. ``torch.export`` is not used: its ONNX path needs onnxscript and every
-data-dependent size would need hand-written bounds.
+same way) rather than scripting: the TorchScript compiler rejects the ResNet trunk (its CPU
+bf16 check calls ``torch.is_autocast_enabled("cpu")``), and once shapes are tensors there is no
+data-dependent Python control flow left to script. Data-dependent sizes (boxes left after a
+threshold or NMS) are ordinary ops (nonzero, NMS) in the graph. Not ``torch.export``: its ONNX
+path needs the onnxscript package, and each data-dependent size would need declared bounds.
+Tracing runs under ``torch.no_grad``, so the trunk's eval-time paths are the ones recorded.
 """
 from __future__ import annotations
 
