@@ -11,14 +11,19 @@ clipped to the image, and a non-crowd box whose clipped width or height is below
 are dropped when ``filter_empty`` (training) and kept otherwise (evaluation).
 
 Bad input, and what happens:
-- not valid JSON, missing ``images``/``annotations``/``categories``, a malformed record,
-  duplicate image or category ids: always a ``DatasetError`` naming the file and the id;
+- not valid JSON, missing ``images``/``categories``, a malformed record, duplicate image or
+  category ids: always a ``DatasetError`` naming the file and the id; a file without
+  ``annotations`` (image info only, as COCO test-dev ships) loads as images without boxes
+  (for inference and format-only evaluation; training on it is an error);
+- boxes written as corners ``[x1, y1, x2, y2]``: a ``DatasetError`` from a plausibility check
+  (``_check_xywh``), whatever ``bad_annotations`` says;
 - an annotation for an unknown image or category, a bbox with NaN/infinite coordinates, with
   negative width or height, or entirely outside its image: a ``DatasetError`` naming the file,
   the annotation id and the image id; with ``bad_annotations="skip"`` such annotations are
   dropped instead and counted in a warning (for a large, slightly dirty set where training
-  should go on);
-- an image whose decoded size differs from the JSON's: ``DatasetError`` when read, or a
+  should go on); unknown category ids are listed beside the file's own;
+- missing image files: a ``DatasetError`` before any work, with how many and the first few;
+  an image whose decoded size differs from the JSON's: ``DatasetError`` when read; either a
   counted skip with ``skip_bad_images`` (see ``DetectionDataset``).
 
 The JSON is parsed with the standard library rather than ``pycocotools.COCO`` so that every
@@ -276,8 +281,9 @@ def _check_xywh(path: Path, a: dict, size: np.ndarray, rows: np.ndarray, raw: li
     Read as xywh, a corner box runs past the right or bottom edge whenever its centre lies in
     the right or bottom half of the image, so about 3 boxes in 4 do; read as corners, all of
     them are valid boxes inside the image (x2 > x1, y2 > y1, x2 <= width, y2 <= height). Real
-    xywh annotations almost never run past the image by more than a pixel, and only those in
-    the top-left corner of their image satisfy w > x and h > y. So the file is refused when at
+    xywh annotations almost never run past the image by more than a pixel, and only boxes
+    wider than their left offset and taller than their top offset (large, or near the top-left
+    corner) satisfy w > x and h > y: on coco128, 0 and 14% of 929. So the file is refused when at
     least 3 boxes and 20% of them run past the image by more than 1 px while 98% or more read
     as valid corner boxes; a file with fewer than 3 such boxes is never refused.
     """

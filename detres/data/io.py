@@ -288,6 +288,8 @@ class DetectionDataset(Dataset):
         keep_ignored: make ignored boxes training targets too.
         skip_bad_images: an image that cannot be decoded, or whose size is not the annotated
             one, is logged, counted and replaced by the next good image instead of raising.
+            Without it, missing image files are an error at construction
+            (:func:`check_images_exist`).
             ``num_skipped_images`` and ``report_skipped_images()`` tell how many at the end.
         source: what to name in messages (the annotation file or dataset folder).
         substitute_bad_images: with ``skip_bad_images``, replace a bad image by the next good
