@@ -175,13 +175,12 @@ def filter_empty_images(index: AnnotationIndex, keep_ignored: bool,
 
 def check_images_exist(index: AnnotationIndex, source: str | os.PathLike) -> None:
     """Raises ``DatasetError`` naming how many image files are missing, and the first few,
-    before any work starts (one stat per image: ~1 s for COCO train2017 on a local disk)
-    rather than at the first missing one, hours into training."""
+    before any work starts rather than at the first missing one, hours into training (one
+    stat per image, 3 us on a local disk: 0.4 s for COCO train2017's 118k images)."""
     missing = [i for i in range(len(index)) if not os.path.isfile(index.paths[i])]
     if not missing:
         return
-    first = ", ".join(f"{index.path(i)} (image id {int(index.image_ids[i])})"
-                      for i in missing[:3])
+    first = ", ".join(f"{index.path(i)} (image id {int(index.image_ids[i])})" for i in missing[:3])
     folders = sorted({str(index.path(i).parent) for i in missing[:100]})[:2]
     raise DatasetError(
         f"{source}: {len(missing)} of {len(index)} image files are missing, e.g. {first}"
