@@ -86,3 +86,16 @@ def test_backbone_file_loads_into_a_resnet_without_fc(tmp_path):
     load_weights(backbone, str(tmp_path / "backbone.pth"))           # strict except nothing
     for k, v in backbone.state_dict().items():
         assert torch.equal(v, model.net.state_dict()[k])
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    # a record is readable as any file the user creates (umask applied), not mkstemp's 0600
+    import os
+
+    from detres.atomic import atomic_write_bytes
+    mask = os.umask(0)
+    os.umask(mask)
+    atomic_write_bytes(tmp_path / "a.json", lambda f: f.write(b"{}"))
+    (tmp_path / "b.json").write_bytes(b"{}")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "a.json").stat().st_mode == (tmp_path / "b.json").stat().st_mode
