@@ -267,3 +267,28 @@ def test_context_and_plain_checkpoints_refuse_each_other(tmp_path, trained_with)
         cfg.model.roi_head, global_context=not trained_with))
     with pytest.raises(CheckpointError, match=f"model.roi_head.global_context={trained_with}"):
         detector_for_checkpoint(other, path)
+
+
+def test_predictor_takes_the_switches_and_ensembles(tmp_path):
+    from detres.predictor import Predictor
+    cfg = DetectionConfig(model=NARROW_DETECTOR)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, min_size_test=96,
+                                                            max_size_test=128))
+    paths = []
+    for seed in (0, 1):
+        paths.append(tmp_path / f"m{seed}.pth")
+        torch.save({"task": "detection", "model": narrow_detector(seed=seed).state_dict(),
+                    "config": to_dict(cfg), "class_names": ["a", "b", "c"]}, paths[-1])
+    image = (_images(sizes=((48, 64),)).tensor[0, :, :48, :64].permute(1, 2, 0)
+             .round().to(torch.uint8).numpy())
+    plain = Predictor.from_checkpoint(paths[0], device="cpu")
+    assert not isinstance(plain.model, TestTimeDetector)
+    refined = Predictor.from_checkpoint(paths[0], device="cpu",
+                                        overrides=["test.box_refinement=true"])
+    ensemble = Predictor.from_checkpoint(paths, device="cpu", overrides=["test.flip=true"])
+    assert refined.model.box_refinement and len(ensemble.model.models) == 2
+    for predictor in (plain, refined, ensemble):
+        d = predictor(image)
+        assert len(d) > 0
+        assert (d.boxes[:, 2] <= 64).all() and (d.boxes[:, 3] <= 48).all()   # original pixels
+    assert not torch.equal(plain(image).boxes, refined(image).boxes)
