@@ -85,7 +85,7 @@ class ExportableDetector(nn.Module):
         h, w = image.shape[-2], image.shape[-1]
         # (w, h, w, h) for clipping; _shape_as_tensor (as torchvision's ONNX paths) keeps it
         # following the input's size in a trace, where torch.tensor(image.shape) is a constant
-        limits = torch._shape_as_tensor(image)[1:].flip(0).repeat(2).to(torch.float32)
+        limits = torch._shape_as_tensor(image)[1:].flip(0).repeat(2).to(image.device, torch.float32)
         x = (image.unsqueeze(0).float() - self.pixel_mean) / self.pixel_std
         # pad after normalising (= FasterRCNN.normalize, which zeroes the padding)
         x = F.pad(x, [0, (SIZE_DIVISIBILITY - w % SIZE_DIVISIBILITY) % SIZE_DIVISIBILITY,
@@ -99,8 +99,9 @@ class ExportableDetector(nn.Module):
     def anchors(self, features: Tensor) -> Tensor:
         """(H * W * A, 4) anchors of ``AnchorGenerator.grid_anchors``, from tensor shapes."""
         fh, fw = features.shape[-2], features.shape[-1]
-        shifts_x = torch.arange(fw, dtype=torch.float32) * self.stride
-        shifts_y = torch.arange(fh, dtype=torch.float32) * self.stride
+        device = features.device
+        shifts_x = torch.arange(fw, dtype=torch.float32, device=device) * self.stride
+        shifts_y = torch.arange(fh, dtype=torch.float32, device=device) * self.stride
         shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
         shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=-1).reshape(-1, 1, 4)
         return (shifts + self.cell_anchors.view(1, -1, 4)).reshape(-1, 4)
@@ -124,7 +125,7 @@ class ExportableDetector(nn.Module):
         if not self.global_context:
             x = self.region_features(features, rois)
         else:
-            whole = torch.cat((torch.zeros(3), limits[:2])).unsqueeze(0)   # (1, 5)
+            whole = torch.cat((limits.new_zeros(3), limits[:2])).unsqueeze(0)   # (1, 5)
             x = self.region_features(features, torch.cat((rois, whole)))   # (P + 1, D)
             x = torch.cat((x[:-1], x[-1:].expand(x.shape[0] - 1, -1)), dim=1)
         return self.cls_score(x), self.bbox_pred(x)
@@ -146,7 +147,7 @@ class ExportableDetector(nn.Module):
         scores = F.softmax(logits.float(), dim=-1)[:, :-1].reshape(-1)   # (P * K,)
         boxes = box_ops.decode(deltas, proposals, self.box_weights)      # (P, 4K)
         boxes = _clip(boxes.view(-1, 4), limits)                        # (P * K, 4)
-        labels = torch.arange(self.num_classes).repeat(proposals.shape[0])
+        labels = torch.arange(self.num_classes, device=proposals.device).repeat(proposals.shape[0])
         keep = (scores > self.score_threshold) & box_ops.nonempty(boxes, self.min_box_size)
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         keep = batched_nms(boxes, scores, labels, self.nms_threshold)[: self.detections_per_image]
