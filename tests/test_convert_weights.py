@@ -40,6 +40,16 @@ EPS = 1e-5
 D2_NAMES = {"2a": "conv1", "2b": "conv2", "2c": "conv3", "1": "shortcut"}
 
 
+@pytest.fixture(autouse=True)
+def no_onednn():
+    """PyTorch's native convolutions: oneDNN builds a kernel per new shape, seconds of CPU for
+    the many small shapes here, and these comparisons do not depend on the kernel."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    yield
+    torch.backends.mkldnn.enabled = enabled
+
+
 # ----------------------------------------------------------------------------- source files
 def resnet_convs(blocks, width, bottleneck):
     """(stage k, block i, branch, (out, in, kh, kw)) of every convolution, Caffe's branches."""
