@@ -127,6 +127,20 @@ def test_tool_writes_a_model_and_its_class_names(tmp_path):
     _assert_same(model, torch.jit.load(str(out)), _images())
 
 
+def test_tool_with_a_config_file_and_overrides(tmp_path):
+    _checkpoint(tmp_path / "m.pth")
+    out = tmp_path / "m.pt"
+    load_tool("export").main(["--weights", str(tmp_path / "m.pth"), "--config",
+                              str(ROOT / "configs" / "frcnn_r18_shapes.yaml"), "--format",
+                              "torchscript", "--out", str(out), "model.backbone.width=8",
+                              "data.min_size_test=48", "data.max_size_test=64", "--no-check"])
+    meta = json.loads((tmp_path / "m.pt.json").read_text())
+    assert (meta["min_size_test"], meta["max_size_test"]) == (48, 64)
+    assert meta["class_names"] == ["a", "b", "c"]             # from the checkpoint
+    boxes, scores, labels = torch.jit.load(str(out))(_images()[1], torch.tensor(1.0))
+    assert len(boxes) == len(scores) == len(labels) > 0 and int(labels.max()) <= 2
+
+
 def test_tool_onnx_with_an_override(tmp_path, capsys):
     pytest.importorskip("onnx")
     onnxruntime = pytest.importorskip("onnxruntime")
