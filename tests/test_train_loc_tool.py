@@ -9,13 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-
-from helpers import load_tool
+from helpers import load_tool, run_tool_script
 
 from detres.config import ConfigError
+from detres.data.io import read_image
 from detres.data.classification import DatasetNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,3 +139,83 @@ def test_two_process_torchrun_trains_and_evaluates(trained, tmp_path):
         "RPN", "RPN+R-CNN"}
     # every val image scored exactly once, though each rank saw half of them
     assert len(json.loads((tmp_path / "eval" / "predictions.json").read_text())) == 20
+
+
+def test_an_ensemble_of_one_checkpoint_twice_scores_as_the_checkpoint(trained, tmp_path):
+    out, metrics = trained
+    weights = str(out / "model_final.pth")
+    # the same member twice: mean scores, the union of proposals (each twice) and the mean
+    # refinement leave every guess and box as they were
+    assert eval_loc.main(["--weights", weights, weights, f"train.output_dir={tmp_path}"]) \
+        == metrics
+
+
+def _crop_region(path: str, short: int, crop: int) -> tuple[float, float, float, float]:
+    """The original-pixel region that the centre crop of the RPN's 1-crop view covers."""
+    w, h = Image.open(path).size
+    s = short / min(h, w)
+    rw, rh = int(w * s + 0.5), int(h * s + 0.5)
+    left, top = max((rw - crop) // 2, 0), max((rh - crop) // 2, 0)
+    return left / s, top / s, min(left + crop, rw) / s, min(top + crop, rh) / s
+
+
+def test_one_crop_boxes_lie_in_the_crop_region_and_cls_modes_run(trained, tmp_path):
+    out, metrics = trained
+    result = eval_loc.main(["--weights", str(out / "model_final.pth"), "test.scales=[96]",
+                            "test.rpn_mode=one_crop", "test.rpn_crop=48",
+                            "test.cls_mode=ten_crop", f"train.output_dir={tmp_path}"])
+    assert set(result) == {"RPN", "RPN+R-CNN"}
+    (folder,) = (tmp_path / "eval_only").iterdir()
+    for p in json.loads((folder / "eval" / "predictions.json").read_text()):
+        x1, y1, x2, y2 = _crop_region(p["file"], 96, 48)
+        for box in p["RPN"]:
+            if box[2] > box[0]:            # a class without proposals gets an empty box
+                assert x1 - 0.01 <= box[0] and box[2] <= x2 + 0.01, (box, (x1, x2))
+                assert y1 - 0.01 <= box[1] and box[3] <= y2 + 0.01, (box, (y1, y2))
+    multi = eval_loc.main(["--weights", str(out / "model_final.pth"),
+                           "test.cls_mode=multiscale", "test.cls_scales=[48,64]",
+                           f"train.output_dir={tmp_path / 'm'}"])
+    assert multi["RPN"]["top5_cls_err"] == multi["RPN+R-CNN"]["top5_cls_err"]
+
+
+def test_infer_loc_draws_and_writes_the_evaluations_guesses(trained, tmp_path):
+    from detres.tasks.localization.predictor import LocPredictor
+    out, _ = trained
+    preds = json.loads((out / "eval" / "predictions.json").read_text())[:3]
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in preds:
+        shutil.copy(p["file"], images / Path(p["file"]).name)
+    res = run_tool_script("infer_loc", "--weights", str(out / "model_final.pth"), str(images),
+                          "--out", str(tmp_path / "out"), "--device", "cpu", "--batch-size", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = {Path(r["file"]).name: r for r in
+               json.loads((tmp_path / "out" / "results.json").read_text())}
+    assert len(results) == 3
+    for p in preds:
+        name = Path(p["file"]).name
+        r = results[name]
+        assert r["method"] == "RPN+R-CNN"
+        assert [g["class"] for g in r["guesses"]] == p["guesses"]          # same pipeline
+        assert all(len(g["box"]) == 4 and 0 <= g["box_score"] <= 1 for g in r["guesses"])
+        scores = [g["score"] for g in r["guesses"]]
+        assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1.0001
+        with Image.open(tmp_path / "out" / f"{name}.png") as drawing, \
+                Image.open(images / name) as original:
+            assert drawing.size == original.size
+            assert np.asarray(drawing.convert("RGB")).tolist() != \
+                np.asarray(original.convert("RGB")).tolist()      # something was drawn
+    # the Python entry point gives the same guesses for an array (one image per batch, as
+    # the tool ran: padding a batch to its largest image changes the RPN's border features)
+    predictor = LocPredictor.from_checkpoint(out / "model_final.pth", device="cpu")
+    name = Path(preds[0]["file"]).name
+    guess = predictor(read_image(images / name))
+    assert predictor.to_json(guess) == results[name]["guesses"]
+
+
+def test_infer_loc_names_a_missing_image(trained, tmp_path):
+    out, _ = trained
+    res = run_tool_script("infer_loc", "--weights", str(out / "model_final.pth"),
+                          str(tmp_path / "nothing.jpg"), "--out", str(tmp_path / "o"))
+    assert res.returncode == 1 and "nothing.jpg" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a localizer trained by tools/train_loc.py on data.val (Table 13 of He et al. 2015).
 
-    python tools/eval_loc.py [CONFIG] --weights W [key=value ...] [--out FILE]
+    python tools/eval_loc.py [CONFIG] --weights W [W2 ...] [key=value ...] [--out FILE]
 
 Without CONFIG the config stored in the checkpoint is used; key=value overrides change it (e.g.
 ``test.scales=[224,288,352]`` for multi-scale dense testing, ``data.val.root=...``). Prints the
@@ -10,7 +10,12 @@ class, top-1/top-5 localization error, top-1/top-5 classification error, percent
 eval/metrics.json and eval/predictions.json (with config.yaml, env.json, log.txt) into a new
 train.output_dir/eval_only/<YYYYmmdd-HHMMSS>/ (logged as "records in ..."), never into the
 training run's records, and ``--out`` the metrics JSON. Under torchrun every rank evaluates a
-shard.
+shard. Several --weights are tested as one ensemble (Appendix C): softmax scores averaged over
+the classifiers, the union of the RPNs' proposals, the R-CNNs' refined boxes and scores
+averaged; the test settings are those of CONFIG or of the first checkpoint. Other test forms
+(Table 13): ``test.rpn_mode=one_crop`` (the RPN on the centre crop only),
+``test.cls_mode=ten_crop`` or ``test.cls_mode=multiscale`` (the classifier's 10-crop or
+multi-scale testing).
 """
 from __future__ import annotations
 
@@ -29,9 +34,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("config", nargs="?", default=None,
                         help="YAML config (default: the one stored in the checkpoint)")
     parser.add_argument("overrides", nargs="*", default=[], metavar="key=value")
-    parser.add_argument("--weights", required=True, help="model_final.pth of tools/train_loc.py")
+    parser.add_argument("--weights", required=True, nargs="+",
+                        help="model_final.pth of tools/train_loc.py; several: an ensemble")
     parser.add_argument("--out", type=Path, help="also write the metrics here as JSON")
     args = parser.parse_intermixed_args(argv)
+    # --weights takes every word after it: key=value items there are overrides
+    moved = [w for w in args.weights if "=" in w and not Path(w).exists()]
+    args.weights = [w for w in args.weights if w not in moved]
+    args.overrides += moved
+    if not args.weights:
+        parser.error("--weights needs at least one checkpoint")
     if args.config is not None and "=" in args.config:  # only overrides were given
         args.overrides.insert(0, args.config)
         args.config = None

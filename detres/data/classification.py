@@ -9,7 +9,8 @@ that happens to load it, so a resumed run sees exactly the images an uninterrupt
 Recipes (He et al. 2015):
 - imagenet (Sec 3.4): shorter side drawn from [256, 480], random 224 crop, horizontal flip,
   mean subtraction, AlexNet's PCA colour augmentation; test: shorter side 256, centre 224
-  crop, or the standard 10-crop (4 corners + centre, and their flips).
+  crop, or the standard 10-crop (4 corners + centre, and their flips), or the fully-
+  convolutional multi-scale form (the whole image at several shorter sides, scores averaged).
 - cifar (Sec 4.2): pad 4 pixels on each side, random 32 crop, flip; test: the original image.
 - builtin: the cifar recipe at the built-in set's size.
 """
@@ -31,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from detres.data.io import (BadImageSkipper, DatasetError, ImageDecodeError, image_to_tensor,
                             read_image)
+from detres.data.transforms import resize, resize_scale
 
 logger = logging.getLogger(__name__)
 
@@ -203,6 +205,27 @@ class ClsTransform:
         return image_to_tensor(image)
 
 
+class MultiScaleTransform:
+    """Fully-convolutional multi-scale testing (Sec. 3.4, as VGG's dense evaluation): the whole
+    image with its shorter side at each of ``scales`` (the paper: 224, 256, 384, 480, 640),
+    ``image -> list of (3, h, w) uint8``; the classifier's softmax scores are averaged over
+    them (``models.classifier.mean_softmax``)."""
+
+    def __init__(self, scales: Sequence[int]) -> None:
+        if not scales or min(scales) <= 0:
+            raise ValueError(f"multi-scale testing needs positive shorter sides, got {scales!r}")
+        self.scales = tuple(int(s) for s in scales)
+
+    def __call__(self, image: np.ndarray, seed: int | None = None) -> list[Tensor]:
+        return [image_to_tensor(resize_shorter(image, s)) for s in self.scales]
+
+
+def resize_shorter(image: np.ndarray, short_side: int) -> np.ndarray:
+    """The image with its shorter side at ``short_side`` (``detres.data.transforms.resize``)."""
+    scale = resize_scale(image.shape[0], image.shape[1], short_side, None)
+    return resize(image, np.zeros((0, 4), np.float32), scale)[0]
+
+
 def ten_crop(image: np.ndarray, size: int) -> np.ndarray:
     """(H, W, 3) -> (10, size, size, 3): 4 corners and centre, then the same flipped."""
     h, w = image.shape[:2]
@@ -216,10 +239,13 @@ def ten_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 def build_cls_transform(recipe: str, train: bool, crop_size: int,
                         scale_range: tuple[int, int] = (256, 480), test_size: int = 256,
-                        ten_crop: bool = False, pad_fill: Sequence[int] = (0, 0, 0)
-                        ) -> ClsTransform:
-    """The paper's train/test pipeline for ``recipe`` ("imagenet", "cifar", "builtin")."""
+                        ten_crop: bool = False, pad_fill: Sequence[int] = (0, 0, 0),
+                        test_scales: Sequence[int] = ()) -> ClsTransform | MultiScaleTransform:
+    """The paper's train/test pipeline for ``recipe`` ("imagenet", "cifar", "builtin"); a test
+    pipeline with ``test_scales`` is the multi-scale fully-convolutional one, any recipe."""
     fill = tuple(int(v) for v in pad_fill)
+    if test_scales and not train:
+        return MultiScaleTransform(test_scales)
     if recipe == "imagenet":
         if train:
             lo, hi = scale_range
@@ -243,9 +269,14 @@ def build_cls_transform(recipe: str, train: bool, crop_size: int,
 
 
 # ----------------------------------------------------------------------------- sampling
-def collate(batch: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
-    """-> images (N, 3, H, W) (or (N, 10, 3, H, W)) uint8, labels (N,) int64."""
-    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+def collate(batch: list[tuple[Tensor | list[Tensor], int]]
+            ) -> tuple[Tensor | list[list[Tensor]], Tensor]:
+    """-> images (N, 3, H, W) (or (N, 10, 3, H, W)) uint8, or per image its list of views of
+    different sizes (multi-scale testing); labels (N,) int64."""
+    labels = torch.tensor([b[1] for b in batch])
+    if isinstance(batch[0][0], list):
+        return [b[0] for b in batch], labels
+    return torch.stack([b[0] for b in batch]), labels
 
 
 def _worker_init(_: int) -> None:

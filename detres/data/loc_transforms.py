@@ -5,8 +5,9 @@ shorter side drawn from [256, 480], random 224x224 crop, flip) carrying the boxe
 ``LocTestTransform`` resizes the whole image (dense fully-convolutional testing).
 
 Test-time views: the localizer sees each original image several ways (the classifier's
-centre crop, the RPN's test scales, the R-CNN's original pixels). ``classifier_view`` and
-``scaled_batch`` make them here, on the data side, so the models never resize numpy images.
+centre crop, ten crops or scales, the RPN's test scales or its one centre crop, the R-CNN's
+original pixels). ``classifier_views``, ``scaled_batch`` and ``centre_crop_batch`` make them
+here, on the data side, so the models never resize numpy images.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from detres.data.classification import ten_crop
 from detres.data.io import image_to_tensor
 from detres.data.transforms import TransformOutput, resize, resize_scale
 from detres.structures import ImageBatch
@@ -139,16 +141,59 @@ def classifier_view(image: np.ndarray, test_size: int, crop: int | None) -> torc
     return image_to_tensor(out)
 
 
+def classifier_views(image: np.ndarray, mode: str, test_size: int, crop: int | None,
+                     scales: Sequence[int] = ()) -> list[torch.Tensor]:
+    """The classifier's test views of one image (Sec. 3.4): ``"single"``, the one
+    ``classifier_view``; ``"ten_crop"``, the 4 corner and centre ``crop`` squares of the image
+    at ``test_size`` and their flips (zero-padded to ``crop`` first if smaller);
+    ``"multiscale"``, the whole image at each shorter side of ``scales``."""
+    if mode == "single":
+        return [classifier_view(image, test_size, crop)]
+    if mode == "ten_crop":
+        if crop is None:
+            raise ValueError("ten_crop testing needs a crop size")
+        image, _ = resized(image, test_size, None)
+        h, w = image.shape[:2]
+        if h < crop or w < crop:
+            padded = np.zeros((max(h, crop), max(w, crop), 3), np.uint8)
+            padded[:h, :w] = image
+            image = padded
+        return [image_to_tensor(c) for c in ten_crop(image, crop)]
+    if mode == "multiscale":
+        return [image_to_tensor(resized(image, s, None)[0]) for s in scales]
+    raise ValueError(f"unknown classifier test mode {mode!r}; valid: single, ten_crop, "
+                     f"multiscale")
+
+
 def scaled_batch(images: Sequence[np.ndarray], short_side: int, max_size: int | None
-                 ) -> tuple[ImageBatch, list[float]]:
+                 ) -> tuple[ImageBatch, list[float], list[tuple[float, float]]]:
     """The images resized to ``short_side`` (capped at ``max_size``), padded into one batch,
-    and each image's resized/original factor."""
+    each image's resized/original factor, and (0, 0) offsets (an RPN view, models/
+    loc_inference.py)."""
     tensors, scales = [], []
     for image in images:
         out, s = resized(image, short_side, max_size)
         tensors.append(image_to_tensor(out))
         scales.append(s)
-    return ImageBatch.from_tensors(tensors), scales
+    return ImageBatch.from_tensors(tensors), scales, [(0.0, 0.0)] * len(images)
+
+
+def centre_crop_batch(images: Sequence[np.ndarray], short_side: int, crop: int
+                      ) -> tuple[ImageBatch, list[float], list[tuple[float, float]]]:
+    """The RPN's 1-crop view (Table 13, "1-crop"): each image resized to ``short_side``, then
+    its centre ``crop`` x ``crop`` square (all of a side shorter than ``crop``, as the training
+    crops pad at the bottom/right), padded into one batch; each image's resized/original
+    factor and the (x, y) of the crop in the resized image, so a box b of the crop is
+    ``(b + (x, y, x, y)) / factor`` in the original image."""
+    tensors, scales, offsets = [], [], []
+    for image in images:
+        out, s = resized(image, short_side, None)
+        h, w = out.shape[:2]
+        top, left = max((h - crop) // 2, 0), max((w - crop) // 2, 0)
+        tensors.append(image_to_tensor(out[top:top + crop, left:left + crop]))
+        scales.append(s)
+        offsets.append((float(left), float(top)))
+    return ImageBatch.from_tensors(tensors), scales, offsets
 
 
 def original_batch(images: Sequence[np.ndarray]) -> ImageBatch:

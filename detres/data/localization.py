@@ -33,9 +33,12 @@ every image must have one. A class folder none of whose images has boxes is an e
 would silently never be trained for localization) unless ``skip_unannotated_classes``.
 All XMLs are parsed at construction (the class check and ``get_annotations(i)`` need them); the
 annotations are kept in numpy arrays (``AnnotationIndex``), not per-image Python objects, so
-forked DataLoader workers share them (see ``detres.data.io``).
+forked DataLoader workers share them (see ``detres.data.io``). With ``cache_dir`` the parsed
+index is kept in a compact file there and read back while its source is unchanged
+(``detres.data.loc_index``): ImageNet's ~540k XMLs cost about a minute to parse.
 
-Bad input raises a ``DatasetError`` naming the file: a missing split folder (a
+Bad input raises a ``DatasetError`` naming the file (with ``bad_annotations="skip"`` a
+malformed XML is instead left out with its image, logged and counted): a missing split folder (a
 ``LocDatasetNotFoundError``, also a ``DatasetNotFoundError``, with where it looked and how to
 get the data), a missing XML under ``missing_boxes="error"``, an XML that does not parse or
 lacks ``<size>``/``<name>``/``<bndbox>``, a non-numeric coordinate, xmax < xmin, a box outside
@@ -55,6 +58,9 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from tqdm import tqdm
+
+from detres.data import loc_index
 from detres.data.classification import IMAGE_EXTENSIONS, DatasetNotFoundError
 from detres.data.io import AnnotationIndex, DatasetError, DetectionDataset, Transform
 from detres.data.voc import read_pascal_xml
@@ -63,6 +69,7 @@ logger = logging.getLogger(__name__)
 
 BOX_TOLERANCE = 1.0  # px a box may leave its image (0-based or rounded annotations)
 MISSING_BOXES = ("skip", "error")
+BAD_ANNOTATIONS = ("error", "skip")
 ILSVRC_HINT = (
     "ImageNet localization needs the ILSVRC2012 images and boxes from image-net.org: "
     "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (val sorted into class folders, as "
@@ -132,6 +139,10 @@ class LocalizationDataset(DetectionDataset):
         skip_bad_images: see ``DetectionDataset`` (a size mismatch names the XML).
         skip_unannotated_classes: with ``missing_boxes="skip"``, leave out (and count) a
             class folder none of whose images has boxes instead of raising.
+        bad_annotations: ``"error"`` raises on a malformed XML; ``"skip"`` leaves it and its
+            image out, logged and counted (``bad_annotation_files``).
+        cache_dir: keep the parsed index in a file there (``detres.data.loc_index``); None:
+            parse every time.
 
     Attributes (besides ``DetectionDataset``'s):
         xml_paths: (N,) bytes, the XML of each image.
@@ -139,15 +150,21 @@ class LocalizationDataset(DetectionDataset):
         num_images_without_boxes: images left out for having no XML or no box.
         skipped_classes: class folders left out by ``skip_unannotated_classes``.
         num_dropped_boxes: boxes dropped as < 1 px after clipping.
+        bad_annotation_files: the malformed XMLs left out under ``bad_annotations="skip"``.
     """
 
     def __init__(self, image_root: str | os.PathLike, box_root: str | os.PathLike,
                  transform: Transform | None = None, class_names: Sequence[str] | None = None,
                  *, missing_boxes: str = "skip", skip_bad_images: bool = False,
-                 skip_unannotated_classes: bool = False) -> None:
+                 skip_unannotated_classes: bool = False, bad_annotations: str = "error",
+                 cache_dir: str | os.PathLike | None = None) -> None:
         if missing_boxes not in MISSING_BOXES:
             raise ValueError(f"missing_boxes must be one of {MISSING_BOXES}, got "
                              f"{missing_boxes!r}")
+        if bad_annotations not in BAD_ANNOTATIONS:
+            raise ValueError(f"bad_annotations must be one of {BAD_ANNOTATIONS}, got "
+                             f"{bad_annotations!r}")
+        self.bad_annotations = bad_annotations
         self.image_root = Path(image_root)
         self.box_root = Path(box_root)
         self.missing_boxes = missing_boxes
@@ -166,23 +183,47 @@ class LocalizationDataset(DetectionDataset):
             raise DatasetError(f"{self.image_root / unknown[0]}: class folder {unknown[0]!r} "
                                f"is not one of the {len(self.class_names)} classes given "
                                f"(build val with the train split's class_names)")
-        index = self._index_files(set(folders), skip_unannotated_classes)
+        index = self._index_files(set(folders), skip_unannotated_classes, cache_dir)
         super().__init__(index, self.class_names, transform=transform,
                          skip_bad_images=skip_bad_images, source=str(self.image_root))
 
-    def _index_files(self, folders: set[str], skip_unannotated_classes: bool
-                     ) -> AnnotationIndex:
+    def _index_files(self, folders: set[str], skip_unannotated_classes: bool,
+                     cache_dir: str | os.PathLike | None) -> AnnotationIndex:
+        listing = self._list_files(folders)
+        options = {"missing_boxes": self.missing_boxes, "bad_annotations": self.bad_annotations,
+                   "skip_unannotated_classes": skip_unannotated_classes}
+        arrays, path, fp = None, None, ""
+        if cache_dir is not None:
+            path = loc_index.cache_file(cache_dir, self.image_root, self.box_root)
+            fp = loc_index.fingerprint(self.image_root, self.box_root, self.class_names, options,
+                                       (item for items in listing.values() for item in items))
+            arrays = loc_index.load_index(path, fp)
+            if arrays is not None:
+                logger.info("%s: index read from %s", self.image_root, path)
+        if arrays is None:
+            arrays = self._parse_files(listing, skip_unannotated_classes)
+            if path is not None:
+                loc_index.save_index(path, fp, arrays)
+        self.xml_paths, self.image_labels = arrays["xml_paths"], arrays["image_labels"]
+        self.skipped_classes = [os.fsdecode(bytes(c)) for c in arrays["skipped_classes"]]
+        self.bad_annotation_files = [os.fsdecode(bytes(c)) for c in arrays["bad_annotations"]]
+        self.num_images_without_boxes, self.num_dropped_boxes, num_found = (
+            int(c) for c in arrays["counts"])
+        self._log_index(len(arrays["paths"]), len(arrays["boxes"]), num_found)
+        return AnnotationIndex(
+            paths=arrays["paths"], image_ids=np.arange(len(arrays["paths"]), dtype=np.int64),
+            sizes=arrays["sizes"], offsets=arrays["offsets"], boxes=arrays["boxes"],
+            labels=arrays["labels"], ignore=np.zeros(len(arrays["labels"]), bool))
+
+    def _list_files(self, folders: set[str]) -> dict[int, list[tuple[str, str | None]]]:
+        """Per class label, (image path, XML path or None) of each image of its folder."""
         flat_xml, nested = {}, set()
         for e in os.scandir(self.box_root):
             if e.is_dir():
                 nested.add(e.name)
             elif e.name.endswith(".xml"):
                 flat_xml[e.name[:-4]] = e.path
-        rows: dict[str, list] = {k: [] for k in ("paths", "xmls", "sizes", "counts", "boxes",
-                                                  "labels", "image_labels")}
-        self.num_images_without_boxes = self.num_dropped_boxes = num_found = 0
-        self.skipped_classes: list[str] = []
-        label_of = {c: k for k, c in enumerate(self.class_names)}
+        listing: dict[int, list[tuple[str, str | None]]] = {}
         for label, name in enumerate(self.class_names):
             if name not in folders:
                 continue  # e.g. a val subset without this class
@@ -190,70 +231,90 @@ class LocalizationDataset(DetectionDataset):
             if name in nested:
                 class_xml = {e.name[:-4]: e.path for e in os.scandir(self.box_root / name)
                              if e.name.endswith(".xml")}
-            start = len(rows["paths"])
-            num_images = self._index_class(label, label_of, class_xml, flat_xml, name in nested,
-                                           rows)
-            num_found += num_images
-            if len(rows["paths"]) == start:  # only reachable with missing_boxes="skip"
-                if not skip_unannotated_classes:
-                    raise DatasetError(
-                        f"{self.image_root / name}: none of the {num_images} images of class "
-                        f"'{name}' has a bounding box (looked for <stem>.xml in "
-                        f"{self.box_root / name} and {self.box_root}); add the boxes or set "
-                        f"skip_unannotated_classes=True")
-                self.skipped_classes.append(name)
-        if not rows["paths"]:
-            raise DatasetError(f"{self.image_root}: no image has a bounding box in "
-                               f"{self.box_root}")
-        self.xml_paths = np.array([os.fsencode(p) for p in rows["xmls"]], dtype=np.bytes_)
-        self.image_labels = np.asarray(rows["image_labels"], np.int64)
-        self._log_index(len(rows["paths"]), len(rows["boxes"]), num_found)
-        # flat lists made numpy once: per-image arrays would slow indexing ImageNet down
-        return AnnotationIndex(
-            paths=np.array([os.fsencode(p) for p in rows["paths"]], dtype=np.bytes_),
-            image_ids=np.arange(len(rows["paths"]), dtype=np.int64),
-            sizes=np.asarray(rows["sizes"], np.int64).reshape(-1, 2),
-            offsets=np.concatenate(([0], np.cumsum(rows["counts"]))).astype(np.int64),
-            boxes=np.asarray(rows["boxes"], np.float32).reshape(-1, 4),
-            labels=np.asarray(rows["labels"], np.int64),
-            ignore=np.zeros(len(rows["labels"]), bool))
-
-    def _index_class(self, label: int, label_of: dict[str, int], class_xml: dict[str, str],
-                     flat_xml: dict[str, str], nested: bool, rows: dict[str, list]) -> int:
-        """Adds the images of class folder ``label`` that have boxes to ``rows``; returns how
-        many images the folder holds."""
-        name = self.class_names[label]
-        folder = self.image_root / name
-        images = sorted((e.name, e.path) for e in os.scandir(folder)
-                        if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
-        if not images:
-            raise DatasetError(f"{folder}: class folder '{name}' holds no images "
-                               f"({', '.join(IMAGE_EXTENSIONS)})")
-        for file_name, path in images:
-            stem = os.path.splitext(file_name)[0]
-            xml = class_xml.get(stem) or flat_xml.get(stem)
-            if xml is None:
-                if self.missing_boxes == "error":
-                    where = self.box_root / name if nested else self.box_root
+            folder = self.image_root / name
+            images = sorted((e.name, e.path) for e in os.scandir(folder)
+                            if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+            if not images:
+                raise DatasetError(f"{folder}: class folder '{name}' holds no images "
+                                   f"({', '.join(IMAGE_EXTENSIONS)})")
+            listing[label] = []
+            for file_name, path in images:
+                stem = os.path.splitext(file_name)[0]
+                xml = class_xml.get(stem) or flat_xml.get(stem)
+                if xml is None and self.missing_boxes == "error":
+                    where = self.box_root / name if name in nested else self.box_root
                     raise DatasetError(f"{where / (stem + '.xml')}: bounding-box file of "
                                        f"{path} not found (missing_boxes='error'; use "
                                        f"'skip' to train on the images that have boxes)")
-                self.num_images_without_boxes += 1
-                continue
-            h, w, b, lab, _, dropped = read_pascal_xml(xml, label_of, tolerance=BOX_TOLERANCE)
-            self.num_dropped_boxes += dropped
-            if not b:
-                if self.missing_boxes == "error":
-                    raise DatasetError(f"{xml}: no box (no <object>, or all narrower than "
-                                       f"1 px) for {path}")
-                self.num_images_without_boxes += 1
-                continue
-            for key, value in (("paths", path), ("xmls", xml), ("sizes", (h, w)),
-                               ("counts", len(b)), ("image_labels", label)):
-                rows[key].append(value)
-            rows["boxes"] += b
-            rows["labels"] += lab
-        return len(images)
+                listing[label].append((path, xml))
+        return listing
+
+    def _parse_files(self, listing: dict[int, list[tuple[str, str | None]]],
+                     skip_unannotated_classes: bool) -> dict[str, np.ndarray]:
+        """Reads every listed XML (the slow part); returns the arrays ``loc_index`` stores."""
+        rows: dict[str, list] = {k: [] for k in ("paths", "xmls", "sizes", "counts", "boxes",
+                                                  "labels", "image_labels")}
+        without = dropped = 0
+        skipped_classes: list[str] = []
+        bad: list[str] = []
+        label_of = {c: k for k, c in enumerate(self.class_names)}
+        total = sum(len(v) for v in listing.values())
+        bar = tqdm(total=total, desc=f"index {self.image_root.name}", dynamic_ncols=True,
+                   disable=total < 20000)   # a bar only where indexing takes a while
+        for label, items in listing.items():
+            start = len(rows["paths"])
+            for path, xml in items:
+                bar.update()
+                if xml is None:
+                    without += 1
+                    continue
+                try:
+                    h, w, b, lab, _, n = read_pascal_xml(xml, label_of, tolerance=BOX_TOLERANCE)
+                except DatasetError as e:
+                    if self.bad_annotations == "error":
+                        raise DatasetError(f"{e} (set bad_annotations: skip to leave such "
+                                           f"files out, counted)") from None
+                    logger.warning("skipping %s", e)
+                    bad.append(xml)
+                    continue
+                dropped += n
+                if not b:
+                    if self.missing_boxes == "error":
+                        raise DatasetError(f"{xml}: no box (no <object>, or all narrower than "
+                                           f"1 px) for {path}")
+                    without += 1
+                    continue
+                for key, value in (("paths", path), ("xmls", xml), ("sizes", (h, w)),
+                                   ("counts", len(b)), ("image_labels", label)):
+                    rows[key].append(value)
+                rows["boxes"] += b
+                rows["labels"] += lab
+            if len(rows["paths"]) == start:
+                self._unannotated_class(label, len(items), skip_unannotated_classes)
+                skipped_classes.append(self.class_names[label])
+        bar.close()
+        if not rows["paths"]:
+            raise DatasetError(f"{self.image_root}: no image has a bounding box in "
+                               f"{self.box_root}")
+        # flat lists made numpy once: per-image arrays would slow indexing ImageNet down
+        return {"paths": _bytes(rows["paths"]), "xml_paths": _bytes(rows["xmls"]),
+                "sizes": np.asarray(rows["sizes"], np.int64).reshape(-1, 2),
+                "offsets": np.concatenate(([0], np.cumsum(rows["counts"]))).astype(np.int64),
+                "boxes": np.asarray(rows["boxes"], np.float32).reshape(-1, 4),
+                "labels": np.asarray(rows["labels"], np.int64),
+                "image_labels": np.asarray(rows["image_labels"], np.int64),
+                "skipped_classes": _bytes(skipped_classes), "bad_annotations": _bytes(bad),
+                "counts": np.array([without, dropped, total], np.int64)}
+
+    def _unannotated_class(self, label: int, num_images: int, skip: bool) -> None:
+        """A class folder none of whose images has boxes: an error unless ``skip``."""
+        name = self.class_names[label]
+        if not skip:
+            raise DatasetError(
+                f"{self.image_root / name}: none of the {num_images} images of class "
+                f"'{name}' has a bounding box (looked for <stem>.xml in "
+                f"{self.box_root / name} and {self.box_root}); add the boxes or set "
+                f"skip_unannotated_classes=True")
 
     def _log_index(self, num_images: int, num_boxes: int, num_found: int) -> None:
         logger.info("%s: %d images with %d boxes, %d classes; %d of %d images without boxes "
@@ -266,6 +327,11 @@ class LocalizationDataset(DetectionDataset):
             logger.warning("%s: %d classes have no boxes and are left out: %s",
                            self.image_root, len(self.skipped_classes),
                            ", ".join(self.skipped_classes[:10]))
+        if self.bad_annotation_files:
+            logger.warning("%s: %d malformed bounding-box files skipped "
+                           "(bad_annotations: skip), e.g. %s", self.box_root,
+                           len(self.bad_annotation_files),
+                           ", ".join(self.bad_annotation_files[:5]))
 
     def xml_path(self, i: int) -> Path:
         return Path(os.fsdecode(bytes(self.xml_paths[i])))
@@ -298,13 +364,16 @@ class LocalizationDataset(DetectionDataset):
         counts = {"images_without_boxes": self.num_images_without_boxes,
                   "unannotated_classes": len(self.skipped_classes),
                   "dropped_boxes": self.num_dropped_boxes,
+                  "bad_annotations": len(self.bad_annotation_files),
                   "bad_images": self.num_skipped_images}
         if any(counts.values()):
             log.info("%s: left out %d images without boxes, %d classes without boxes%s, "
-                     "%d boxes < 1 px; skipped %d unreadable images", self.image_root,
-                     counts["images_without_boxes"], counts["unannotated_classes"],
+                     "%d boxes < 1 px, %d malformed box files; skipped %d unreadable images",
+                     self.image_root, counts["images_without_boxes"],
+                     counts["unannotated_classes"],
                      f" ({', '.join(self.skipped_classes[:10])})" if self.skipped_classes
-                     else "", counts["dropped_boxes"], counts["bad_images"])
+                     else "", counts["dropped_boxes"], counts["bad_annotations"],
+                     counts["bad_images"])
         return counts
 
     @classmethod
@@ -312,3 +381,7 @@ class LocalizationDataset(DetectionDataset):
         """The ``split`` ("train"/"val") of a localization root (see ``loc_split_dirs``)."""
         image_root, box_root = loc_split_dirs(root, split)
         return cls(image_root, box_root, **kwargs)
+
+
+def _bytes(items: Sequence[str]) -> np.ndarray:
+    return np.array([os.fsencode(p) for p in items], dtype=np.bytes_)

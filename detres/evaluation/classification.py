@@ -1,8 +1,8 @@
 """Top-1 / top-5 error, in percent, as the paper reports (Tables 3-6).
 
 An image counts as a top-k error when its label is not among the k highest scores. With
-10-crop testing (Sec 3.4) the softmax scores of the crops are averaged first. Under torchrun
-each rank evaluates its shard and the counts are summed over ranks.
+10-crop or multi-scale testing (Sec 3.4) the softmax scores of the views are averaged first.
+Under torchrun each rank evaluates its shard and the counts are summed over ranks.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from detres.engine.distributed import all_reduce_tensor
 from detres.evaluation.inference import run_inference
+from detres.models.classifier import mean_softmax
 
 
 def count_topk_errors(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)
@@ -57,19 +58,18 @@ def evaluate_classifier(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]
     """Runs ``model`` (returning ``.logits``) over ``loader``'s (images, labels) batches;
     top-1/top-5 error over all ranks (see ``ClassificationEvaluator.evaluate``).
 
-    images (N, 3, H, W), or (N, C, 3, H, W) for multi-crop testing (C = 10, softmax scores
-    averaged over the crops).
+    images (N, 3, H, W); (N, C, 3, H, W) for multi-crop testing (C = 10); or per image a list
+    of views of different sizes (multi-scale testing). With several views the softmax scores
+    are averaged over them (``models.classifier.mean_softmax``).
     """
     evaluator = ClassificationEvaluator()
 
-    def step(batch: tuple[Tensor, Tensor]) -> list:
-        images, labels = batch[0].to(device, non_blocking=True), batch[1].to(device)
-        if images.dim() == 5:                                  # (N, C, 3, H, W) crops
-            n, c = images.shape[:2]
-            logits = model(images.flatten(0, 1)).logits        # (N * C, K)
-            scores = logits.float().softmax(1).view(n, c, -1).mean(1)
-        else:
-            scores = model(images).logits.float()
+    def step(batch: tuple[Tensor | list[list[Tensor]], Tensor]) -> list:
+        images, labels = batch[0], batch[1].to(device)
+        if isinstance(images, Tensor) and images.dim() == 4:
+            scores = model(images.to(device, non_blocking=True)).logits.float()
+        else:                                   # (N, C, 3, H, W) crops or lists of views
+            scores = mean_softmax(model, [list(v) for v in images], device)
         evaluator.process(scores, labels)
         return []                                              # counted, nothing to keep
 

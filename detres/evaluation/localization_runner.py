@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from detres.data.loc_transforms import classifier_view, original_batch, scaled_batch
+from detres.data.loc_transforms import (centre_crop_batch, classifier_views, original_batch,
+                                        scaled_batch)
 from detres.engine import distributed as du
 from detres.engine.logging import write_json
 from detres.evaluation.inference import run_inference
 from detres.evaluation.localization import LocalizationResult, format_table, localization_errors
-from detres.models.loc_inference import LocTestSettings, LocViews
+from detres.models.loc_inference import LocalizerEnsemble, LocTestSettings, LocViews
 from detres.models.localizer import Localizer
 
 logger = logging.getLogger("detres")
@@ -31,25 +32,34 @@ METHODS = ("RPN", "RPN+R-CNN")
 def loc_views(images: Sequence[np.ndarray], settings: LocTestSettings, originals: bool
               ) -> LocViews:
     """The views of original images that ``Localizer.predict`` needs (``originals``: for
-    an R-CNN)."""
-    return LocViews([classifier_view(im, settings.cls_test_size, settings.cls_crop)
-                     for im in images],
-                    [scaled_batch(images, s, settings.max_size) for s in settings.scales],
-                    original_batch(images) if originals else None)
+    an R-CNN): the classifier's (``settings.cls_mode``), the RPN's (``settings.rpn_mode``:
+    every test scale, or the one centre crop at the first)."""
+    if settings.rpn_mode == "one_crop":
+        rpn_views = [centre_crop_batch(images, settings.scales[0], settings.rpn_crop)]
+    elif settings.rpn_mode == "dense":
+        rpn_views = [scaled_batch(images, s, settings.max_size) for s in settings.scales]
+    else:
+        raise ValueError(f"unknown RPN test mode {settings.rpn_mode!r}; valid: dense, one_crop")
+    return LocViews([classifier_views(im, settings.cls_mode, settings.cls_test_size,
+                                      settings.cls_crop, settings.cls_scales) for im in images],
+                    rpn_views, original_batch(images) if originals else None)
 
 
-def localize_batch(model: Localizer, images: Sequence[np.ndarray], gt_classes: list[np.ndarray],
-                   settings: LocTestSettings, device: torch.device) -> list[dict[str, Any]]:
-    """The pipeline on a few original images; per image ``guesses`` (k,) and, per method,
-    ``boxes`` (k, 4) for the guesses and ``gt_boxes`` {class: (4,)} for the oracle (numpy)."""
-    views = loc_views(images, settings, model.rcnn is not None)
+def localize_batch(model: Localizer | LocalizerEnsemble, images: Sequence[np.ndarray],
+                   gt_classes: Sequence[Sequence[int]], settings: LocTestSettings,
+                   device: torch.device) -> list[dict[str, Any]]:
+    """The pipeline on a few original images; per image ``guesses`` (k,), ``guess_scores``
+    (k,) and, per method, ``boxes`` (k, 4) and ``box_scores`` (k,) for the guesses and
+    ``gt_boxes`` {class: (4,)} for the oracle (numpy, original pixels)."""
+    views = loc_views(images, settings, model.has_rcnn)
     out = []
     for record in model.predict(views, gt_classes, settings, device):
-        item: dict[str, Any] = {"guesses": record["guesses"].numpy()}
+        item: dict[str, Any] = {"guesses": record["guesses"].numpy(),
+                                "guess_scores": record["guess_scores"].numpy()}
         for method in METHODS:
             if method in record:
                 r = record[method]
-                item[method] = {"boxes": r["boxes"].numpy(),
+                item[method] = {"boxes": r["boxes"].numpy(), "box_scores": r["box_scores"].numpy(),
                                 "gt_boxes": {c: b.numpy() for c, b in r["gt_boxes"].items()}}
         out.append(item)
     return out
@@ -72,7 +82,7 @@ def score(records: Sequence[tuple[int, dict[str, Any]]], dataset: Any
     return metrics
 
 
-def evaluate_localizer(model: Localizer, loader: Iterable, dataset: Any,
+def evaluate_localizer(model: Localizer | LocalizerEnsemble, loader: Iterable, dataset: Any,
                        settings: LocTestSettings, device: torch.device,
                        output_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
     """Runs and scores the pipeline on every rank; the main rank logs the Table-13-style table

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -62,3 +63,26 @@ class Classifier(nn.Module):
         loss = F.cross_entropy(logits.float(), labels)
         top1_err = 100.0 * (logits.detach().argmax(1) != labels).float().mean()
         return ClassifierOutput(logits, {"loss_cls": loss}, {"top1_err": top1_err})
+
+
+@torch.no_grad()
+def mean_softmax(model: nn.Module, views: Sequence[Sequence[Tensor]],
+                 device: torch.device | str = "cpu") -> Tensor:
+    """(N, K) softmax scores of N images, each averaged over its views (10-crop or multi-scale
+    testing, Sec. 3.4). ``views[i]`` holds image i's (3, h, w) views; views of one size, of
+    all images together, run as one batch (whole images of other sizes run on their own, so
+    no padding enters their global average). ``model`` returns ``.logits`` (N, K)."""
+    groups: dict[tuple[int, ...], list[tuple[int, Tensor]]] = {}
+    for i, image_views in enumerate(views):
+        if len(image_views) == 0:
+            raise ValueError(f"image {i} has no view to classify")
+        for v in image_views:
+            groups.setdefault(tuple(v.shape), []).append((i, v))
+    total: Tensor | None = None
+    for items in groups.values():
+        probs = model(torch.stack([v for _, v in items]).to(device)).logits.float().softmax(1)
+        if total is None:
+            total = probs.new_zeros(len(views), probs.shape[1])
+        total.index_add_(0, torch.tensor([i for i, _ in items], device=probs.device), probs)
+    counts = torch.tensor([len(v) for v in views], dtype=torch.float32, device=total.device)
+    return total / counts[:, None]

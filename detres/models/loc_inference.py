@@ -1,7 +1,8 @@
 """Test-time pieces of the localizer (He et al. 2015, Appendix C), used by
 ``Localizer.predict`` and by the R-CNN's training proposals: the test settings, the views of
-the images that the data side makes (``detres.data.loc_transforms``), and the dense per-class
-proposals of several scales merged into one list per class.
+the images that the data side makes (``detres.data.loc_transforms``), the dense per-class
+proposals of several scales merged into one list per class, and how an ensemble merges its
+members (Appendix C: "an ensemble of networks for both classification and localization").
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torchvision.ops import nms
 from detres.structures import ImageBatch
 
 if TYPE_CHECKING:  # localizer.py imports this module
-    from detres.models.localizer import PerClassRPN
+    from detres.models.localizer import Localizer, PerClassRPN
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,20 @@ class LocTestSettings:
     nms_threshold: float | None = 0.7
     cls_test_size: int = 256
     cls_crop: int | None = 224          # None: the whole image, fully convolutional
+    # "single": the view above; "ten_crop": 10 crops of cls_crop at cls_test_size;
+    # "multiscale": the whole image at each of cls_scales (Sec. 3.4), softmax averaged
+    cls_mode: str = "single"
+    cls_scales: tuple[int, ...] = (224, 256, 384, 480, 640)
+    # "dense": the RPN on the whole image at each scale; "one_crop": on the rpn_crop x rpn_crop
+    # centre crop of the image at scales[0] only (Table 13's first row)
+    rpn_mode: str = "dense"
+    rpn_crop: int = 224
+
+
+# One view of N images for the RPN: the padded batch, each image's resized/original factor, and
+# each image's (x, y) position of the batch's pixel (0, 0) in the resized image (0 unless
+# cropped); a box b of the view is (b + (x, y, x, y)) / factor in original pixels.
+RPNView = tuple[ImageBatch, list[float], list[tuple[float, float]]]
 
 
 @dataclass
@@ -38,29 +53,36 @@ class LocViews:
     """N images as the three networks see them at test time (CPU, uint8).
 
     Attributes:
-        classifier: per image (3, h, w): centre crops (one size) or whole resized images.
-        scales: per test scale, the padded batch and each image's resized/original factor.
+        classifier: per image its (3, h, w) views: one centre crop or whole resized image, ten
+            crops, or the whole image at several scales (scores averaged over them).
+        scales: the RPN's views (``RPNView``): per test scale, or the one centre crop.
         originals: the original images, for the R-CNN's crops (None without an R-CNN).
     """
 
-    classifier: list[Tensor]
-    scales: list[tuple[ImageBatch, list[float]]]
+    classifier: list[list[Tensor]]
+    scales: list[RPNView]
     originals: ImageBatch | None = None
 
 
+def to_original(boxes: Tensor, factor: float, offset: tuple[float, float]) -> Tensor:
+    """Boxes of a (cropped) resized view in original pixels: ``(b + (x, y, x, y)) / factor``."""
+    x, y = offset
+    return (boxes + boxes.new_tensor([x, y, x, y])) / factor
+
+
 @torch.no_grad()
-def dense_proposals(rpn: PerClassRPN, scales: Sequence[tuple[ImageBatch, Sequence[float]]],
-                    classes: list[Tensor], settings: LocTestSettings, device: torch.device
+def dense_proposals(rpn: PerClassRPN, scales: Sequence[RPNView], classes: list[Tensor],
+                    settings: LocTestSettings, device: torch.device
                     ) -> list[list[tuple[Tensor, Tensor]]]:
     """Per image, per requested class: (boxes (P, 4) in original pixels, scores (P,)) on the
-    CPU, best first; proposals of several scales are merged by NMS (or by score without)."""
+    CPU, best first; proposals of several views are merged by NMS (or by score without)."""
     per_scale = []
-    for batch, factors in scales:
+    for batch, factors, offsets in scales:
         out = rpn.propose(batch.to(device), [c.to(device) for c in classes],
                           topk=settings.proposals_per_class, pre_nms_topk=settings.pre_nms_topk,
                           nms_threshold=settings.nms_threshold)
-        per_scale.append([[(b.cpu() / f, s.cpu()) for b, s in image_out]
-                          for image_out, f in zip(out, factors)])
+        per_scale.append([[(to_original(b.cpu(), f, o), s.cpu()) for b, s in image_out]
+                          for image_out, f, o in zip(out, factors, offsets)])
     if len(per_scale) == 1:
         return per_scale[0]
     merged = []
@@ -77,9 +99,38 @@ def dense_proposals(rpn: PerClassRPN, scales: Sequence[tuple[ImageBatch, Sequenc
     return merged
 
 
-def best_box(boxes: Tensor, scores: Tensor) -> Tensor:
-    """The highest-scoring box, or a degenerate box when there is none (counts as a miss)."""
-    return boxes[int(scores.argmax())] if len(boxes) else boxes.new_zeros(4)
+def best_box(boxes: Tensor, scores: Tensor) -> tuple[Tensor, float]:
+    """The highest-scoring box and its score, or a degenerate box scored 0 when there is none
+    (it counts as a miss)."""
+    if len(boxes) == 0:
+        return boxes.new_zeros(4), 0.0
+    i = int(scores.argmax())
+    return boxes[i], float(scores[i])
+
+
+def union_proposals(members: Sequence[list[list[tuple[Tensor, Tensor]]]]
+                    ) -> list[list[tuple[Tensor, Tensor]]]:
+    """The union of several RPNs' proposals (an ensemble, Appendix C): per image and class
+    all members' boxes together, best score first."""
+    out = []
+    for per_image in zip(*members):
+        merged = []
+        for per_class in zip(*per_image):
+            boxes = torch.cat([b for b, _ in per_class])
+            scores = torch.cat([s for _, s in per_class])
+            order = scores.argsort(descending=True, stable=True)
+            merged.append((boxes[order], scores[order]))
+        out.append(merged)
+    return out
+
+
+def average_refinements(members: Sequence[list[list[tuple[Tensor, Tensor]]]]
+                        ) -> list[list[tuple[Tensor, Tensor]]]:
+    """Several R-CNNs' refinements of the same proposals averaged (an ensemble, Appendix C):
+    per proposal the mean of the refined boxes and the mean of the scores."""
+    return [[(torch.stack([b for b, _ in per_class]).mean(0),
+              torch.stack([s for _, s in per_class]).mean(0))
+             for per_class in zip(*per_image)] for per_image in zip(*members)]
 
 
 def flat_proposals(per_class: list[tuple[Tensor, Tensor]], classes: Tensor
@@ -91,3 +142,86 @@ def flat_proposals(per_class: list[tuple[Tensor, Tensor]], classes: Tensor
     return (torch.cat([b for b, _ in per_class]),
             torch.cat([torch.full((len(b),), int(c), dtype=torch.int64)
                        for (b, _), c in zip(per_class, classes.tolist())]))
+
+
+@torch.no_grad()
+def localize(model: Localizer | LocalizerEnsemble, views: LocViews,
+             gt_classes: Sequence[Sequence[int]], settings: LocTestSettings,
+             device: torch.device) -> list[dict]:
+    """The test pipeline of Appendix C on N images: the classifier's top-k classes are the
+    guesses; the RPN proposes for each guess (and each ground-truth class, for the oracle
+    "error on the ground-truth class"); the RPN-only answer is a class's best proposal, with
+    an R-CNN the best of the refined ones.
+
+    Returns per image ``guesses`` (k,) and ``guess_scores`` (k,) (class probabilities) and,
+    per method ("RPN", and "RPN+R-CNN" with an R-CNN), ``boxes`` (k, 4) and ``box_scores``
+    (k,) for the guesses and ``gt_boxes`` {class: (4,)} for the oracle; CPU tensors,
+    original pixels.
+    """
+    probs = model.class_scores(views.classifier, device).cpu()
+    k = min(settings.topk_classes, probs.shape[1])
+    guess_scores, guesses = probs.topk(k, dim=1)
+    wanted = []
+    for g, gt in zip(guesses, gt_classes):
+        extra = [c for c in dict.fromkeys(int(x) for x in gt) if c not in g.tolist()]
+        wanted.append(torch.cat([g, torch.tensor(extra, dtype=torch.int64)]))
+    methods = {"RPN": model.proposals(views.scales, wanted, settings, device)}
+    if model.has_rcnn:
+        methods["RPN+R-CNN"] = model.refine(views.originals, methods["RPN"], wanted, device)
+    out = []
+    for i, (g, w) in enumerate(zip(guesses, wanted)):
+        record: dict = {"guesses": g, "guess_scores": guess_scores[i]}
+        for method, found in methods.items():
+            best = {int(c): best_box(b, s) for c, (b, s) in zip(w.tolist(), found[i])}
+            record[method] = {
+                "boxes": torch.stack([best[int(c)][0] for c in g.tolist()]),
+                "box_scores": torch.tensor([best[int(c)][1] for c in g.tolist()]),
+                "gt_boxes": {int(c): best[int(c)][0] for c in gt_classes[i]}}
+        out.append(record)
+    return out
+
+
+class LocalizerEnsemble(torch.nn.Module):
+    """Several trained localizers tested as one (Appendix C: "an ensemble of networks for both
+    classification and localization", 8.9% / 9.0% top-5 error in Tables 13 / 14): the class
+    scores are the mean of the members' softmax scores, a class's proposals the union of the
+    members' RPN proposals, and with R-CNNs each proposal's refined box and score the mean
+    over the members that have one. ``predict`` takes and returns what ``Localizer.predict``
+    does."""
+
+    def __init__(self, members: Sequence[Localizer]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one localizer")
+        counts = {m.num_classes for m in members}
+        if len(counts) != 1:
+            raise ValueError(f"the members predict different numbers of classes: "
+                             f"{[m.num_classes for m in members]}")
+        self.members = torch.nn.ModuleList(members)
+
+    @property
+    def num_classes(self) -> int:
+        return self.members[0].num_classes
+
+    @property
+    def has_rcnn(self) -> bool:
+        return any(m.has_rcnn for m in self.members)
+
+    def predict(self, views: LocViews, gt_classes: Sequence[Sequence[int]],
+                settings: LocTestSettings, device: torch.device) -> list[dict]:
+        return localize(self, views, gt_classes, settings, device)
+
+    def class_scores(self, views: list[list[Tensor]], device: torch.device) -> Tensor:
+        return torch.stack([m.class_scores(views, device) for m in self.members]).mean(0)
+
+    def proposals(self, views: Sequence[RPNView], wanted: list[Tensor],
+                  settings: LocTestSettings, device: torch.device
+                  ) -> list[list[tuple[Tensor, Tensor]]]:
+        return union_proposals([m.proposals(views, wanted, settings, device)
+                                for m in self.members])
+
+    def refine(self, originals: ImageBatch, proposals: list[list[tuple[Tensor, Tensor]]],
+               wanted: list[Tensor], device: torch.device
+               ) -> list[list[tuple[Tensor, Tensor]]]:
+        return average_refinements([m.refine(originals, proposals, wanted, device)
+                                    for m in self.members if m.has_rcnn])

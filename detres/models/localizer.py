@@ -13,13 +13,16 @@ Three networks, as in the paper's Table 13:
   the image, which is R-CNN's crop-and-warp with bilinear, area-averaged sampling), run through
   a ResNet with global pooling, and rescored and regressed by two sibling per-class layers.
 
-Test time (:meth:`Localizer.predict`, per image, original pixels throughout the output): the
-classifier's top-k classes (paper: top-5) are the guesses; the per-class RPN runs densely at
-each test scale and, for each guessed class (and each ground-truth class, for the oracle "error
-on the ground-truth class"), the proposals of all scales are merged, NMS-ed and cut to the top
-``proposals_per_class``; the RPN-only answer is the class's best proposal, and with the R-CNN
-the best-scoring refined proposal. The resized views come from the data side
-(``models/loc_inference.py``'s ``LocViews``, made by ``data/loc_transforms.py``).
+Test time (:meth:`Localizer.predict`, i.e. ``loc_inference.localize``, per image, original
+pixels throughout the output): the classifier's top-k classes (paper: top-5) are the guesses,
+its softmax scores averaged over the test views (one crop, ten crops or several whole-image
+scales, Sec. 3.4); the per-class RPN runs densely at each test scale (or on one centre crop,
+Table 13's "1-crop") and, for each guessed class (and each ground-truth class, for the oracle
+"error on the ground-truth class"), the proposals of all scales are merged, NMS-ed and cut to
+the top ``proposals_per_class``; the RPN-only answer is the class's best proposal, and with the
+R-CNN the best-scoring refined proposal. The resized views come from the data side
+(``models/loc_inference.py``'s ``LocViews``, made by ``data/loc_transforms.py``); several
+trained localizers are tested as one by ``loc_inference.LocalizerEnsemble``.
 
 Shapes: N images, K classes, A anchors per cell, R = H * W * A anchors of a stride-16 map,
 P proposals of one class in one image.
@@ -43,9 +46,9 @@ from torchvision.ops import batched_nms, roi_align
 
 from detres import boxes as box_ops
 from detres.models.anchors import AnchorGenerator
-from detres.models.classifier import Classifier
-from detres.models.loc_inference import (LocTestSettings, LocViews, best_box, dense_proposals,
-                                         flat_proposals)
+from detres.models.classifier import Classifier, mean_softmax
+from detres.models.loc_inference import (LocTestSettings, LocViews, RPNView, dense_proposals,
+                                         flat_proposals, localize)
 from detres.models.losses import BoxLoss, box_regression_loss
 from detres.models.matching import Matcher, sample_balanced
 from detres.models.pixels import channel_values, normalize
@@ -211,15 +214,31 @@ class PerClassRPN(nn.Module):
         return out
 
 
-def crop_and_warp(images: Tensor, boxes: list[Tensor], size: int) -> Tensor:
+def crop_and_warp(images: Tensor, boxes: list[Tensor], size: int, context_padding: int = 0
+                  ) -> Tensor:
     """R-CNN's region warp: each box of image i, resampled to (size, size).
 
     ``images`` (N, 3, H, W) float; ``boxes[i]`` (P_i, 4) xyxy in its pixels. RoIAlign with an
     adaptive sampling grid averages about one sample per source pixel, so shrinking a large box
-    is anti-aliased. Returns (sum P_i, 3, size, size).
+    is anti-aliased. With ``context_padding`` p the box is first dilated so that, once warped,
+    p pixels of context surround it on every side (R-CNN, Girshick et al. 2014, Appendix A:
+    p = 16 at 227 px); the box itself then fills the central ``size - 2p`` pixels. Samples
+    outside the tensor are 0. Returns (sum P_i, 3, size, size).
     """
+    if not 0 <= 2 * context_padding < size:
+        raise ValueError(f"context_padding must be in [0, size / 2), got {context_padding} "
+                         f"for size {size}")
+    boxes = [pad_boxes(b, size, context_padding) for b in boxes] if context_padding else boxes
     rois = box_ops.boxes_to_rois(boxes).to(images.device)
     return roi_align(images.float(), rois, size, 1.0, 0, aligned=True)
+
+
+def pad_boxes(boxes: Tensor, size: int, context_padding: int) -> Tensor:
+    """Boxes dilated by ``p / (size - 2p)`` of their width (height) on each side: the context
+    that ``context_padding`` = p warped pixels cover."""
+    grow = context_padding / (size - 2 * context_padding)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    return boxes + torch.stack([-w, -h, w, h], 1) * grow
 
 
 class RCNNRefiner(nn.Module):
@@ -232,14 +251,21 @@ class RCNNRefiner(nn.Module):
         pixel_mean, pixel_std: RGB in 0..255.
         fg_iou_threshold: a proposal of class c is foreground when it overlaps a ground-truth
             box of class c by at least this (R-CNN: 0.5).
+        context_padding: warped pixels of context around each box (R-CNN: 16 at 227 px;
+            0: the tight box); see ``crop_and_warp``.
     """
 
     def __init__(self, net: ResNet, num_classes: int, input_size: int,
                  pixel_mean: Sequence[float], pixel_std: Sequence[float], *,
                  fg_iou_threshold: float = 0.5, box_loss: BoxLoss = "smooth_l1",
                  smooth_l1_beta: float = 1.0,
-                 box_weights: tuple[float, float, float, float] = BOX_WEIGHTS) -> None:
+                 box_weights: tuple[float, float, float, float] = BOX_WEIGHTS,
+                 context_padding: int = 0) -> None:
         super().__init__()
+        if not 0 <= 2 * context_padding < input_size:
+            raise ValueError(f"context_padding must be in [0, input_size / 2), got "
+                             f"{context_padding} for input_size {input_size}")
+        self.context_padding = context_padding
         if net.fc is not None:
             raise ValueError("RCNNRefiner needs a ResNet built with num_classes=None")
         self.net, self.num_classes, self.input_size = net, num_classes, input_size
@@ -257,8 +283,10 @@ class RCNNRefiner(nn.Module):
                 ) -> tuple[Tensor, Tensor]:
         """Logit (P,) and deltas (P, 4) of each box for its own class; boxes in image pixels,
         ``classes[i]`` (P_i,) the class of each box of image i."""
-        crops = crop_and_warp(images.tensor, boxes, self.input_size)
-        x = self.net(normalize(crops, self.pixel_mean, self.pixel_std))
+        # normalized first, padding at 0 (the mean colour): context past an image's border is
+        # filled with the mean, as R-CNN does
+        pixels = normalize(images.tensor, self.pixel_mean, self.pixel_std, images.sizes)
+        x = self.net(crop_and_warp(pixels, boxes, self.input_size, self.context_padding))
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         cls = torch.cat(classes)
         logits = self.cls_score(x).gather(1, cls[:, None]).squeeze(1)
@@ -324,39 +352,31 @@ class Localizer(nn.Module):
     def num_classes(self) -> int:
         return self.rpn.num_classes
 
-    @torch.no_grad()
+    @property
+    def has_rcnn(self) -> bool:
+        return self.rcnn is not None
+
     def predict(self, views: LocViews, gt_classes: Sequence[Sequence[int]],
                 settings: LocTestSettings, device: torch.device) -> list[dict]:
-        """The pipeline (module docstring) on N images. Returns per image ``guesses`` (k,)
-        and, per method ("RPN", and "RPN+R-CNN" with an R-CNN), ``boxes`` (k, 4) for the
-        guesses and ``gt_boxes`` {class: (4,)} for the oracle; CPU tensors."""
-        logits = self.classify(views.classifier, settings, device)
-        k = min(settings.topk_classes, logits.shape[1])
-        guesses = logits.topk(k, dim=1).indices.cpu()
-        wanted = []
-        for g, gt in zip(guesses, gt_classes):
-            extra = [c for c in dict.fromkeys(int(x) for x in gt) if c not in g.tolist()]
-            wanted.append(torch.cat([g, torch.tensor(extra, dtype=torch.int64)]))
-        methods = {"RPN": dense_proposals(self.rpn, views.scales, wanted, settings, device)}
-        if self.rcnn is not None:
-            methods["RPN+R-CNN"] = self._refine(views.originals, methods["RPN"], wanted, device)
-        out = []
-        for i, (g, w) in enumerate(zip(guesses, wanted)):
-            record: dict = {"guesses": g}
-            for method, found in methods.items():
-                best = {int(c): best_box(b, s) for c, (b, s) in zip(w.tolist(), found[i])}
-                record[method] = {"boxes": torch.stack([best[int(c)] for c in g.tolist()]),
-                                  "gt_boxes": {int(c): best[int(c)] for c in gt_classes[i]}}
-            out.append(record)
-        return out
+        """The pipeline (module docstring) on N images; see ``loc_inference.localize``."""
+        return localize(self, views, gt_classes, settings, device)
 
-    def classify(self, views: list[Tensor], settings: LocTestSettings, device: torch.device
-                 ) -> Tensor:
-        """(N, K) class logits: centre crops in one batch, or each whole image on its own
-        (their sizes differ, and padding would change the global average)."""
-        if settings.cls_crop is not None:
-            return self.classifier(torch.stack(views).to(device)).logits.float()
-        return torch.cat([self.classifier(v[None].to(device)).logits.float() for v in views])
+    def class_scores(self, views: list[list[Tensor]], device: torch.device) -> Tensor:
+        """(N, K) softmax scores, averaged over each image's views (10-crop or multi-scale
+        testing); views of one size run as one batch, whole images of other sizes alone (so
+        no padding enters their global average)."""
+        return mean_softmax(self.classifier, views, device)
+
+    def proposals(self, views: Sequence[RPNView], wanted: list[Tensor],
+                  settings: LocTestSettings, device: torch.device
+                  ) -> list[list[tuple[Tensor, Tensor]]]:
+        return dense_proposals(self.rpn, views, wanted, settings, device)
+
+    def refine(self, originals: ImageBatch, proposals: list[list[tuple[Tensor, Tensor]]],
+               wanted: list[Tensor], device: torch.device
+               ) -> list[list[tuple[Tensor, Tensor]]]:
+        """The R-CNN's rescored and regressed proposals, grouped as ``proposals``."""
+        return self._refine(originals, proposals, wanted, device)
 
     def _refine(self, originals: ImageBatch, proposals: list[list[tuple[Tensor, Tensor]]],
                 wanted: list[Tensor], device: torch.device) -> list[list[tuple[Tensor, Tensor]]]:

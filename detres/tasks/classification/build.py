@@ -39,8 +39,15 @@ def describe_classifier(model: Classifier, cfg: BackboneConfig) -> str:
 def build_cls_dataset(cfg: ClsDatasetConfig, data: ClsDataConfig, train: bool,
                       pad_fill: tuple[int, int, int] = (0, 0, 0)) -> ClassificationDataset:
     """One split; ``train`` picks the augmentation, ``cfg.split`` the files."""
+    if data.ten_crop and data.test_scales:
+        raise ConfigError("data.ten_crop and data.test_scales are two test forms; set one "
+                          "(ten_crop: 10 crops at test_size; test_scales: whole images)")
+    if any(s <= 0 for s in data.test_scales):
+        raise ConfigError(f"data.test_scales must be positive shorter sides, got "
+                          f"{list(data.test_scales)}")
     transform = build_cls_transform(data.recipe, train, data.crop_size, data.scale_range,
-                                    data.test_size, data.ten_crop and not train, pad_fill)
+                                    data.test_size, data.ten_crop and not train, pad_fill,
+                                    data.test_scales)
     if cfg.type == "cifar10":
         root = Path(cfg.root) if cfg.root else datasets_root() / "cifar-10-batches-py"
         return Cifar10(root, cfg.split, transform)

@@ -27,6 +27,9 @@ class ClsDataConfig:
     scale_range: tuple[int, int] = (256, 480)            # shorter side, imagenet recipe (Sec. 3.4)
     test_size: int = 256                                 # shorter side before the centre crop
     ten_crop: bool = False                               # the paper's 10-crop testing (Sec. 3.4)
+    # fully-convolutional multi-scale testing (Sec. 3.4): the whole image at each shorter side,
+    # softmax averaged; the paper's best results use [224, 256, 384, 480, 640]; empty: off
+    test_scales: tuple[int, ...] = ()
     skip_bad_images: bool = False                        # skip undecodable files and count them
     # RGB (0..255) mean subtracted and std divided by the model; torchvision's values, so a
     # backbone pretrained here expects the same input as torchvision's weights

@@ -19,7 +19,7 @@ from detres.engine.checkpoint import (CheckpointError, check_task, load_checkpoi
                                       load_task_weights)
 from detres.models.anchors import AnchorGenerator
 from detres.models.classifier import Classifier
-from detres.models.loc_inference import LocTestSettings
+from detres.models.loc_inference import LocalizerEnsemble, LocTestSettings
 from detres.models.localizer import Localizer, PerClassRPN, PerClassRPNHead, RCNNRefiner
 from detres.models.weights import load_weights
 from detres.tasks.classification.build import TASK as CLASSIFICATION_TASK
@@ -31,10 +31,21 @@ LOC_BUILTIN_HINT = ("python tools/train_loc.py configs/loc_r18_builtin.yaml "
                     "(built-in data, no download)")
 
 
+def index_cache_dir(data: LocDataConfig, output_dir: str | Path) -> Path | None:
+    """Where the splits' indexes are kept (``data.index_cache``): beside the run's folder."""
+    if not data.index_cache:
+        return None
+    if data.index_cache == "auto":
+        return Path(output_dir).resolve().parent / "loc_index_cache"
+    return Path(data.index_cache)
+
+
 def build_loc_dataset(cfg: LocDatasetConfig, data: LocDataConfig, *, key: str,
-                      class_names: Sequence[str] | None = None) -> LocalizationDataset:
+                      class_names: Sequence[str] | None = None,
+                      cache_dir: str | Path | None = None) -> LocalizationDataset:
     """One split with its original images (the test pipeline resizes them per scale); give
     training views their crops with ``dataset.with_transform(build_loc_train_transform(...))``.
+    ``cache_dir`` keeps its parsed index (``index_cache_dir``).
     """
     if cfg.type == "builtin":
         b = data.builtin
@@ -55,7 +66,8 @@ def build_loc_dataset(cfg: LocDatasetConfig, data: LocDataConfig, *, key: str,
     return LocalizationDataset(image_root, box_root, class_names=class_names,
                                missing_boxes=cfg.missing_boxes,
                                skip_bad_images=data.skip_bad_images,
-                               skip_unannotated_classes=data.skip_unannotated_classes)
+                               skip_unannotated_classes=data.skip_unannotated_classes,
+                               bad_annotations=data.bad_annotations, cache_dir=cache_dir)
 
 
 def build_loc_classifier(cfg: LocalizationConfig, num_classes: int) -> Classifier:
@@ -87,9 +99,13 @@ def build_rcnn_refiner(cfg: LocalizationConfig, num_classes: int) -> RCNNRefiner
     r = cfg.rcnn
     if not r.enabled:
         return None
+    if not 0 <= 2 * r.context_padding < r.input_size:
+        raise ConfigError(f"rcnn.context_padding must be in [0, rcnn.input_size / 2) = "
+                          f"[0, {r.input_size / 2:g}), got {r.context_padding}")
     return RCNNRefiner(build_backbone(r.backbone), num_classes, r.input_size, cfg.pixel_mean,
                        cfg.pixel_std, fg_iou_threshold=r.fg_iou_threshold, box_loss=r.box_loss,
-                       smooth_l1_beta=1.0 if r.box_loss == "smooth_l1" else 0.0)
+                       smooth_l1_beta=1.0 if r.box_loss == "smooth_l1" else 0.0,
+                       context_padding=r.context_padding)
 
 
 def build_localizer(cfg: LocalizationConfig, num_classes: int) -> Localizer:
@@ -121,13 +137,21 @@ def build_loc_train_transform(data: LocDataConfig, scale_range: tuple[int, int] 
 
 def loc_test_settings(cfg: LocalizationConfig) -> LocTestSettings:
     t = cfg.test
+    if not t.scales:
+        raise ConfigError("test.scales is empty; give at least one shorter side")
+    if t.cls_mode == "multiscale" and (not t.cls_scales or min(t.cls_scales) <= 0):
+        raise ConfigError(f"test.cls_mode=multiscale needs positive test.cls_scales, got "
+                          f"{list(t.cls_scales)}")
+    crop = cfg.classifier.crop_size or cfg.data.crop_size
     return LocTestSettings(scales=tuple(t.scales), max_size=t.max_size,
                            topk_classes=t.topk_classes,
                            proposals_per_class=cfg.rcnn.proposals_per_class,
                            pre_nms_topk=t.pre_nms_topk, nms_threshold=t.nms_threshold,
                            cls_test_size=cfg.classifier.test_size,
-                           cls_crop=(cfg.classifier.crop_size or cfg.data.crop_size)
-                           if cfg.classifier.test_crop else None)
+                           cls_crop=crop if cfg.classifier.test_crop or t.cls_mode == "ten_crop"
+                           else None,
+                           cls_mode=t.cls_mode, cls_scales=tuple(t.cls_scales),
+                           rpn_mode=t.rpn_mode, rpn_crop=t.rpn_crop or cfg.data.crop_size)
 
 
 def localizer_from_checkpoint(path: str | Path, overrides: Sequence[str] = ()
@@ -149,6 +173,28 @@ def localizer_from_checkpoint(path: str | Path, overrides: Sequence[str] = ()
     model = build_localizer(plain, len(ckpt["class_names"]))
     load_task_weights(model, path, TASK, ckpt=ckpt)
     return model.eval(), cfg, {"class_names": list(ckpt["class_names"])}
+
+
+def load_localizers(weights: str | Sequence[str], overrides: Sequence[str] = ()
+                    ) -> tuple[Localizer | LocalizerEnsemble, LocalizationConfig, dict[str, Any]]:
+    """One checkpoint's localizer, or several as one ``LocalizerEnsemble`` (Appendix C); the
+    config returned is the first checkpoint's (with ``overrides``), whose test settings the
+    ensemble uses. Every checkpoint must have the same class names."""
+    paths = [weights] if isinstance(weights, (str, Path)) else list(weights)
+    if not paths:
+        raise ConfigError("no localizer checkpoint given")
+    models, first_cfg, first_meta = [], None, None
+    for path in paths:
+        model, cfg, meta = localizer_from_checkpoint(path, overrides)
+        if first_meta is None:
+            first_cfg, first_meta = cfg, meta
+        elif meta["class_names"] != first_meta["class_names"]:
+            raise CheckpointError(f"{path}: its {len(meta['class_names'])} classes differ "
+                                  f"from those of {paths[0]} ({len(first_meta['class_names'])}"
+                                  f"); an ensemble's members must share their class list")
+        models.append(model)
+    model = models[0] if len(models) == 1 else LocalizerEnsemble(models).eval()
+    return model, first_cfg, first_meta
 
 
 def _no_weights(b: BackboneConfig) -> BackboneConfig:

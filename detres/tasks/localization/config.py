@@ -44,6 +44,12 @@ class LocDataConfig:
     flip_prob: float = 0.5
     skip_bad_images: bool = False
     skip_unannotated_classes: bool = False     # a class folder without any box XML: skip, counted
+    # a malformed box XML: "error" stops with its name; "skip" leaves it out, logged and counted
+    bad_annotations: Literal["error", "skip"] = "error"
+    # the parsed index of each split kept in a compact file, read back while its XMLs and
+    # images are unchanged (ImageNet's ~540k XMLs take about a minute to parse): "auto" is
+    # <train.output_dir>/../loc_index_cache, a path that folder, null no cache
+    index_cache: str | None = "auto"
     builtin: BuiltinLocConfig = field(default_factory=BuiltinLocConfig)
 
 
@@ -103,6 +109,8 @@ class LocRCNNConfig(LocFinetuneConfig):
     proposals_per_class: int = 200                  # training samples and test candidates per class
     fg_iou_threshold: float = 0.5
     rois_per_image: int = 4                         # RoI-centric: few RoIs from many images
+    # warped pixels of context around each proposal (R-CNN: 16 at 227 px); 0: the tight box
+    context_padding: int = 0
     # solver.ims_per_batch images x rois_per_image RoIs; the paper's mini-batch is 256 RoIs
     solver: SolverConfig = field(default_factory=lambda: SolverConfig(
         base_lr=0.01, ims_per_batch=64, steps=(7000,)))
@@ -117,6 +125,17 @@ class LocTestConfig:
     pre_nms_topk: int = 6000
     nms_threshold: float | None = 0.7               # per-class NMS of the proposals; null: none
     ims_per_batch: int = 8                          # per process
+    # the classification step (Sec. 3.4): "single", classifier.test_size with its centre crop
+    # (or the whole image without classifier.test_crop); "ten_crop", 10 crops of
+    # classifier.crop_size at test_size; "multiscale", the whole image at each cls_scales;
+    # softmax scores averaged over the views
+    cls_mode: Literal["single", "ten_crop", "multiscale"] = "single"
+    cls_scales: tuple[int, ...] = (224, 256, 384, 480, 640)
+    # "dense": the RPN fully convolutional at every test scale (Table 13 "dense"); "one_crop":
+    # on the rpn_crop centre crop of the image at scales[0] only (Table 13 "1-crop"), the
+    # boxes mapped back to the image
+    rpn_mode: Literal["dense", "one_crop"] = "dense"
+    rpn_crop: int | None = None                     # null: data.crop_size (the training crop)
 
 
 @dataclass(frozen=True, kw_only=True)

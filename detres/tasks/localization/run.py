@@ -33,7 +33,8 @@ from detres.evaluation.localization_runner import evaluate_localizer
 from detres.tasks.common import SolverConfig, build_lr_schedule, build_optimizer
 from detres.tasks.localization.build import (TASK, build_loc_dataset, build_loc_train_transform,
                                              build_localizer, copy_classifier_weights,
-                                             loc_test_settings, localizer_from_checkpoint)
+                                             index_cache_dir, load_localizers,
+                                             loc_test_settings)
 from detres.tasks.localization.config import LocalizationConfig
 from detres.tasks.localization.proposals import cached_training_proposals
 
@@ -84,16 +85,18 @@ def train_stage(run: Run, name: str, module: torch.nn.Module, dataset: Any, coll
     trainer.close()
 
 
-def evaluate(cfg: LocalizationConfig | None, weights: str,
+def evaluate(cfg: LocalizationConfig | None, weights: str | Sequence[str],
              overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Scores the localizer of checkpoint ``weights`` (rebuilt from the config stored in it)
     on ``data.val`` with ``test``'s settings, both from ``cfg``, or when ``cfg`` is None from
-    the stored config with ``overrides`` (e.g. ``test.scales=[224,288]``)."""
-    model, stored, meta = localizer_from_checkpoint(weights, overrides)
+    the (first) stored config with ``overrides`` (e.g. ``test.scales=[224,288]``). Several
+    checkpoints are tested as one ensemble (``loc_inference.LocalizerEnsemble``)."""
+    model, stored, meta = load_localizers(weights, overrides)
     cfg = cfg or stored
     device, dist, output_dir, _ = setup_run(cfg, "eval")
     val_set = build_loc_dataset(cfg.data.val, cfg.data, key="data.val",
-                                class_names=meta["class_names"])
+                                class_names=meta["class_names"],
+                                cache_dir=index_cache_dir(cfg.data, cfg.train.output_dir))
     run = Run(cfg, output_dir, device, dist, False, meta)
     return evaluate_localizer(model.to(device), run.test_loader(val_set), val_set,
                               loc_test_settings(cfg), device, output_dir)
@@ -106,10 +109,13 @@ def train(cfg: LocalizationConfig, resume: bool = False) -> dict[str, Any]:
     device, dist, output_dir, logger = setup_run(cfg, "resume" if resume else "train")
     settings = loc_test_settings(cfg)
     # indexed once; the stages see it through their own transforms
-    train_images = build_loc_dataset(cfg.data.train, cfg.data, key="data.train")
+    cache_dir = index_cache_dir(cfg.data, cfg.train.output_dir)
+    train_images = build_loc_dataset(cfg.data.train, cfg.data, key="data.train",
+                                     cache_dir=cache_dir)
     names = list(train_images.class_names)
     train_set = train_images.with_transform(build_loc_train_transform(cfg.data))
-    val_set = build_loc_dataset(cfg.data.val, cfg.data, key="data.val", class_names=names)
+    val_set = build_loc_dataset(cfg.data.val, cfg.data, key="data.val", class_names=names,
+                                cache_dir=cache_dir)
     model = build_localizer(cfg, len(names)).to(device)
     logger.info(f"{len(train_set)} training and {len(val_set)} test images, {len(names)} "
                 f"classes; R-CNN {'on' if model.rcnn is not None else 'off'}")
