@@ -145,7 +145,8 @@ def test_ensemble_and_refinement_run_from_the_command_line(tmp_path, eval_config
     eval_det = load_tool("eval_det")
     weights = [str(tmp_path / "model_0.pth"), str(tmp_path / "model_1.pth")]
     single = eval_det.main([str(eval_config), "--weights", weights[0], "--format-only"])
-    both = eval_det.main([str(eval_config), "--weights", *weights, "--format-only",
+    # overrides may follow the weights, as in "CONFIG --weights W key=value"
+    both = eval_det.main([str(eval_config), "--format-only", "--weights", *weights,
                           "test.box_refinement=true", "test.scales=[48,64,96]",
                           "test.flip=true"])
     one = json.loads(Path(single["format_only"]).read_text())

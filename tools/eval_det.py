@@ -69,6 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
+def _is_override(item: str) -> bool:
+    return "=" in item and not Path(item).is_file()
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.config is not None:
@@ -77,10 +81,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "(file mode), not both")
         if not args.weights:
             raise SystemExit("model mode needs --weights W (a detection checkpoint)")
-        overrides = list(args.overrides) + (["test.format_only=true"] if args.format_only else [])
+        # "--weights W key=value": nargs="+" takes the overrides too; a key=value that is not
+        # a file is an override
+        weights = [w for w in args.weights if not _is_override(w)]
+        overrides = list(args.overrides) + [w for w in args.weights if _is_override(w)]
+        overrides += ["test.format_only=true"] if args.format_only else []
         cfg = load_config(args.config, overrides, schema=detection.DetectionConfig)
         metric = args.metric or cfg.test.metric
-        metrics = detection.evaluate(cfg, args.weights, metric=metric, engine=args.engine,
+        metrics = detection.evaluate(cfg, weights, metric=metric, engine=args.engine,
                                      summary_only=False)
         if cfg.test.format_only:
             print(f"format only: {metrics['num_detections']} detections on "

@@ -212,6 +212,7 @@ def detectron2_settings(layout: dict[str, int], *, stride_in_1x1: bool,
         "rpn.proposals_train": 2000, "rpn.proposals_test": 1000, "rpn.nms_threshold": 0.7,
         "rpn.iou_thresholds": [0.3, 0.7], "rpn.batch_size_per_image": 256,
         "rpn.positive_fraction": 0.5, "rpn.box_loss": "l1",      # SMOOTH_L1_BETA 0 is L1
+        "rpn.min_size": 0.0, "rpn.boundary_threshold": None,    # MIN_SIZE 0, BOUNDARY_THRESH -1
         "rpn.conv_channels": (layout["rpn_channels"]
                               if layout["rpn_channels"] != layout["trunk_channels"] else None),
         "roi_head.roi_op": "align", "roi_head.pooled_size": 14,   # ROIAlignV2
