@@ -6,11 +6,15 @@
 
 Images are resized exactly as in evaluation (shorter side ``min_size``, longer side capped at
 ``max_size``), batched and padded as in training, and the boxes divided by each image's scale.
+The model runs in its inference form (frozen BN folded, channels-last: ``test.fast_path``) and,
+on CPUs with native bf16, under bf16 autocast (``test.cpu_amp``; models/fast.py); the next
+batch is read and resized in a background thread while the model runs on the current one.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +24,7 @@ from torch import nn
 from detres.data.io import read_image
 from detres.data.transforms import eval_transform
 from detres.engine.distributed import resolve_device
+from detres.models.fast import autocast, inference_amp_dtype, prepare_for_inference
 from detres.structures import Detections, ImageBatch
 
 Image = str | os.PathLike | np.ndarray
@@ -35,12 +40,22 @@ class Predictor:
         device: where the model runs.
         category_ids: the dataset id of each label (COCO ``category_id``), for results files.
         batch_size: images per forward pass.
+        fast_path: run a copy of ``model`` with frozen BN folded and channels-last (exact);
+            ``model`` itself is left as it is.
+        cpu_amp: ``auto`` (bf16 autocast where the CPU computes bf16 natively), ``bf16`` or
+            ``none`` (fp32).
+        compile: ``torch.compile`` the trunk and conv5_x (falls back to eager where it fails).
     """
 
     def __init__(self, model: nn.Module, class_names: Sequence[str], min_size: int = 600,
                  max_size: int | None = 1000, device: torch.device | str = "cpu",
-                 category_ids: Sequence[int] | None = None, batch_size: int = 4) -> None:
+                 category_ids: Sequence[int] | None = None, batch_size: int = 4,
+                 fast_path: bool = True, cpu_amp: str = "auto", compile: bool = False) -> None:
         self.device = torch.device(device)
+        self.amp_dtype = inference_amp_dtype(self.device, cpu_amp)
+        if fast_path or compile:
+            model = prepare_for_inference(model, fuse=fast_path, channels_last=fast_path,
+                                          compile=compile)
         self.model = model.to(self.device).eval()
         self.class_names = list(class_names)
         self.category_ids = list(category_ids) if category_ids else list(
@@ -66,9 +81,10 @@ class Predictor:
         models = [model]
         if len(paths) > 1:
             models, meta = detectors_for_checkpoints(cfg.model, paths)
+        t = cfg.test
         return cls(build_test_detector(cfg, models), meta["class_names"], cfg.data.min_size_test,
                    cfg.data.max_size_test, resolve_device(device), meta.get("category_ids"),
-                   batch_size)
+                   batch_size, fast_path=t.fast_path, cpu_amp=t.cpu_amp, compile=t.compile)
 
     def __call__(self, images: Image | Sequence[Image]) -> Detections | list[Detections]:
         if isinstance(images, (str, os.PathLike, np.ndarray)):
@@ -80,21 +96,40 @@ class Predictor:
         """Detections per image, boxes xyxy in the pixels of the image as given (or as stored,
         EXIF orientation applied)."""
         out: list[Detections] = []
-        for start in range(0, len(images), self.batch_size):
-            chunk = [self._load(im) for im in images[start:start + self.batch_size]]
-            tensors, scales = [], []
-            for image in chunk:
-                resized = self.transform(image, np.zeros((0, 4), np.float32),
-                                         np.zeros((0,), np.int64))
-                tensors.append(torch.from_numpy(resized.image).permute(2, 0, 1))
-                scales.append(resized.scale)
-            batch = ImageBatch.from_tensors(tensors, scales=scales).to(self.device)
-            for d, scale, image in zip(self.model(batch).detections, scales, chunk):
-                h, w = image.shape[:2]
-                boxes = (d.boxes.float().cpu() / scale)
-                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-                out.append(Detections(boxes, d.scores.float().cpu(), d.labels.cpu()))
+        chunks = [images[k:k + self.batch_size] for k in range(0, len(images), self.batch_size)]
+        if len(chunks) <= 1:
+            return [d for chunk in chunks for d in self._detect(*self._batch(chunk))]
+        # decoding and resizing (PIL and numpy release the GIL) overlap the model's compute
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predictor-io") as pool:
+            pending = pool.submit(self._batch, chunks[0])
+            for k in range(len(chunks)):
+                loaded = pending.result()
+                if k + 1 < len(chunks):
+                    pending = pool.submit(self._batch, chunks[k + 1])
+                out.extend(self._detect(*loaded))
+        return out
+
+    def _batch(self, chunk: Sequence[Image]) -> tuple[ImageBatch, list[tuple[int, int]]]:
+        """Reads and resizes ``chunk``: (padded batch with scales, original (h, w) sizes)."""
+        tensors, scales, sizes = [], [], []
+        for image in map(self._load, chunk):
+            resized = self.transform(image, np.zeros((0, 4), np.float32),
+                                     np.zeros((0,), np.int64))
+            tensors.append(torch.from_numpy(resized.image).permute(2, 0, 1))
+            scales.append(resized.scale)
+            sizes.append(image.shape[:2])
+        return ImageBatch.from_tensors(tensors, scales=scales), sizes
+
+    def _detect(self, batch: ImageBatch, sizes: list[tuple[int, int]]) -> list[Detections]:
+        """The model on one batch; boxes back in each image's original pixels."""
+        with autocast(self.device, self.amp_dtype):
+            detections = self.model(batch.to(self.device)).detections
+        out = []
+        for d, scale, (h, w) in zip(detections, batch.scales, sizes):
+            boxes = (d.boxes.float().cpu() / scale)
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            out.append(Detections(boxes, d.scores.float().cpu(), d.labels.cpu()))
         return out
 
     @staticmethod

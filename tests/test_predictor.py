@@ -9,6 +9,7 @@ from helpers import ROOT
 from detres.config import load_config, to_dict
 from detres.data.transforms import resize
 from detres.engine.checkpoint import atomic_save
+from detres.models.fast import prepare_for_inference
 from detres.predictor import Predictor
 from detres.tasks.detection.build import build_detector
 from detres.tasks.detection.config import DetectionConfig
@@ -69,9 +70,12 @@ def _write_checkpoint(path, *overrides):
                                           ((80, 40), 1.6)])     # 96/40 = 2.4 capped: 128/80
 def test_from_checkpoint_answers_in_original_pixels(tmp_path, shape, scale):
     model = _write_checkpoint(tmp_path / "model_final.pth")
-    predictor = Predictor.from_checkpoint(tmp_path / "model_final.pth", device="cpu")
+    predictor = Predictor.from_checkpoint(tmp_path / "model_final.pth", device="cpu",
+                                          overrides=["test.cpu_amp=none"])   # fp32 oracle
     assert predictor.class_names == ["a", "b", "c"] and predictor.category_ids == [5, 6, 9]
-    for name, value in model.state_dict().items():
+    folded = prepare_for_inference(model).state_dict()    # the checkpoint's weights, BN folded
+    assert predictor.model.state_dict().keys() == folded.keys()
+    for name, value in folded.items():
         torch.testing.assert_close(predictor.model.state_dict()[name], value, rtol=0, atol=0)
     image = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
     got = predictor(image)

@@ -14,7 +14,9 @@ training set's category ids) plus "file_name" (the image's path as found from th
 the image id is the image's position in the input list (folders sorted). An unreadable image is
 skipped with a warning and named at the end; the run fails only if no image could be read.
 Without CONFIG the config stored in the checkpoint is used; key=value overrides apply either
-way, e.g. ``model.roi_head.score_threshold=0.5``.
+way, e.g. ``model.roi_head.score_threshold=0.5``. The detector runs in its fast inference form
+(frozen BN folded, channels-last; ``test.fast_path=false`` runs it as trained) and, on CPUs with
+native bf16 (AVX-512 BF16 or AMX), under bf16 autocast (``test.cpu_amp=none`` for fp32).
 
 A video file given as an input (.mp4, .avi, .mov, .mkv, .webm, ...; videos are not searched
 for in folders) gives DIR/<name>.mp4, its frames with the detections drawn, and
@@ -119,7 +121,9 @@ def make_predictor(args: argparse.Namespace) -> Predictor:
     cfg = load_config(args.config, args.overrides, schema=DetectionConfig)
     model, meta = detector_for_checkpoint(cfg.model, args.weights)
     return Predictor(model, meta["class_names"], cfg.data.min_size_test, cfg.data.max_size_test,
-                     device, meta.get("category_ids"), args.batch_size)
+                     device, meta.get("category_ids"), args.batch_size,
+                     fast_path=cfg.test.fast_path, cpu_amp=cfg.test.cpu_amp,
+                     compile=cfg.test.compile)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -29,6 +29,7 @@ from detres.evaluation.coco_eval import (detections_to_coco_results, evaluate_co
                                          merge_results)
 from detres.evaluation.inference import run_inference
 from detres.evaluation.voc_eval import coco_to_voc_inputs, evaluate_voc
+from detres.models.fast import autocast, inference_amp_dtype, prepare_for_inference
 from detres.structures import Detections, ImageBatch, Targets
 
 logger = logging.getLogger("detres")
@@ -36,16 +37,27 @@ logger = logging.getLogger("detres")
 
 def run_detector(model: nn.Module, loader: Iterable[tuple[ImageBatch, list[Targets]]],
                  device: torch.device, amp_dtype: torch.dtype | None = None,
-                 progress: bool = True) -> list[tuple[Targets, Detections]]:
+                 progress: bool = True, fast_path: bool = True, cpu_amp: str = "auto",
+                 compile: bool = False) -> list[tuple[Targets, Detections]]:
     """(targets, detections on the CPU) of every image this rank sees, in loader order; an
-    image that could not be read (``SkippedImageTargets``) has empty detections."""
+    image that could not be read (``SkippedImageTargets``) has empty detections.
+
+    The model runs in its inference form (:func:`detres.models.fast.prepare_for_inference`,
+    on a copy: ``model`` and its checkpoints keep their form) unless ``fast_path`` is False,
+    under autocast to ``amp_dtype`` on CUDA and as ``cpu_amp`` says on the CPU
+    (``test.fast_path``, ``test.cpu_amp``, ``test.compile``)."""
+    if fast_path or compile:
+        model = prepare_for_inference(model, fuse=fast_path, channels_last=fast_path,
+                                      compile=compile)
+    if amp_dtype is None:
+        amp_dtype = inference_amp_dtype(device, cpu_amp)
+
     def step(batch: tuple[ImageBatch, list[Targets]]) -> list[tuple[Targets, Detections]]:
         images, targets = batch
         skipped = [isinstance(t, SkippedImageTargets) for t in targets]
         detections = [Detections.empty()] * len(targets)
         if not all(skipped):
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
+            with autocast(device, amp_dtype):
                 detections = model(images.to(device, non_blocking=True)).detections
         return [(t, Detections.empty() if s else d.to("cpu"))
                 for t, s, d in zip(targets, skipped, detections)]
@@ -76,10 +88,12 @@ def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: 
                       metric: str = "coco", output_dir: str | Path | None = None,
                       amp_dtype: torch.dtype | None = None, summary_only: bool = True,
                       engine: str = "faster", format_only: bool = False,
-                      voc_split: tuple[str, str] = ("2012", "test")) -> dict[str, Any]:
+                      voc_split: tuple[str, str] = ("2012", "test"), fast_path: bool = True,
+                      cpu_amp: str = "auto", compile: bool = False) -> dict[str, Any]:
     """Scores ``model`` on ``dataset`` (whose test loader is ``loader``) on every rank.
 
     Args:
+        amp_dtype, fast_path, cpu_amp, compile: how the model runs (:func:`run_detector`).
         metric: ``coco`` for COCO-format datasets (``dataset.annotation_file`` is the ground
             truth, crowd regions included), ``voc07`` or ``voc12`` for any dataset with
             ``get_annotations`` (difficult boxes ignored).
@@ -98,7 +112,8 @@ def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: 
     for d in (dataset, getattr(loader, "dataset", None)):
         if hasattr(d, "substitute_bad_images"):
             d.substitute_bad_images = False   # a bad test image must not stand in for another
-    pairs = run_detector(model, loader, device, amp_dtype)
+    pairs = run_detector(model, loader, device, amp_dtype, fast_path=fast_path, cpu_amp=cpu_amp,
+                         compile=compile)
     _report_skipped(pairs, len(dataset))
     if format_only:
         return write_results_only(pairs, dataset, metric, output_dir, voc_split)

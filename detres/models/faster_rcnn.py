@@ -97,14 +97,15 @@ class FasterRCNN(nn.Module):
                               stats={**rpn_stats, **roi_stats})
 
     @torch.no_grad()
-    def fuse_frozen_bn(self) -> FasterRCNN:
-        """Folds every FrozenBatchNorm2d into the convolution before it, in place; for inference.
+    def fuse_frozen_bn(self, batchnorm: bool = False) -> FasterRCNN:
+        """Folds every FrozenBatchNorm2d (and with ``batchnorm`` every BatchNorm2d, as its
+        eval mode computes it) into the convolution before it, in place; for inference.
 
         y = (conv(x) - mean) * g / sqrt(var + eps) + b = conv'(x) with the scale folded into the
         weights and the shift into a bias, saving a pass over every activation. The state dict
         changes (BN buffers go, conv biases appear), so save checkpoints before fusing.
         """
-        fuse_frozen_bn(self)
+        fuse_frozen_bn(self, batchnorm)
         return self.use_channels_last(self.channels_last)  # the fused convolutions are new
 
 
@@ -135,26 +136,32 @@ def check_targets(targets: list[Targets], num_classes: int) -> None:
                              f"outside 0..{num_classes - 1} (num_classes={num_classes})")
 
 
-def fuse_conv_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d) -> nn.Conv2d:
-    """A convolution equal to ``bn(conv(x))`` for frozen statistics."""
-    scale = bn.weight * (bn.running_var + bn.eps).rsqrt()             # (C_out,)
+def fuse_conv_bn(conv: nn.Conv2d, bn: FrozenBatchNorm2d | nn.BatchNorm2d) -> nn.Conv2d:
+    """A convolution equal to ``bn(conv(x))`` for frozen statistics (a BatchNorm2d: its eval
+    mode, running statistics)."""
+    scale = (bn.running_var + bn.eps).rsqrt()                          # (C_out,)
+    if bn.weight is not None:                                          # BatchNorm2d(affine=False)
+        scale = scale * bn.weight
     fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                       conv.padding, conv.dilation, conv.groups, bias=True,
                       device=conv.weight.device, dtype=conv.weight.dtype)
     fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
     bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused.bias.copy_((bias - bn.running_mean) * scale + bn.bias)
+    fused.bias.copy_((bias - bn.running_mean) * scale + (0.0 if bn.bias is None else bn.bias))
     fused.weight.requires_grad_(conv.weight.requires_grad)
     fused.bias.requires_grad_(conv.weight.requires_grad)
     return fused
 
 
-def fuse_frozen_bn(module: nn.Module) -> int:
+def fuse_frozen_bn(module: nn.Module, batchnorm: bool = False) -> int:
     """Folds FrozenBatchNorm2d layers into the Conv2d they follow, in place; returns how many.
+    With ``batchnorm``, BatchNorm2d layers with running statistics too, as eval mode computes
+    them (the folded model is for inference only: training would update those statistics).
 
     Pairs are found by ResNet's naming (``convK`` + ``bnK`` in one block, ``conv1`` + ``bn1`` in
     the stem) and by position in nn.Sequential (``downsample``). The BN becomes nn.Identity.
     """
+    kinds = (FrozenBatchNorm2d, nn.BatchNorm2d) if batchnorm else (FrozenBatchNorm2d,)
     count = 0
     for parent in list(module.modules()):
         children = dict(parent.named_children())
@@ -165,7 +172,8 @@ def fuse_frozen_bn(module: nn.Module) -> int:
             pairs = [("conv" + name[2:], name) for name in children if name.startswith("bn")]
         for conv_name, bn_name in pairs:
             conv, bn = children.get(conv_name), children.get(bn_name)
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, FrozenBatchNorm2d):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, kinds) and \
+                    getattr(bn, "running_var", None) is not None:
                 setattr(parent, conv_name, fuse_conv_bn(conv, bn))
                 setattr(parent, bn_name, nn.Identity())
                 count += 1

@@ -143,6 +143,14 @@ class DetTestConfig:
     flip: bool = False                             # also score each RoI on the mirrored image
     # write the results files only (COCO test-dev, VOC 2012 test): no ground truth needed
     format_only: bool = False
+    # the form inference runs (models/fast.py): frozen BN folded into the convolutions and
+    # channels-last, exact (fp32 detections within 1e-4); checkpoints keep the unfolded form
+    fast_path: bool = True
+    # CPU autocast at test time: auto = bf16 where the CPU computes bf16 natively (AVX-512
+    # BF16 or AMX), fp32 elsewhere; bf16 or none force it (docs/speed.md: its accuracy cost)
+    cpu_amp: Literal["auto", "bf16", "none"] = "auto"
+    # torch.compile (inductor) of the trunk and conv5_x at test time (docs/speed.md)
+    compile: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
