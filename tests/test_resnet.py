@@ -287,14 +287,19 @@ def _no_network(*args, **kwargs):
     raise OSError("network disabled in tests")
 
 
-def test_torchvision_spec_reads_hub_cache(tmp_path, monkeypatch):
+def _cache_torchvision(tmp_path, monkeypatch, weights, model) -> None:
+    """``model``'s state dict where torchvision://NAME reads ``weights`` (nothing downloads)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
-    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
-    cached = tmp_path / "hub" / "checkpoints" / os.path.basename(urlparse(url).path)
+    cached = tmp_path / "hub" / "checkpoints" / os.path.basename(urlparse(weights.url).path)
     cached.parent.mkdir(parents=True)
+    torch.save(model.state_dict(), cached)
+
+
+def test_torchvision_spec_reads_hub_cache(tmp_path, monkeypatch):
     ref = torchvision.models.resnet18(weights=None)
-    torch.save(ref.state_dict(), cached)
+    _cache_torchvision(tmp_path, monkeypatch, torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+                       ref)
     ours = ResNet(18)
     load_weights(ours, "torchvision://resnet18")
     for k, v in ref.state_dict().items():
@@ -309,12 +314,8 @@ def test_torchvision_spec_reads_hub_cache(tmp_path, monkeypatch):
 def test_torchvision_weights_imply_their_stride_placement(tmp_path, monkeypatch):
     # torchvision puts the stride in the 3x3: an MSRA-layout model (stride in the 1x1) has the
     # same shapes, so only the implied record can refuse it
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
-    url = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url
-    cached = tmp_path / "hub" / "checkpoints" / os.path.basename(urlparse(url).path)
-    cached.parent.mkdir(parents=True)
-    torch.save(torchvision.models.resnet50(weights=None).state_dict(), cached)
+    _cache_torchvision(tmp_path, monkeypatch, torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+                       torchvision.models.resnet50(weights=None))
     with pytest.raises(BackboneArchError, match="stride_in_1x1: file False, model True"):
         load_weights(ResNet(50, stride_in_1x1=True), "torchvision://resnet50")
     load_weights(ResNet(50), "torchvision://resnet50")
