@@ -56,6 +56,45 @@ def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
     return any(f in flags for f in BF16_FLAGS)
 
 
+def cpu_clock_ghz(cpuinfo: str = "/proc/cpuinfo") -> float | None:
+    """The first core's clock from ``cpu MHz`` in /proc/cpuinfo (GHz), None where absent."""
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return float(line.partition(":")[2]) / 1000
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def fp32_fmas_per_cycle(flags: frozenset[str] | None = None, vendor: str = "") -> int:
+    """fp32 multiply-adds per cycle of one core from its vector width: two FMA pipes of
+    16 (AVX-512), 8 (AVX2 + FMA) or 4 lanes (SSE); AMD Zen 4 runs AVX-512 on two 256-bit
+    pipes (16)."""
+    flags = cpu_flags() if flags is None else flags
+    if "avx512f" in flags:
+        return 16 if "AMD" in vendor else 32
+    return 16 if "fma" in flags and "avx2" in flags else 8
+
+
+def cpu_fp32_peak(threads: int, ghz: float | None = None,
+                  fmas_per_cycle: int | None = None) -> tuple[float, str]:
+    """(fp32 multiply-add peak of ``threads`` cores in GMAC/s, how it was computed): cores x
+    clock x FMAs per cycle (:func:`fp32_fmas_per_cycle`); nan where the clock is unknown."""
+    vendor = next((line.partition(":")[2].strip() for line in _cpuinfo_lines()
+                   if line.startswith("vendor_id")), "")
+    ghz = ghz or cpu_clock_ghz() or float("nan")
+    fmas = fmas_per_cycle or fp32_fmas_per_cycle(vendor="AMD" if "AMD" in vendor else vendor)
+    return threads * ghz * fmas, f"{threads} cores x {ghz:.2f} GHz x {fmas} fp32 FMA/cycle"
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
 def inference_amp_dtype(device: torch.device | str, cpu_amp: str = "auto",
                         cuda_amp: torch.dtype | None = None) -> torch.dtype | None:
     """The autocast dtype of inference on ``device``, None for fp32.
