@@ -110,7 +110,8 @@ def make_step(model: nn.Module, train: bool, images: torch.Tensor, targets: list
             with torch.inference_mode(), autocast(images.device, amp):
                 model(batch) if ours else model(tv_images)
             return
-        out = model(batch, targets) if ours else model(tv_images, tv_targets)
+        with autocast(images.device, amp):   # bf16: no loss scaling needed
+            out = model(batch, targets) if ours else model(tv_images, tv_targets)
         losses = out.losses if ours else out
         optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
@@ -187,24 +188,26 @@ def run_case(models: dict[str, nn.Module], proposals: dict[bool, list[torch.Tens
     for name, model in models.items():
         if train and name in INFERENCE_ONLY:
             continue
-        amp = torch.bfloat16 if name == "ours+bf16" else None
+        amp = torch.bfloat16 if name == "ours+bf16" or args.amp == "bf16" else None
         steps[name] = make_step(model.train(train), train, images, targets, amp)
     times: dict[str, list[float]] = {name: [] for name in steps}
+    peaks = dict.fromkeys(steps, 0.0)
     for i in range(args.warmup + args.iters):
         for name, step in steps.items():  # interleaved: drift hits every model alike
             t = timed(step, device)
             if i >= args.warmup:
                 times[name].append(t)
+            if device.type == "cuda":   # timed() resets the peak before each step
+                peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() / 2**20)
     medians = {name: statistics.median(t) for name, t in times.items()}
     macs = multiply_adds(args, train, batch)
     rois = args.proposals_test if not train else f"{args.roi_batch} sampled of {args.proposals_train}"
-    print(f"\n{mode} batch {batch} ({h}x{w}, {rois} RoIs/image, {macs / batch / 1e9:.0f} GMAC "
+    print(f"\n{mode} batch {batch} ({h}x{w}, {rois} RoIs/image, {macs / batch / 1e9:.3g} GMAC "
           f"per image{' per step' if train else ''})")
     for name, med in medians.items():
-        peak = (f"   peak {torch.cuda.max_memory_allocated() / 2**20:8.0f} MiB"
-                if device.type == "cuda" else "")
+        peak = f"   peak {peaks[name]:8.0f} MiB" if device.type == "cuda" else ""
         print(f"  {name:16s} {1000 * med:9.1f} ms   ratio {med / medians['torchvision']:5.3f}"
-              f"   {macs / med / 1e9:7.1f} GMAC/s{peak}")
+              f"   {batch / med:7.2f} images/s   {macs / med / 1e9:7.1f} GMAC/s{peak}")
     if args.profile:
         for name, step in steps.items():
             profile(f"{name} {mode} batch {batch}", step, device)
@@ -248,6 +251,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ghz", type=float, default=None, help="clock for the peak (default: cpuinfo)")
     p.add_argument("--fma-per-cycle", type=int, default=None,
                    help="fp32 FMAs per cycle per core for the peak (default: from the flags)")
+    p.add_argument("--amp", default="none", choices=("none", "bf16"),
+                   help="autocast every variant, training included (the GPU benchmark)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler top operators")
     args = p.parse_args(argv)
     h, w = (int(v) for v in args.size.lower().split("x"))
@@ -310,13 +315,14 @@ def main(argv: list[str] | None = None) -> None:
         max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"\nprocess max RSS {max_rss:.0f} MiB (CPU peak memory is process-wide)")
     print()
-    for name, precision in (("ours", "fp32"), ("ours+bf16", "bf16 autocast")):
+    for name, precision in (("ours", "fp32" if args.amp == "none" else "bf16 autocast"),
+                            ("ours+bf16", "bf16 autocast")):
         if name in ratios:
             by_mode = {m: statistics.median(r) for m, r in ratios[name].items()}
             fmt = {m: f"{by_mode[m]:.3f}" if m in by_mode else "n/a" for m in ("infer", "train")}
-            if name == "ours+bf16":
+            if name == "ours+bf16" and args.amp == "none":
                 fmt["train"] = "n/a (CPU training runs fp32)"
-            print(f"{name} ({precision}) vs torchvision fp32: inference ratio {fmt['infer']}, "
+            print(f"{name} ({precision}) vs torchvision {args.amp.replace('none', 'fp32')}: inference ratio {fmt['infer']}, "
                   f"training ratio {fmt['train']}")
 
 
