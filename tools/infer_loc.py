@@ -25,7 +25,7 @@ from tqdm import tqdm
 from detres.cli import run_main
 from detres.data.io import DatasetError, read_image
 from detres.engine.logging import write_json
-from detres.tasks.localization.predictor import LocPredictor, find_images
+from detres.tasks.localization.predictor import IMAGE_SUFFIXES, LocPredictor, find_images
 from detres.visualize import save_detections
 
 logger = logging.getLogger("detres")
@@ -43,11 +43,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_intermixed_args(argv)
-    # --weights takes the words after it: image paths and key=value items are not weights
-    words = args.weights + args.inputs
-    args.overrides = [w for w in words if "=" in w and not Path(w).exists()]
-    args.weights = [w for w in args.weights if w.endswith(".pth")] or args.weights[:1]
-    args.images = [w for w in words if w not in args.overrides and w not in args.weights]
+    # --weights takes the words after it: folders, image files and key=value items are not
+    # weights
+    overrides = [w for w in args.weights + args.inputs if "=" in w and not Path(w).exists()]
+    images = [w for w in args.weights if w not in overrides
+              and (Path(w).is_dir() or Path(w).suffix.lower() in IMAGE_SUFFIXES)]
+    args.weights = [w for w in args.weights if w not in overrides and w not in images]
+    args.images = images + [w for w in args.inputs if w not in overrides]
+    args.overrides = overrides
+    if not args.weights:
+        parser.error("--weights needs at least one checkpoint")
     if not args.images:
         parser.error("no images given")
     return args
