@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from detres.cli import run_main
 from detres.config import load_config
+from detres.data.image_files import drawing_paths, list_images
 from detres.data.io import DatasetError, read_image
 from detres.engine.distributed import resolve_device
 from detres.engine.logging import write_json
@@ -44,7 +45,6 @@ from detres.tasks.detection.config import DetectionConfig
 from detres.video import VIDEO_SUFFIXES, annotate_video
 from detres.visualize import save_detections
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 logger = logging.getLogger("detres")
 
 
@@ -75,42 +75,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.images and not args.videos and args.webcam is None:
         parser.error("no images, videos or --webcam given")
     return args
-
-
-def list_images(paths: list[str], out: Path) -> list[tuple[Path, str]]:
-    """(file, name) of every image: a folder's images (recursively, sorted, none under ``out``)
-    named by their path relative to it, an image file by its file name."""
-    files: list[tuple[Path, str]] = []
-    out_root = out.resolve()
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
-                           and f.is_file() and not f.resolve().is_relative_to(out_root))
-            if not found:
-                raise DatasetError(f"{p}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found")
-            files.extend((f, f.relative_to(p).as_posix()) for f in found)
-        elif p.is_file():
-            files.append((p, p.name))
-        else:
-            raise DatasetError(f"{p}: no such image file or folder")
-    return files
-
-
-def drawing_paths(images: list[tuple[Path, str]], out: Path) -> list[Path]:
-    """``out/<name>.png`` for each image; an error if two images share a name or a drawing
-    would land outside ``out`` (through a symbolic link in it)."""
-    root, first_of, drawings = out.resolve(), {}, []
-    for path, name in images:
-        drawing = out / f"{name}.png"
-        if name in first_of:
-            raise DatasetError(f"{first_of[name]} and {path} would both be drawn as {drawing}; "
-                               "give their common folder instead, or run them separately")
-        if not drawing.resolve().is_relative_to(root):
-            raise DatasetError(f"{path}: its drawing {drawing} would be written outside --out "
-                               f"{out} (to {drawing.resolve()})")
-        first_of[name] = path
-        drawings.append(drawing)
-    return drawings
 
 
 def make_predictor(args: argparse.Namespace) -> Predictor:

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from detres.cli import run_main
 from detres.data.io import DatasetError, read_image
 from detres.engine.logging import write_json
-from detres.tasks.localization.predictor import IMAGE_SUFFIXES, LocPredictor, find_images
+from detres.data.image_files import IMAGE_SUFFIXES, drawing_paths, list_images
+from detres.tasks.localization.predictor import LocPredictor
 from detres.visualize import save_detections
 
 logger = logging.getLogger("detres")
@@ -61,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     out = Path(args.out)
-    images = find_images(args.images, out)
+    images = list_images(args.images, out)
+    drawings = dict(zip((name for _, name in images), drawing_paths(images, out)))
     predictor = LocPredictor.from_checkpoint(args.weights, args.device, args.overrides,
                                              args.batch_size)
     results: list[dict] = []
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for (path, name, image), p in zip(chunk, predictions):
             results.append({"file": str(path), "method": p.method,
                             "guesses": predictor.to_json(p)})
-            save_detections(out / f"{name}.png", image, p.boxes.numpy(),
+            save_detections(drawings[name], image, p.boxes.numpy(),
                             p.class_scores.numpy(), p.labels.numpy(), predictor.class_names)
     if len(failed) == len(images):
         raise DatasetError(f"none of the {len(images)} images could be read (first: {failed[0]})")

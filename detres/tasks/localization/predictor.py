@@ -13,12 +13,10 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from detres.data.io import DatasetError
 from detres.engine.distributed import resolve_device
 from detres.evaluation.localization_runner import localize_batch
 from detres.models.loc_inference import LocalizerEnsemble, LocTestSettings
@@ -26,7 +24,6 @@ from detres.models.localizer import Localizer
 from detres.predictor import Image, Predictor
 from detres.tasks.localization.build import load_localizers, loc_test_settings
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
 @dataclass
@@ -110,29 +107,3 @@ class LocPredictor:
                  "box_score": round(float(bs), 5)}
                 for k, (c, s, b, bs) in enumerate(zip(prediction.labels, prediction.class_scores,
                                                       prediction.boxes, prediction.box_scores))]
-
-
-def find_images(paths: Sequence[str | os.PathLike], out: Path) -> list[tuple[Path, str]]:
-    """(file, name) of every image: a folder's images (recursively, sorted, none under ``out``)
-    named by their path relative to it, a file by its name; an error names what is missing or
-    two images that would share a drawing."""
-    files: list[tuple[Path, str]] = []
-    out_root = out.resolve()
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
-                           and f.is_file() and not f.resolve().is_relative_to(out_root))
-            if not found:
-                raise DatasetError(f"{p}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
-            files.extend((f, f.relative_to(p).as_posix()) for f in found)
-        elif p.is_file():
-            files.append((p, p.name))
-        else:
-            raise DatasetError(f"{p}: no such image file or folder")
-    seen: dict[str, Path] = {}
-    for path, name in files:
-        if name in seen:
-            raise DatasetError(f"{seen[name]} and {path} would both be drawn as {name}.png; "
-                               f"give their common folder instead")
-        seen[name] = path
-    return files
