@@ -18,7 +18,6 @@ Runs are interleaved; each pipeline's time over the folder is the median of ``--
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from detector_speed import torchvision_twin   # this folder's benchmark, tests/helpers.py's twin
 
 from detres.config import replace as replace_config
 from detres.models.fast import cpu_has_native_bf16
@@ -36,15 +37,6 @@ from detres.tasks.detection.config import DetModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-
-
-def _torchvision_twin():
-    """tests/helpers.py's torchvision twin (the detector tests' oracle)."""
-    spec = importlib.util.spec_from_file_location("detres_test_helpers",
-                                                  ROOT / "tests" / "helpers.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.torchvision_twin
 
 
 class TorchvisionDetector(nn.Module):
@@ -80,11 +72,14 @@ def main(argv: list[str] | None = None) -> None:
     if not files:
         raise SystemExit(f"{args.images}: no images")
     torch.manual_seed(0)
+    # zero-initialised residual branches keep a random ResNet-101's features near 1 (else they
+    # reach 1e5, every RPN box decodes to nothing and no region reaches conv5_x)
     cfg = replace_config(DetModelConfig(), [
-        f"backbone.depth={args.depth}", "anchors.sizes=[128,256,512]", "roi_head.roi_op=align",
-        "roi_head.aligned=false", "roi_head.sampling_ratio=2"])
+        f"backbone.depth={args.depth}", "backbone.zero_init_residual=true",
+        "anchors.sizes=[128,256,512]", "roi_head.roi_op=align", "roi_head.aligned=false",
+        "roi_head.sampling_ratio=2"])
     ours = build_detector(cfg, 80).eval()
-    tv = TorchvisionDetector(_torchvision_twin()(ours, (args.min_size, args.max_size)).eval())
+    tv = TorchvisionDetector(torchvision_twin(ours, (args.min_size, args.max_size)).eval())
     names = [str(k) for k in range(80)]
     common = dict(min_size=args.min_size, max_size=args.max_size, batch_size=args.batch_size)
     pipelines = {"torchvision": Predictor(tv, names, fast_path=False, cpu_amp="none", **common),
@@ -103,6 +98,10 @@ def main(argv: list[str] | None = None) -> None:
             detections = predictor(files)
             times[name].append(time.perf_counter() - start)
             assert len(detections) == len(files)
+    with torch.no_grad():
+        image = ImageBatch.from_tensors([torch.rand(3, 600, 800) * 255])
+        proposals = ours.rpn.propose(ours.trunk(ours.normalize(image)), image.sizes)[0]
+    print(f"RPN proposals on a 600x800 noise image: {len(proposals[0])} (conv5_x runs on each)")
     base = statistics.median(times["torchvision"])
     for name, t in times.items():
         med = statistics.median(t)

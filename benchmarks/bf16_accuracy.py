@@ -1,0 +1,63 @@
+"""What CPU bf16 autocast costs in accuracy and gains in time: a trained checkpoint evaluated
+on its val split in fp32 and under bf16 autocast (``test.cpu_amp``), both in the inference
+form evaluation runs (models/fast.py), with the verdict on the 0.3 AP budget.
+
+    python benchmarks/bf16_accuracy.py --weights output/frcnn_r18_shapes/model_final.pth
+    python benchmarks/bf16_accuracy.py --weights W.pth data.val.type=coco \\
+        data.val.annotations=../shared/data/coco128/annotations.json \\
+        data.val.images=../shared/data/coco128/images
+
+Without native bf16 (AVX-512 BF16 or AMX) oneDNN emulates it: the accuracy figure still
+holds, the time does not, and ``test.cpu_amp=auto`` keeps such CPUs in fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+from detres.data.loader import build_detection_loader
+from detres.evaluation.detection import evaluate_detector
+from detres.models.fast import cpu_has_native_bf16
+from detres.tasks.detection.build import (build_det_dataset, build_test_detector,
+                                          detector_from_checkpoint)
+
+AP_BUDGET = 0.3
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--weights", required=True, help="a checkpoint of tools/train_det.py")
+    p.add_argument("overrides", nargs="*", help="key=value over the checkpoint's config")
+    p.add_argument("--batch", type=int, default=4)
+    args = p.parse_args(argv)
+    model, cfg, _ = detector_from_checkpoint(args.weights, args.overrides)
+    dataset = build_det_dataset(cfg.data.val, cfg.data, train=False, key="data.val")
+    loader = build_detection_loader(dataset, args.batch, training=False, num_workers=0)
+    device = torch.device("cpu")
+    detector = build_test_detector(cfg, [model])
+    print(f"{args.weights}: {len(dataset)} images of {getattr(dataset, 'source', cfg.data.val.type)}, "
+          f"{torch.get_num_threads()} threads, native bf16: {cpu_has_native_bf16()}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    results = {}
+    for setting in ("none", "bf16"):
+        start = time.perf_counter()
+        metrics = evaluate_detector(detector, loader, dataset, device, cpu_amp=setting)
+        results[setting] = (metrics, time.perf_counter() - start)
+        print(f"  {'fp32' if setting == 'none' else 'bf16':5s} AP {metrics['AP']:6.2f}  "
+              f"AP50 {metrics['AP50']:6.2f}  AP75 {metrics['AP75']:6.2f}  "
+              f"{results[setting][1]:6.1f} s (evaluation included)")
+    cost = results["none"][0]["AP"] - results["bf16"][0]["AP"]
+    speedup = results["none"][1] / results["bf16"][1]
+    verdict = ("within the budget: test.cpu_amp=auto may turn it on" if cost <= AP_BUDGET
+               else "over the budget: refused")
+    print(f"bf16 costs {cost:.2f} AP (budget {AP_BUDGET}) and runs x{speedup:.2f} as fast; "
+          f"{verdict}; load average {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
