@@ -15,6 +15,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from detres.config import ConfigError, dump, to_dict
+from detres.config import replace as replace_config
 from detres.data.classification import DatasetNotFoundError
 from detres.data.coco_splits import MergedCOCODetection
 from detres.data.io import DatasetError
@@ -97,9 +98,9 @@ def test_coco_split_errors_name_the_key(coco_root):
         _build(["train2014", "train2017"])
 
 
-def _write_checkpoint(path: Path, seed: int) -> None:
-    model = narrow_detector(seed=seed)
-    cfg = DetectionConfig(model=NARROW_DETECTOR)
+def _write_checkpoint(path: Path, seed: int, *overrides: str) -> None:
+    model = narrow_detector(*overrides, seed=seed)
+    cfg = DetectionConfig(model=replace_config(NARROW_DETECTOR, list(overrides)))
     torch.save({"task": "detection", "model": model.state_dict(), "config": to_dict(cfg),
                 "class_names": ["person", "car", "dog"], "category_ids": [1, 3, 18]}, path)
 
@@ -152,6 +153,11 @@ def test_ensemble_and_refinement_run_from_the_command_line(tmp_path, eval_config
     one = json.loads(Path(single["format_only"]).read_text())
     two = json.loads(Path(both["format_only"]).read_text())
     assert two and one != two
+    # members built by their own stored configs: a context network beside a plain one
+    _write_checkpoint(tmp_path / "context.pth", 2, "roi_head.global_context=true")
+    mixed = eval_det.main([str(eval_config), "--format-only", "--weights", weights[0],
+                           str(tmp_path / "context.pth")])
+    assert json.loads(Path(mixed["format_only"]).read_text())
     assert Path(single["format_only"]).parent != Path(both["format_only"]).parent  # own runs
 
 

@@ -135,11 +135,22 @@ def check_structure(cfg: DetModelConfig, ckpt: dict[str, Any], path: str | Path)
                 f"config)")
 
 
+def member_config(path: str | Path, default: DetModelConfig) -> DetModelConfig:
+    """The model config an ensemble member was trained with (its checkpoint's stored config),
+    or ``default`` for a checkpoint without one: members may differ in depth, context, ..."""
+    stored = load_checkpoint(path).get("config")
+    if not stored:
+        return default
+    return from_dict(stored, DetectionConfig, source=f"{path} (stored config)").model
+
+
 def detectors_for_checkpoints(cfg: DetModelConfig, paths: Sequence[str | Path]
                               ) -> tuple[list[FasterRCNN], dict[str, Any]]:
-    """One detector per checkpoint (an ensemble when several), all over one class list;
-    returns the models and the first checkpoint's metadata."""
-    models, metas = zip(*(detector_for_checkpoint(cfg, p) for p in paths))
+    """One detector per checkpoint (an ensemble when several), all over one class list: the
+    first built by ``cfg``, the others by their own stored configs; returns the models and the
+    first checkpoint's metadata."""
+    models, metas = zip(*(detector_for_checkpoint(cfg if i == 0 else member_config(p, cfg), p)
+                          for i, p in enumerate(paths)))
     for path, meta in zip(paths[1:], metas[1:]):
         if meta["class_names"] != metas[0]["class_names"]:
             raise CheckpointError(f"{path} predicts other classes than {paths[0]}; an ensemble "

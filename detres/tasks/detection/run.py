@@ -16,7 +16,7 @@ from detres.evaluation.detection import evaluate_detector
 from detres.tasks.common import build_lr_schedule, build_optimizer
 from detres.tasks.detection.build import (TASK, build_det_dataset, build_det_test_loader,
                                           build_det_train_loader, build_detector,
-                                          build_test_detector,
+                                          build_test_detector, member_config,
                                           describe_detector, load_detector_weights,
                                           scale_schedule)
 from detres.tasks.detection.config import DetectionConfig
@@ -56,13 +56,14 @@ def evaluate(cfg: DetectionConfig, weights: str | Sequence[str], metric: str | N
     paths = [weights] if isinstance(weights, (str, os.PathLike)) else list(weights)
     device, dist, output_dir, _ = setup_run(cfg, "eval")
     val_set, eval_fn = _evaluator(cfg, device, dist, output_dir, metric, engine)
-    # the checkpoints hold every weight: no backbone file to read first
-    plain = dataclasses.replace(cfg.model, weights=None, backbone=dataclasses.replace(
-        cfg.model.backbone, weights=None))
     models = []
-    for path in paths:
+    for i, path in enumerate(paths):  # ensemble members after the first: their own configs
+        model_cfg = cfg.model if i == 0 else member_config(path, cfg.model)
+        # the checkpoints hold every weight: no backbone file to read first
+        plain = dataclasses.replace(model_cfg, weights=None, backbone=dataclasses.replace(
+            model_cfg.backbone, weights=None))
         model = build_detector(plain, val_set.num_classes).to(device)
-        load_detector_weights(model, path, cfg=cfg.model)
+        load_detector_weights(model, path, cfg=model_cfg)
         models.append(model)
     return eval_fn(models, summary_only=summary_only)
 
