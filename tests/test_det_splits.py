@@ -308,3 +308,20 @@ def test_test_time_switches_under_two_gloo_processes_equal_one_process(tmp_path,
         assert a["image_id"] == b["image_id"] and a["category_id"] == b["category_id"]
         np.testing.assert_allclose(a["bbox"] + [a["score"]], b["bbox"] + [b["score"]],
                                    rtol=1e-4, atol=1e-3)
+
+
+def test_inference_form_switches_reach_the_evaluation(tmp_path, eval_config):
+    eval_det = load_tool("eval_det")
+    weights = str(tmp_path / "model_0.pth")
+
+    def results(*overrides):
+        out = eval_det.main([str(eval_config), "--format-only", "--weights", weights, *overrides])
+        return sorted(json.loads(Path(out["format_only"]).read_text()),
+                      key=lambda r: (r["image_id"], -r["score"]))
+    exact = results("test.cpu_amp=none", "test.fast_path=false")
+    fast = results("test.cpu_amp=none", "test.fast_path=true")
+    bf16 = results("test.cpu_amp=bf16")
+    assert len(exact) == len(fast) > 0
+    np.testing.assert_allclose([r["score"] for r in fast], [r["score"] for r in exact],
+                               atol=1e-4)
+    assert [r["score"] for r in bf16] != [r["score"] for r in exact]

@@ -43,7 +43,8 @@ def _evaluator(cfg: DetectionConfig, device, dist, output_dir, metric: str | Non
             build_test_detector(cfg, models), loader=val_loader, dataset=val_set,
             device=device, metric=metric or cfg.test.metric, engine=engine,
             output_dir=output_dir, amp_dtype=amp, summary_only=summary_only,
-            format_only=cfg.test.format_only, voc_split=voc_split)
+            format_only=cfg.test.format_only, voc_split=voc_split,
+            fast_path=cfg.test.fast_path, cpu_amp=cfg.test.cpu_amp, compile=cfg.test.compile)
     return val_set, evaluate_models
 
 
