@@ -8,9 +8,9 @@ once per region; Appendix A) with random weights; the RPN runs in full but hands
 random boxes, so conv5_x runs on exactly the stated RoIs (inference: that many proposals per
 image; training: that many sampled RoIs per image out of max(2000, RoIs) proposals).
 Inference runs the form evaluation and the Predictor run (models/fast.py), in fp32; its time
-is split into trunk (normalize, conv1..conv4_x), RPN (head, decoding, NMS), RoI pooling,
-conv5_x per region (with its average pool) and post-processing (box layers, softmax, decoding,
-per-class NMS). Peak memory is the growth of the process's resident set over the pass
+is split into trunk (normalize, conv1..conv4_x), RPN (head, decoding, NMS), RoI pooling (with
+the pooled maps' change to the trunk's layout), conv5_x per region (with its average pool) and
+post-processing (box layers, softmax, decoding, per-class NMS). Peak memory is the growth of the process's resident set over the pass
 (/proc/self/status VmHWM after resetting it, Linux), or CUDA's peak allocation.
 
     python benchmarks/cost_growth.py --json docs/cost_growth.json --plot docs/cost_growth.png
