@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     loader = build_detection_loader(dataset, args.batch, training=False, num_workers=0)
     device = torch.device("cpu")
     detector = build_test_detector(cfg, [model])
-    print(f"{args.weights}: {len(dataset)} images of {getattr(dataset, 'source', cfg.data.val.type)}, "
+    source = getattr(dataset, "source", cfg.data.val.type)
+    print(f"{args.weights}: {len(dataset)} images of {source}, "
           f"{torch.get_num_threads()} threads, native bf16: {cpu_has_native_bf16()}, "
           f"load average {os.getloadavg()[0]:.1f}")
     results = {}

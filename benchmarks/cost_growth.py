@@ -10,8 +10,9 @@ image; training: that many sampled RoIs per image out of max(2000, RoIs) proposa
 Inference runs the form evaluation and the Predictor run (models/fast.py), in fp32; its time
 is split into trunk (normalize, conv1..conv4_x), RPN (head, decoding, NMS), RoI pooling (with
 the pooled maps' change to the trunk's layout), conv5_x per region (with its average pool) and
-post-processing (box layers, softmax, decoding, per-class NMS). Peak memory is the growth of the process's resident set over the pass
-(/proc/self/status VmHWM after resetting it, Linux), or CUDA's peak allocation.
+post-processing (box layers, softmax, decoding, per-class NMS). Peak memory is the growth of
+the process's resident set over the pass (/proc/self/status VmHWM after resetting it, Linux),
+or CUDA's peak allocation.
 
     python benchmarks/cost_growth.py --json docs/cost_growth.json --plot docs/cost_growth.png
     python benchmarks/cost_growth.py --quick        # RoIs and batch sweeps, inference only

@@ -201,7 +201,8 @@ def run_case(models: dict[str, nn.Module], proposals: dict[bool, list[torch.Tens
                 peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() / 2**20)
     medians = {name: statistics.median(t) for name, t in times.items()}
     macs = multiply_adds(args, train, batch)
-    rois = args.proposals_test if not train else f"{args.roi_batch} sampled of {args.proposals_train}"
+    rois = (f"{args.roi_batch} sampled of {args.proposals_train}" if train
+            else args.proposals_test)
     print(f"\n{mode} batch {batch} ({h}x{w}, {rois} RoIs/image, {macs / batch / 1e9:.3g} GMAC "
           f"per image{' per step' if train else ''})")
     for name, med in medians.items():
@@ -322,8 +323,9 @@ def main(argv: list[str] | None = None) -> None:
             fmt = {m: f"{by_mode[m]:.3f}" if m in by_mode else "n/a" for m in ("infer", "train")}
             if name == "ours+bf16" and args.amp == "none":
                 fmt["train"] = "n/a (CPU training runs fp32)"
-            print(f"{name} ({precision}) vs torchvision {args.amp.replace('none', 'fp32')}: inference ratio {fmt['infer']}, "
-                  f"training ratio {fmt['train']}")
+            base = args.amp.replace("none", "fp32")
+            print(f"{name} ({precision}) vs torchvision {base}: inference ratio "
+                  f"{fmt['infer']}, training ratio {fmt['train']}")
 
 
 if __name__ == "__main__":
