@@ -1,6 +1,6 @@
 """The speed benchmarks as a user runs them: benchmarks/gpu_bench.sh dry-runs on the CPU and
 prints every model's line and the summary; detector_speed.py's default run is the short one
-(the full sweep behind --full) and counts the multiply-adds the issue of scale is about. On a
+(the full sweep behind --full) and counts the C4 head's multiply-adds. On a
 CUDA machine, the detector's hot path makes no host synchronisation beyond proposal and
 detection selection (NMS and the filtering around it)."""
 import importlib.util
