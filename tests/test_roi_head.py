@@ -162,3 +162,13 @@ def test_detections_are_clipped_capped_and_in_range():
     assert len(d) == 7 and (d.scores[:-1] >= d.scores[1:]).all()
     assert (d.boxes[:, 2] <= 100).all() and (d.boxes[:, 3] <= 90).all() and (d.boxes >= 0).all()
     assert ((d.labels >= 0) & (d.labels < K)).all()
+
+
+@pytest.mark.parametrize("roi_op", ["pool", "align"])
+def test_no_rois_give_no_detections(roi_op):
+    # an RPN that keeps no proposal (e.g. random weights) must not crash the head
+    head = C4RoIHead(nn.Sequential(), num_classes=3, out_channels=8, roi_op=roi_op,
+                     pooled_size=4).eval()
+    features = torch.randn(2, 8, 10, 10)
+    _, detections, _ = head(features, [torch.zeros(0, 4), torch.zeros(0, 4)], [(160, 160)] * 2)
+    assert [len(d) for d in detections] == [0, 0]

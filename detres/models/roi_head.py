@@ -40,7 +40,7 @@ def pool_rois(features: Tensor, rois: Tensor, roi_op: RoIOp, output_size: int,
     if roi_op == "pool":  # no autocast rule for roi_pool: run in float32 like roi_align's
         pooled = roi_pool(features.float(), rois.float(), output_size, spatial_scale)
         return pooled.to(features.dtype)
-    if features.device.type == "cpu":
+    if features.device.type == "cpu" and len(rois):  # (the gather cannot shape 0 RoIs)
         return roi_align_gather(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
     return roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
 
