@@ -200,3 +200,9 @@ def bad_gradient(x: torch.Tensor, value: float) -> torch.Tensor:
     """0, to add to a loss: the loss stays finite but the gradient reaching ``x`` is ``value``
     (inf: an fp16 overflow in the backward pass; nan: e.g. a 0 * inf inside a backward)."""
     return _FilledGradient.apply(x, value)
+
+
+def write_jpeg(path: Path, size: tuple[int, int], color: tuple[int, int, int]) -> None:
+    """A plain JPEG of ``size`` (w, h) at ``path``, its folders made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path, format="JPEG")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import write_jpeg
 
 from detres.data import localization
 from detres.data.io import DatasetError
@@ -37,8 +37,7 @@ def ilsvrc_xml(path: Path, folder: str, size: tuple[int, int], objects: list[tup
 
 
 def jpeg(path: Path, size: tuple[int, int] = (50, 40)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (10, 200, 30)).save(path, format="JPEG")
+    write_jpeg(path, size, (10, 200, 30))
 
 
 @pytest.fixture

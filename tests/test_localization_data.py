@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from helpers import write_jpeg
 
 from detres.data.builtin_loc import (LOC_CLASSES, builtin_loc_split, ensure_builtin_loc,
                                      ilsvrc_xml)
@@ -40,8 +40,7 @@ def _xml(path: Path, objects: list[tuple], size: tuple[int, int] | None = (60, 4
 
 
 def _img(path: Path, size: tuple[int, int] = (60, 40)) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (90, 120, 30)).save(path, format="JPEG")
+    write_jpeg(path, size, (90, 120, 30))
 
 
 @pytest.fixture
