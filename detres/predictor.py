@@ -112,7 +112,7 @@ class Predictor:
     def _batch(self, chunk: Sequence[Image]) -> tuple[ImageBatch, list[tuple[int, int]]]:
         """Reads and resizes ``chunk``: (padded batch with scales, original (h, w) sizes)."""
         tensors, scales, sizes = [], [], []
-        for image in map(self._load, chunk):
+        for image in map(load_image, chunk):
             resized = self.transform(image, np.zeros((0, 4), np.float32),
                                      np.zeros((0,), np.int64))
             tensors.append(torch.from_numpy(resized.image).permute(2, 0, 1))
@@ -132,15 +132,6 @@ class Predictor:
             out.append(Detections(boxes, d.scores.float().cpu(), d.labels.cpu()))
         return out
 
-    @staticmethod
-    def _load(image: Image) -> np.ndarray:
-        if isinstance(image, np.ndarray):
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise ValueError(f"Predictor needs (H, W, 3) uint8 RGB arrays, got "
-                                 f"{image.shape} {image.dtype}")
-            return image
-        return read_image(Path(image))
-
     def to_coco_results(self, detections: Detections, image_id: int) -> list[dict]:
         """One image's detections in COCO results format (xywh, dataset category ids)."""
         results = []
@@ -151,3 +142,13 @@ class Predictor:
                             "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2),
                                      round(y2 - y1, 2)], "score": round(float(score), 5)})
         return results
+
+
+def load_image(image: Image) -> np.ndarray:
+    """An image file (EXIF orientation applied) or an (H, W, 3) uint8 RGB array, as an array."""
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"Predictor needs (H, W, 3) uint8 RGB arrays, got "
+                             f"{image.shape} {image.dtype}")
+        return image
+    return read_image(Path(image))

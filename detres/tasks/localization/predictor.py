@@ -21,7 +21,7 @@ from detres.engine.distributed import resolve_device
 from detres.evaluation.localization_runner import localize_batch
 from detres.models.loc_inference import LocalizerEnsemble, LocTestSettings
 from detres.models.localizer import Localizer
-from detres.predictor import Image, Predictor
+from detres.predictor import Image, load_image
 from detres.tasks.localization.build import load_localizers, loc_test_settings
 
 
@@ -89,7 +89,7 @@ class LocPredictor:
         EXIF orientation applied)."""
         out = []
         for start in range(0, len(images), self.batch_size):
-            chunk = [Predictor._load(im) for im in images[start:start + self.batch_size]]
+            chunk = [load_image(im) for im in images[start:start + self.batch_size]]
             records = localize_batch(self.model, chunk, [[] for _ in chunk], self.settings,
                                      self.device)
             for r in records:
