@@ -23,6 +23,7 @@ from torch import nn
 
 from detres.data.io import read_image
 from detres.data.transforms import eval_transform
+from detres.engine.checkpoint import load_checkpoint
 from detres.engine.distributed import resolve_device
 from detres.models.fast import autocast, inference_amp_dtype, prepare_for_inference
 from detres.structures import Detections, ImageBatch
@@ -75,11 +76,13 @@ class Predictor:
         """
         # the detection task's build sits above this module in the layering
         from detres.tasks.detection.build import (build_test_detector, detector_from_checkpoint,
-                                                  detectors_for_checkpoints)
+                                                  detectors_for_checkpoints, stored_config)
         paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-        model, cfg, meta = detector_from_checkpoint(paths[0], overrides)
-        models = [model]
-        if len(paths) > 1:
+        if len(paths) == 1:
+            model, cfg, meta = detector_from_checkpoint(paths[0], overrides)
+            models = [model]
+        else:
+            cfg = stored_config(load_checkpoint(paths[0]), paths[0], overrides)
             models, meta = detectors_for_checkpoints(cfg.model, paths)
         t = cfg.test
         return cls(build_test_detector(cfg, models), meta["class_names"], cfg.data.min_size_test,

@@ -99,12 +99,13 @@ def build_detector(cfg: DetModelConfig, num_classes: int) -> FasterRCNN:
 
 
 def load_detector_weights(model: FasterRCNN, path: str, reinit_class_layers: bool = False,
-                          cfg: DetModelConfig | None = None) -> None:
-    """Loads a detection checkpoint; another class count is an error unless
-    ``reinit_class_layers`` (then the class-specific layers keep their fresh init). With
-    ``cfg``, a checkpoint trained with another structure (:func:`check_structure`) is refused
-    first."""
-    ckpt = load_checkpoint(path)
+                          cfg: DetModelConfig | None = None,
+                          ckpt: dict[str, Any] | None = None) -> None:
+    """Loads a detection checkpoint (``ckpt``: it, already read); another class count is an
+    error unless ``reinit_class_layers`` (then the class-specific layers keep their fresh
+    init). With ``cfg``, a checkpoint trained with another structure
+    (:func:`check_structure`) is refused first."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     if cfg is not None:
         check_structure(cfg, ckpt, path)
     load_task_weights(model, path, TASK, ckpt=ckpt, class_layers=CLASS_LAYER_PREFIXES,
@@ -135,13 +136,20 @@ def check_structure(cfg: DetModelConfig, ckpt: dict[str, Any], path: str | Path)
                 f"config)")
 
 
-def member_config(path: str | Path, default: DetModelConfig) -> DetModelConfig:
+def stored_config(ckpt: dict[str, Any], path: str | Path, overrides: Sequence[str] = ()
+                  ) -> DetectionConfig:
+    """The config a training checkpoint records, with ``key=value`` overrides applied."""
+    if "config" not in ckpt:
+        raise CheckpointError(f"{path} does not record its config; pass CONFIG explicitly")
+    cfg = from_dict(ckpt["config"], DetectionConfig, source=f"{path} (stored config)")
+    return replace_config(cfg, list(overrides))
+
+
+def member_config(ckpt: dict[str, Any], path: str | Path, default: DetModelConfig
+                  ) -> DetModelConfig:
     """The model config an ensemble member was trained with (its checkpoint's stored config),
     or ``default`` for a checkpoint without one: members may differ in depth, context, ..."""
-    stored = load_checkpoint(path).get("config")
-    if not stored:
-        return default
-    return from_dict(stored, DetectionConfig, source=f"{path} (stored config)").model
+    return stored_config(ckpt, path).model if ckpt.get("config") else default
 
 
 def detectors_for_checkpoints(cfg: DetModelConfig, paths: Sequence[str | Path]
@@ -149,8 +157,13 @@ def detectors_for_checkpoints(cfg: DetModelConfig, paths: Sequence[str | Path]
     """One detector per checkpoint (an ensemble when several), all over one class list: the
     first built by ``cfg``, the others by their own stored configs; returns the models and the
     first checkpoint's metadata."""
-    models, metas = zip(*(detector_for_checkpoint(cfg if i == 0 else member_config(p, cfg), p)
-                          for i, p in enumerate(paths)))
+    models, metas = [], []
+    for i, path in enumerate(paths):
+        ckpt = load_checkpoint(path)
+        model, meta = detector_for_checkpoint(
+            cfg if i == 0 else member_config(ckpt, path, cfg), path, ckpt)
+        models.append(model)
+        metas.append(meta)
     for path, meta in zip(paths[1:], metas[1:]):
         if meta["class_names"] != metas[0]["class_names"]:
             raise CheckpointError(f"{path} predicts other classes than {paths[0]}; an ensemble "
@@ -287,11 +300,13 @@ def describe_detector(cfg: DetModelConfig, num_classes: int) -> str:
             f"num_classes={num_classes})")
 
 
-def detector_for_checkpoint(cfg: DetModelConfig, path: str | Path
+def detector_for_checkpoint(cfg: DetModelConfig, path: str | Path,
+                            ckpt: dict[str, Any] | None = None
                             ) -> tuple[FasterRCNN, dict[str, Any]]:
     """The detector described by ``cfg`` with the weights of checkpoint ``path`` (its class
-    count taken from the checkpoint); returns (model, the checkpoint's metadata)."""
-    ckpt = load_checkpoint(path)
+    count taken from the checkpoint; ``ckpt``: the checkpoint, already read); returns (model,
+    the checkpoint's metadata)."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
     check_task(ckpt, path, TASK)
     names = ckpt.get("class_names")
     if not names:
@@ -310,9 +325,6 @@ def detector_from_checkpoint(path: str | Path, overrides: Sequence[str] = ()
                              ) -> tuple[FasterRCNN, DetectionConfig, dict[str, Any]]:
     """The detector of a training checkpoint, rebuilt from the config stored in it."""
     ckpt = load_checkpoint(path)
-    if "config" not in ckpt:
-        raise CheckpointError(f"{path} does not record its config; pass CONFIG explicitly")
-    cfg = from_dict(ckpt["config"], DetectionConfig, source=f"{path} (stored config)")
-    cfg = replace_config(cfg, list(overrides))
-    model, meta = detector_for_checkpoint(cfg.model, path)
+    cfg = stored_config(ckpt, path, overrides)
+    model, meta = detector_for_checkpoint(cfg.model, path, ckpt)
     return model, cfg, meta

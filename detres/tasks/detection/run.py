@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from detres.config import ConfigError, to_dict
+from detres.engine.checkpoint import load_checkpoint
 from detres.engine.launch import releases_run_lock, setup_run
 from detres.engine.loop import AMP_DTYPES, Trainer
 from detres.evaluation.detection import evaluate_detector
@@ -59,12 +60,13 @@ def evaluate(cfg: DetectionConfig, weights: str | Sequence[str], metric: str | N
     val_set, eval_fn = _evaluator(cfg, device, dist, output_dir, metric, engine)
     models = []
     for i, path in enumerate(paths):  # ensemble members after the first: their own configs
-        model_cfg = cfg.model if i == 0 else member_config(path, cfg.model)
+        ckpt = load_checkpoint(path)
+        model_cfg = cfg.model if i == 0 else member_config(ckpt, path, cfg.model)
         # the checkpoints hold every weight: no backbone file to read first
         plain = dataclasses.replace(model_cfg, weights=None, backbone=dataclasses.replace(
             model_cfg.backbone, weights=None))
         model = build_detector(plain, val_set.num_classes).to(device)
-        load_detector_weights(model, path, cfg=model_cfg)
+        load_detector_weights(model, path, cfg=model_cfg, ckpt=ckpt)
         models.append(model)
     return eval_fn(models, summary_only=summary_only)
 
