@@ -67,8 +67,9 @@ def run_detector(model: nn.Module, loader: Iterable[tuple[ImageBatch, list[Targe
 
 def coco_results(pairs: Sequence[tuple[Targets, Detections]],
                  label_to_category_id: Sequence[int]) -> list[dict]:
-    return detections_to_coco_results([d for _, d in pairs], [t for t, _ in pairs],
-                                      label_to_category_id)
+    """Every rank's detections in COCO results format, gathered on every rank."""
+    return merge_results(du.all_gather_objects(detections_to_coco_results(
+        [d for _, d in pairs], [t for t, _ in pairs], label_to_category_id)))
 
 
 def voc_inputs(dataset: Any, pairs: Sequence[tuple[Targets, Detections]]
@@ -118,8 +119,7 @@ def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: 
     if format_only:
         return write_results_only(pairs, dataset, metric, output_dir, voc_split)
     if metric == "coco":
-        gathered = du.all_gather_objects(coco_results(pairs, dataset.label_to_category_id))
-        results = merge_results(gathered)
+        results = coco_results(pairs, dataset.label_to_category_id)
         metrics = {}
         if du.get_dist_info().is_main:
             metrics = evaluate_coco(dataset.annotation_file, results, engine=engine,
@@ -151,8 +151,7 @@ def write_results_only(pairs: Sequence[tuple[Targets, Detections]], dataset: Any
     if output_dir is None:
         raise ValueError("test.format_only needs an output folder for the results files")
     if metric == "coco":
-        results = merge_results(du.all_gather_objects(
-            coco_results(pairs, dataset.label_to_category_id)))
+        results = coco_results(pairs, dataset.label_to_category_id)
         path = Path(output_dir) / "eval" / "coco_results.json"
         if du.get_dist_info().is_main:
             write_json(path, results, indent=None)
