@@ -20,7 +20,7 @@ import torch
 
 from detres.data.loader import build_detection_loader
 from detres.evaluation.detection import evaluate_detector
-from detres.models.fast import cpu_has_native_bf16
+from detres.cpu import cpu_has_native_bf16
 from detres.tasks.detection.build import (build_det_dataset, build_test_detector,
                                           detector_from_checkpoint)
 

@@ -42,9 +42,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cpu_peak import cpu_fp32_peak   # benchmarks/cpu_peak.py, beside this script
 from detres.complexity import detector_costs
 from detres.config import replace as replace_config
-from detres.models.fast import autocast, cpu_fp32_peak, cpu_has_native_bf16, prepare_for_inference
+from detres.cpu import cpu_has_native_bf16
+from detres.models.fast import autocast, prepare_for_inference
 from detres.models.faster_rcnn import FasterRCNN
 from detres.structures import ImageBatch, Targets
 from detres.tasks.detection.build import build_detector

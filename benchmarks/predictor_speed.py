@@ -29,7 +29,7 @@ from torch import nn
 from detector_speed import torchvision_twin   # this folder's benchmark, tests/helpers.py's twin
 
 from detres.config import replace as replace_config
-from detres.models.fast import cpu_has_native_bf16
+from detres.cpu import cpu_has_native_bf16
 from detres.predictor import Predictor
 from detres.structures import Detections, DetectorOutput, ImageBatch
 from detres.tasks.detection.build import build_detector

@@ -67,7 +67,8 @@ def main() -> None:
     bare_data = itertools.cycle(data)
     engine_model, engine_opt = make()
     trainer = Trainer(engine_model, engine_opt, WarmupMultiStepSchedule(),
-                      itertools.cycle(data), max_iter=0, log_period=20, progress=True)
+                      itertools.cycle(data), max_iter=0, log_period=20, progress=True,
+                      task="classification")
 
     def run_engine(n: int) -> None:
         trainer.max_iter += n

@@ -12,16 +12,30 @@ from typing import Any
 
 import torch
 
-from detres.config import ConfigError, load_config
+from detres.config import PRESETS, ConfigError, load_config
 from detres.data.io import DatasetError
 from detres.engine import distributed as du
 from detres.engine.checkpoint import CheckpointError
+from detres.engine.interrupt import TrainingInterrupted
 from detres.engine.loop import NonFiniteLossError
 from detres.models.weights import UnreadableWeightsError, WeightsMismatchError
 
 # What a user can cause and fix: shown as one "error: ..." line, never a traceback.
+# The OS errors are paths given that cannot be used (a file where a folder must be, ...).
 USER_ERRORS = (ConfigError, CheckpointError, DatasetError, FileNotFoundError,
-               WeightsMismatchError, UnreadableWeightsError, NonFiniteLossError)
+               WeightsMismatchError, UnreadableWeightsError, NonFiniteLossError,
+               FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def is_override(item: str) -> bool:
+    """Whether a command-line item is a ``key=value`` override rather than a file or folder
+    (a path may hold "=": an existing one is a path)."""
+    return "=" in item and not Path(item).exists()
+
+
+def override_keys(overrides: list[str]) -> set[str]:
+    """The dotted keys that ``key=value`` overrides set."""
+    return {item.partition("=")[0].strip() for item in overrides}
 
 
 def parse_tool_args(doc: str, default_config: str,
@@ -41,7 +55,7 @@ def parse_tool_args(doc: str, default_config: str,
     parser.add_argument("--weights", default=None,
                         help="checkpoint to evaluate (model_final.pth of a run of this tool)")
     args = parser.parse_intermixed_args(argv)  # options may stand between key=value items
-    if args.config is not None and "=" in args.config:  # only overrides were given
+    if args.config is not None and is_override(args.config):  # only overrides were given
         args.overrides.insert(0, args.config)
         args.config = None
     if args.eval_only and not args.weights:
@@ -49,10 +63,35 @@ def parse_tool_args(doc: str, default_config: str,
     return args
 
 
+def check_output_path(path: str | Path, *, folder: bool, flag: str = "--out") -> Path:
+    """``path`` as the folder (``folder``) or file a tool writes, refused before any work when
+    it cannot be one: a file where a folder must be, on the way or at the end, or a folder
+    where the file goes."""
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise IsADirectoryError(f"{flag} {path}: is a folder; give a file name")
+    for above in ((path,) if folder else ()) + tuple(path.parents):
+        if above.exists():
+            if not above.is_dir():
+                raise NotADirectoryError(f"{flag} {path}: {above} is a file, not a folder")
+            break
+    return path
+
+
+def check_device(device: str, key: str = "train.device") -> None:
+    """'cuda' on a machine without CUDA, refused before the run starts (and logs)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key} = cuda: CUDA is not available on this machine "
+                          "(torch.cuda.is_available() is false); use auto or cpu")
+
+
 OOM_HINT = ("lower solver.ims_per_batch (training), test.ims_per_batch (evaluation) or the "
             "image size (data.min_size_train, data.max_size_train, data.min_size_test, "
             "data.max_size_test); the last checkpoint in train.output_dir is intact and "
             "--resume continues from it")
+
+
+INTERRUPTED_EXIT = 130        # the shell's code for a process ended by SIGINT
 
 
 def run_main(main: Callable[[], Any], extra_errors: tuple[type[Exception], ...] = ()) -> None:
@@ -63,6 +102,12 @@ def run_main(main: Callable[[], Any], extra_errors: tuple[type[Exception], ...] 
     except (*USER_ERRORS, *extra_errors) as e:
         print(f"error: {user_message(e)}", file=sys.stderr)
         sys.exit(1)
+    except TrainingInterrupted as e:      # Ctrl-C once: the step finished and was saved
+        print(e, file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT)
+    except KeyboardInterrupt:             # Ctrl-C twice, or outside training
+        print("interrupted", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT)
     except (MemoryError, RuntimeError) as e:    # torch.OutOfMemoryError is a RuntimeError
         if not out_of_memory(e):
             raise
@@ -93,8 +138,8 @@ def user_message(error: Exception) -> str:
     return last.split(name, 1)[1] if name in last else last
 
 
-# The default configs of the training tools: the checkout's configs/ folder.
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# The default configs of the training tools: the presets shipped in the package.
+CONFIGS = PRESETS
 
 
 def task_tool_main(argv: list[str] | None = None, *, doc: str, task: ModuleType,
@@ -110,6 +155,7 @@ def task_tool_main(argv: list[str] | None = None, *, doc: str, task: ModuleType,
     if args.eval_only and args.config is None and stored_config:
         return task.evaluate(None, args.weights, args.overrides)
     cfg = load_config(args.config or default_config, args.overrides, schema=task.Config)
+    check_device(cfg.train.device)
     if args.eval_only:
         return task.evaluate(cfg, args.weights)
-    return task.train(cfg, resume=args.resume)
+    return task.train(cfg, resume=args.resume, typed=override_keys(args.overrides))

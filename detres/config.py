@@ -8,6 +8,8 @@ value is read as YAML, so ``1e-3``, ``true``, ``[600, 800]`` and ``null`` mean w
 like, and then checked against the field's type.
 
 Every error names the file (or the command line), the full dotted key and what is valid.
+Values are checked against what the schema declares beside each field (``checked(default,
+Range(...))``) before any data loads. Configs are plain YAML: no anchors or aliases, bounded size.
 This module is the engine and knows no task: each task's schema (frozen dataclasses whose
 fields carry their defaults and the paper section they come from) lives beside its build
 code in ``detres/tasks/<task>/config.py``. Only ``detres/tasks`` and ``detres/cli.py`` import
@@ -26,12 +28,16 @@ import yaml
 from detres.atomic import atomic_write_bytes
 
 T = TypeVar("T")
+PRESETS = Path(__file__).resolve().parent / "configs"     # the YAML presets, package data
 COMMAND_LINE = "<command line>"
+# An aliased YAML document of a few hundred bytes expands to gigabytes when walked, and
+# thousands of nested levels exhaust Python's recursion: neither is a config.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_NESTING = 64
 
 
 class ConfigError(ValueError):
     """A config value is unknown, missing or of the wrong type; the message says where."""
-
 
 
 # ----------------------------------------------------------------------------- loading
@@ -44,25 +50,78 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     data: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if path is not None:
-        data, sources = _read_with_base(Path(path))
+        path = preset_path(path)
+        data, sources = _read_with_base(path)
     for item in overrides:
-        key, value = _parse_override(item)
-        _set_dotted(data, key, value)
-        sources[key] = COMMAND_LINE
-    return _build(schema, data, "", sources, str(path) if path is not None else COMMAND_LINE)
+        _apply_override(data, sources, item)
+    return _build_checked(schema, data, sources,
+                          str(path) if path is not None else COMMAND_LINE)
+
+
+def preset_path(path: str | Path) -> Path:
+    """``path`` itself when it exists; else the preset of that name shipped in the package
+    (``frcnn_r101_coco.yaml``, ``frcnn_r101_coco`` or ``configs/frcnn_r101_coco.yaml``, as
+    detectron2's model zoo resolves names), so an installed detres runs its presets from
+    anywhere."""
+    path = Path(path)
+    if path.exists() or path.parent not in (Path("."), Path("configs")):
+        return path
+    preset = PRESETS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if preset.is_file():
+        return preset
+    names = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+    raise ConfigError(f"{path}: no such config file, nor a preset of that name; the presets: "
+                      f"{names}")
 
 
 def from_dict(data: dict[str, Any], schema: type[T], source: str = "<dict>") -> T:
     """``schema`` from plain values, e.g. the resolved config stored in a checkpoint."""
-    return _build(schema, data, "", {}, source)
+    keys = _dotted_keys(data) if isinstance(data, dict) else []
+    return _build_checked(schema, data, dict.fromkeys(keys, source), source)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses anchors and aliases (walking an aliased document
+    expands it exponentially) and more than ``MAX_NESTING`` levels (the composer recurses)."""
+
+    def __init__(self, stream: Any, name: str) -> None:
+        super().__init__(stream)
+        self.name, self.depth = name, 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        where = f"{self.name} line {event.start_mark.line + 1}"
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise ConfigError(f"{where}: YAML anchors and aliases (&name, *name) are not "
+                              "supported in configs")
+        if self.depth >= MAX_NESTING:
+            raise ConfigError(f"{where}: nested more than {MAX_NESTING} levels deep")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _parse_yaml(text: str, name: str) -> Any:
+    loader = _ConfigLoader(text, name)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file does not exist")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size} bytes; a config file may hold at most "
+                          f"{MAX_CONFIG_BYTES} bytes")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+        data = _parse_yaml(path.read_text(encoding="utf-8"), str(path))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
     if data is None:
@@ -94,13 +153,13 @@ def _read_with_base(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     return merged, {**base_sources, **sources}
 
 
-def _dotted_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
+def _dotted_keys(d: dict[str, Any], prefix: str = "", depth: int = 0) -> list[str]:
     keys = []
     for k, v in d.items():
         full = f"{prefix}{k}"
         keys.append(full)
-        if isinstance(v, dict):
-            keys.extend(_dotted_keys(v, full + "."))
+        if isinstance(v, dict) and depth < MAX_NESTING:   # no schema nests deeper
+            keys.extend(_dotted_keys(v, full + ".", depth + 1))
     return keys
 
 
@@ -116,10 +175,19 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"{COMMAND_LINE}: override '{item}' is not of the form key.path=value")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _parse_yaml(text, f"{COMMAND_LINE} override '{item}'") if text.strip() else None
     except yaml.YAMLError:
         value = text  # plain text such as a path with a colon
     return key, value
+
+
+def _apply_override(data: dict[str, Any], sources: dict[str, str], item: str) -> None:
+    key, value = _parse_override(item)
+    _set_dotted(data, key, value)
+    for inner in [k for k in sources if k.startswith(key + ".")]:   # replaced with the section
+        del sources[inner]
+    inner = _dotted_keys(value, key + ".") if isinstance(value, dict) else []
+    sources.update(dict.fromkeys([key, *inner], COMMAND_LINE))
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -132,6 +200,12 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             node[part] = child
         node = child
     node[parts[-1]] = value
+
+
+def _build_checked(cls: type[T], data: Any, sources: dict[str, str], default_src: str) -> T:
+    cfg = _build(cls, data, "", sources, default_src)
+    _check_values(cfg, "", sources, default_src)
+    return cfg
 
 
 def _build(cls: type[T], data: Any, prefix: str, sources: dict[str, str], default_src: str) -> T:
@@ -166,6 +240,30 @@ def _build(cls: type[T], data: Any, prefix: str, sources: dict[str, str], defaul
         else:
             kwargs[name] = _coerce(data[name], tp, full, src)
     return cls(**kwargs)
+
+
+def _check_values(cfg: Any, prefix: str, sources: dict[str, str], default_src: str) -> None:
+    """Applies each field's declared check (defaults included), naming the first failure."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_values(value, key + ".", sources, default_src)
+            continue
+        check = f.metadata.get("check")
+        problem = check(value, cfg) if check is not None else None
+        if problem:
+            src = sources.get(key)
+            raise ConfigError(f"{src or default_src}: {key} = {_show(value)}"
+                              f"{'' if src else ' (the default)'}: {problem}")
+
+
+def _show(value: Any) -> str:
+    """A value as it is written in YAML."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(_show, value)) + "]"
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return str(value)
 
 
 def _coerce(value: Any, tp: Any, key: str, src: str) -> Any:
@@ -262,9 +360,7 @@ def dump(cfg: Any, path: str | Path | None = None) -> str:
 def replace(cfg: T, overrides: list[str] | tuple[str, ...]) -> T:
     """A copy of ``cfg`` with ``key=value`` overrides applied and checked."""
     data = to_dict(cfg)
-    sources: dict[str, str] = {}
+    sources = dict.fromkeys(_dotted_keys(data), COMMAND_LINE)   # no value is a default here
     for item in overrides:
-        key, value = _parse_override(item)
-        _set_dotted(data, key, value)
-        sources[key] = COMMAND_LINE
-    return _build(type(cfg), data, "", sources, COMMAND_LINE)
+        _apply_override(data, sources, item)
+    return _build_checked(type(cfg), data, sources, COMMAND_LINE)

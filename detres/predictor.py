@@ -96,8 +96,8 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, images: Sequence[Image]) -> list[Detections]:
-        """Detections per image, boxes xyxy in the pixels of the image as given (or as stored,
-        EXIF orientation applied)."""
+        """Detections per image, boxes xyxy in the pixels of the image as given (a file: its
+        pixels as stored, EXIF orientation ignored, as in training)."""
         out: list[Detections] = []
         chunks = [images[k:k + self.batch_size] for k in range(0, len(images), self.batch_size)]
         if len(chunks) <= 1:
@@ -148,7 +148,8 @@ class Predictor:
 
 
 def load_image(image: Image) -> np.ndarray:
-    """An image file (EXIF orientation applied) or an (H, W, 3) uint8 RGB array, as an array."""
+    """An image file (its pixels as stored, EXIF orientation ignored, as in training) or an
+    (H, W, 3) uint8 RGB array, as an array."""
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"Predictor needs (H, W, 3) uint8 RGB arrays, got "

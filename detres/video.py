@@ -1,6 +1,6 @@
 """Detection on video: frames from a file or a camera (OpenCV's ``VideoCapture``) go through a
-``Predictor`` in batches; each frame is drawn into an annotated video (``VideoWriter``, MPEG-4)
-and its detections written as one JSON line:
+``Predictor`` in batches; each frame is drawn into an annotated video (``VideoWriter``, an .mp4
+file) and its detections written as one JSON line:
 
     {"frame": 0, "time": 0.0, "detections": [{"category_id": 3, "class": "car",
      "bbox": [x, y, w, h], "score": 0.93}, ...]}
@@ -8,11 +8,20 @@ and its detections written as one JSON line:
 ``time`` is the frame's position in seconds at the source's frame rate; boxes are in the
 frame's pixels (COCO's [x, y, w, h]). Lines are flushed as frames finish, so an interrupted
 camera run keeps everything up to its last frame.
+
+The video is H.264 (what browsers play) when the installed OpenCV can write it; the pip wheels
+of OpenCV cannot (no H.264 encoder), and then it is MPEG-4 Part 2 (``mp4v``), said in one line.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import logging
 import math
+import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +36,9 @@ from detres.visualize import draw_detections
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
 DEFAULT_FPS = 30.0          # when the source does not tell (many cameras)
+H264_FOURCCS = ("avc1", "H264")    # the MP4 tag first; some builds know H.264 by the other
+FALLBACK_FOURCC = "mp4v"           # MPEG-4 Part 2: every OpenCV build writes it
+logger = logging.getLogger("detres")
 
 
 @dataclass
@@ -66,15 +78,81 @@ def open_capture(source: str | Path | int) -> Any:
     return capture
 
 
+def output_paths(sources: list[tuple[str | Path | int, str]], out: Path
+                 ) -> list[tuple[Path, Path]]:
+    """``(out/<name>.mp4, out/<name>.jsonl)`` for each ``(source, name)``; a DatasetError
+    before any work when two sources share a name or a file would land outside ``out``
+    (through a symbolic link in it)."""
+    root, first_of, paths = out.resolve(), {}, []
+    for source, name in sources:
+        files = (out / f"{name}.mp4", out / f"{name}.jsonl")
+        if name in first_of:
+            raise DatasetError(f"{first_of[name]} and {source} would both be written as "
+                               f"{files[0]}; rename one, or run them separately")
+        for path in files:
+            if not path.resolve().is_relative_to(root):
+                raise DatasetError(f"{source}: its output {path} would be written outside "
+                                   f"--out {out} (to {path.resolve()})")
+        first_of[name] = source
+        paths.append(files)
+    return paths
+
+
+@functools.cache
+def video_fourcc() -> str:
+    """The codec of the annotated videos: H.264 when this OpenCV writes it, else ``mp4v``
+    with one warning (asked once per process)."""
+    cv2 = _cv2()
+    for code in H264_FOURCCS:
+        if _encodes(cv2, code):
+            return code
+    logger.warning(f"this OpenCV build cannot write H.264, so the videos are MPEG-4 Part 2 "
+                   f"({FALLBACK_FOURCC}), which most browsers do not play; re-encode them "
+                   f"(ffmpeg -i in.mp4 -c:v libx264 out.mp4) or use an OpenCV built with H.264")
+    return FALLBACK_FOURCC
+
+
+def _encodes(cv2: ModuleType, code: str) -> bool:
+    """Whether OpenCV writes ``code`` here: some builds open a writer for a codec they then
+    fail to encode, so two frames are written and one read back."""
+    with tempfile.TemporaryDirectory() as folder, _quiet_stderr():
+        path = str(Path(folder) / "probe.mp4")
+        writer = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*code), DEFAULT_FPS, (64, 64))
+        if not writer.isOpened():
+            return False
+        for _ in range(2):
+            writer.write(np.zeros((64, 64, 3), np.uint8))
+        writer.release()
+        capture = cv2.VideoCapture(path)
+        ok = capture.read()[0]
+        capture.release()
+    return bool(ok)
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """FFmpeg and OpenCV report a codec they lack on file descriptor 2 itself, below Python:
+    a probe that fails must not print several error lines."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def annotate_video(predictor: Any, source: str | Path | int, video_out: Path,
                    jsonl_out: Path, min_score: float = 0.5, max_frames: int | None = None,
                    progress: bool = True) -> VideoStats:
     """Detects objects in every frame of ``source`` (a file, or a camera index).
 
     Writes the frames with the detections at or above ``min_score`` drawn to ``video_out``
-    (MPEG-4 at the source's frame rate) and every detection to ``jsonl_out``, one line per
-    frame. Stops at the end of the video, after ``max_frames``, or on Ctrl-C (a camera runs
-    until then), closing both files properly.
+    (``video_fourcc()``'s codec at the source's frame rate) and every detection to
+    ``jsonl_out``, one line per frame. Stops at the end of the video, after ``max_frames``,
+    or on Ctrl-C (a camera runs until then), closing both files properly.
     """
     cv2 = _cv2()
     capture = open_capture(source)
@@ -126,10 +204,17 @@ def _read_frames(capture: Any, count: int, left: int | None) -> list[np.ndarray]
 
 def _open_writer(cv2: ModuleType, path: Path, fps: float, shape: tuple[int, ...]) -> Any:
     height, width = shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    if not writer.isOpened():
-        raise DatasetError(f"{path}: OpenCV cannot write an MPEG-4 video here")
-    return writer
+    codes = list(dict.fromkeys((video_fourcc(), FALLBACK_FOURCC)))
+    for code in codes:      # H.264 encoders refuse some frame sizes (odd ones) that mp4v takes
+        with _quiet_stderr() if code != codes[-1] else contextlib.nullcontext():
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*code), fps,
+                                     (width, height))
+        if writer.isOpened():
+            if code != codes[0]:
+                logger.warning(f"{path}: {width}x{height} frames cannot be written as "
+                               f"{codes[0]}; written as {code}")
+            return writer
+    raise DatasetError(f"{path}: OpenCV cannot write a video here ({' or '.join(codes)})")
 
 
 def _write_frame(predictor: Any, rgb: np.ndarray, found: Any, index: int, fps: float,

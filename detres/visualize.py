@@ -172,17 +172,23 @@ def plot_confusion_matrix(confusion: Mapping[str, Any], path: str | Path) -> Pat
     plt = _pyplot()
     names, counts = confusion["classes"], np.asarray(confusion["matrix"], dtype=np.float64)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    size = 2.5 + 0.45 * len(names)
+    # Cells of 0.45 in (36 px at the 80 dpi of _save) until the matrix would pass 20 in; then
+    # the cells shrink to keep it at 20 in, so the PNG stays under 2000 px a side (81 rows:
+    # 20 px cells). Text is 8 pt or 0.4 of a cell, so three digits fit in one (7 pt at 81
+    # rows); counts are left out below 6 pt (over 95 rows), where they would not be legible.
+    cell = min(0.45, 20 / len(names))
+    font = min(8.0, 0.4 * 72 * cell)
+    size = 2.5 + cell * len(names)
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the row")
-    if len(names) <= 30:
+    if font >= 6:
         for (i, j), n in np.ndenumerate(counts):
             if n:
-                ax.text(j, i, f"{int(n)}", ha="center", va="center", fontsize=8,
+                ax.text(j, i, f"{int(n)}", ha="center", va="center", fontsize=font,
                         color="white" if shares[i, j] > 0.6 else "black")
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=font)
+    ax.set_yticks(range(len(names)), names, fontsize=font)
     ax.set(xlabel="predicted", ylabel="ground truth",
            title=f"IoU >= {confusion['iou_threshold']}, score >= "
                  f"{confusion['score_threshold']}")
@@ -198,12 +204,12 @@ BREAKDOWN_LABELS = {"C75": "C75: IoU .75", "C50": "C50: IoU .50", "Loc": "Loc: I
 
 def _breakdown_panel(ax: Any, recall: np.ndarray, entry: Mapping[str, Any], title: str) -> None:
     """Each curve's area filled down to the previous one (Hoiem et al. 2012); the legend
-    gives each curve's AP, as the COCO API's analyze() draws it."""
+    gives each curve's AP (percent), as the COCO API's analyze() draws it."""
     below = np.zeros_like(recall)
     for key in ("C75", "C50", "Loc", "Sim", "Oth", "BG", "FN"):
         curve = np.maximum(np.asarray(entry["curves"][key]), below)   # bands never overlap
         ax.fill_between(recall, below, curve, color=BREAKDOWN_COLOURS[key], linewidth=0,
-                        label=f"[{entry['AP'][key]:.3f}] {BREAKDOWN_LABELS[key]}")
+                        label=f"[{entry['AP'][key]:.1f}] {BREAKDOWN_LABELS[key]}")
         below = curve
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="recall", ylabel="precision", title=title)
     # beside the plot, top to bottom as the bands lie from top (FN) to bottom (C75)

@@ -12,7 +12,8 @@ from helpers import TinyData, tiny_model
 from test_engine import CrashAt
 
 from detres.config import ConfigError
-from detres.data.classification import make_loader
+from detres.data.classification import collate
+from detres.data.loader import make_loader
 from detres.data.samplers import TrainingSampler
 from detres.engine import Trainer, WarmupMultiStepSchedule
 from detres.engine.best import BestTracker, flatten_metrics, metric_direction
@@ -38,14 +39,14 @@ def make_trainer(output_dir, max_iter, eval_fn, crash_at=None, **kwargs) -> Trai
     torch.manual_seed(0)
     model, data = tiny_model(), TinyData()
     sampler = TrainingSampler(len(data), 8, seed=0)
-    loader = make_loader(data, batch_sampler=sampler)
+    loader = make_loader(data, collate_fn=collate, batch_sampler=sampler)
     if crash_at is not None:
         loader = CrashAt(loader, crash_at)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     defaults = dict(log_period=4, checkpoint_period=4, eval_period=4, progress=False)
     return Trainer(model, optimizer, WarmupMultiStepSchedule(steps=()), loader,
                    max_iter=max_iter, output_dir=output_dir, sampler=sampler, eval_fn=eval_fn,
-                   **{**defaults, **kwargs})
+                   task="classification", **{**defaults, **kwargs})
 
 
 def crash_after_two_evaluations(folder, values):

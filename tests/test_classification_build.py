@@ -9,7 +9,7 @@ from detres import config
 from detres.config import ConfigError, replace
 from detres.tasks.classification import build
 from detres.tasks.classification.config import ClassificationConfig
-from detres.tasks.common import build_optimizer
+from detres.tasks.common import build_optimizer, scale_schedule
 
 
 def load_config(path, overrides=()):
@@ -44,6 +44,7 @@ def test_optimizer_groups_lr_scaling_and_adamw():
                              "model.backbone.width=4", "solver.ims_per_batch=512",
                              "solver.reference_batch=256"])
     model = build.build_classifier(cfg, 3)
+    cfg, _ = scale_schedule(cfg)
     sgd = build_optimizer(cfg.solver, model)
     assert len(sgd.param_groups) == 1 and sgd.param_groups[0]["lr"] == pytest.approx(0.2)
     assert sgd.param_groups[0]["momentum"] == 0.9

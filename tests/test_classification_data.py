@@ -10,7 +10,9 @@ from PIL import Image
 
 from detres.data import builtin_cls
 from detres.data.classification import (Cifar10, ClassificationDataset, DatasetNotFoundError,
-                                        ImageFolder, build_cls_transform, make_loader, ten_crop)
+                                        ImageFolder, build_cls_transform, collate,
+                                        ten_crop)
+from detres.data.loader import make_loader
 from detres.data.io import DatasetError, ImageDecodeError
 from detres.data.samplers import InferenceSampler, TrainingSampler
 
@@ -154,15 +156,16 @@ def test_loader_feeds_sampler_seeds_to_the_augmentation():
     every rank count and every resume sees the same images."""
     data = Textured(build_cls_transform("cifar", True, 8))
     sampler = TrainingSampler(len(data), 4, seed=3)
-    loader = make_loader(data, batch_sampler=sampler)
+    loader = make_loader(data, collate_fn=collate, batch_sampler=sampler)
     first = [images for images, _ in itertools.islice(iter(loader), 3)]
     sampler.load_state_dict({"next_batch": 2})
-    again = next(iter(make_loader(data, batch_sampler=sampler)))[0]
+    again = next(iter(make_loader(data, collate_fn=collate, batch_sampler=sampler)))[0]
     assert torch.equal(again, first[2])
-    halves = [next(iter(make_loader(data, batch_sampler=TrainingSampler(
+    halves = [next(iter(make_loader(data, collate_fn=collate, batch_sampler=TrainingSampler(
         len(data), 4, seed=3, rank=r, world_size=2))))[0] for r in range(2)]
     assert torch.equal(torch.cat(halves), first[0])
-    test = make_loader(data, sampler=InferenceSampler(len(data), 1, 2), batch_size=2)
+    test = make_loader(data, collate_fn=collate, sampler=InferenceSampler(len(data), 1, 2),
+                       batch_size=2)
     assert torch.cat([labels for _, labels in test]).tolist() == data.labels[5:].tolist()
 
 

@@ -49,6 +49,17 @@ SCRIPT = textwrap.dedent("""
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         detections = model(images).detections
     assert all(d.boxes.dtype == torch.float32 for d in detections)
+
+    # The training loop with train.amp=bf16: autocast where this CPU (or the capped ISA)
+    # computes bf16, float32 elsewhere; either way finite losses and updates.
+    import math
+    from detres.engine import Trainer, WarmupMultiStepSchedule
+    model = narrow_detector().train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainer = Trainer(model, torch.optim.SGD(params, lr=1e-3), WarmupMultiStepSchedule(),
+                      [(images, targets)] * 3, max_iter=3, task="detection", amp="bf16",
+                      progress=False)
+    assert all(math.isfinite(v) for v in trainer.run().losses)
     print("bf16 ok")
 """)
 

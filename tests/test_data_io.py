@@ -52,16 +52,16 @@ def test_grayscale_palette_rgba_16bit(tmp_path):
     np.testing.assert_array_equal(out[:, :, 0], (g16 >> 8).astype(np.uint8))
 
 
-def test_exif_orientation_is_applied(tmp_path):
+def test_exif_orientation_is_ignored(tmp_path):
+    """Pixels as stored, as COCO's boxes are (README, Datasets)."""
     rgb = _gradient(20, 40)
     im = Image.fromarray(rgb)
     exif = im.getexif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
     im.save(tmp_path / "o.jpg", exif=exif, quality=95)
     out = read_image(tmp_path / "o.jpg")
-    assert out.shape == (40, 20, 3)
-    expected = np.rot90(rgb, k=-1)
-    assert np.abs(out.astype(int) - expected).mean() < 8
+    assert out.shape == (20, 40, 3)
+    assert np.abs(out.astype(int) - rgb).mean() < 8
 
 
 def test_bad_files_raise_naming_the_path(tmp_path):

@@ -8,7 +8,7 @@ from detres.config import load_config
 from detres.config import replace as replace_config
 from detres.data.transforms import eval_transform
 from detres.models.norm import FrozenBatchNorm2d
-from detres.tasks.common import build_backbone, build_optimizer
+from detres.tasks.common import build_backbone
 from detres.tasks.detection import build
 from detres.tasks.detection.config import DetectionConfig
 from detres.models.faster_rcnn import FasterRCNN
@@ -47,18 +47,6 @@ def test_paper_coco_preset_reaches_the_built_model():
     out = eval_transform(cfg.data.min_size_test, cfg.data.max_size_test)(
         image, np.zeros((0, 4), np.float32), np.zeros((0,), np.int64))
     assert out.image.shape[:2] == (600, 900) and out.scale == pytest.approx(2.0)
-
-
-def test_schedule_scales_with_the_batch():
-    cfg = load_config(CONFIGS / "frcnn_r101_coco.yaml", ["solver.ims_per_batch=16"],
-                      schema=DetectionConfig)
-    scaled = build.scale_schedule(cfg)
-    assert scaled.train.max_iter == 160000 and scaled.solver.steps == (120000,)
-    assert scaled.train.checkpoint_period == 5000
-    model = torch.nn.Linear(2, 2)
-    assert build_optimizer(scaled.solver, model).param_groups[0]["lr"] == pytest.approx(0.002)
-    same = load_config(CONFIGS / "frcnn_r101_coco.yaml", schema=DetectionConfig)
-    assert build.scale_schedule(same) is same
 
 
 def test_build_detector_from_config_has_the_configured_parts():

@@ -16,11 +16,12 @@ from torch import nn
 from helpers import TinyData, tiny_model
 
 import detres
-from detres.data.classification import make_loader
+from detres.data.classification import collate
+from detres.data.loader import make_loader
 from detres.data.samplers import TrainingSampler
 from detres.engine import Trainer, WarmupMultiStepSchedule
 from detres.engine import distributed as du
-from detres.engine.loop import recompute_bn_stats
+from detres.engine.precise_bn import recompute_bn_stats
 from detres.evaluation.classification import ClassificationEvaluator
 
 WORLD_SIZE = 2
@@ -87,11 +88,12 @@ def test_precise_bn_averages_over_ranks_under_nccl(fake_nccl):
 
 def test_training_step_reduces_its_losses_under_nccl(monkeypatch):
     model = tiny_model()
-    loader = make_loader(TinyData(), batch_sampler=TrainingSampler(48, 8))
+    loader = make_loader(TinyData(), collate_fn=collate, batch_sampler=TrainingSampler(48, 8))
     trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                      WarmupMultiStepSchedule(), loader, max_iter=1, progress=False)
+                      WarmupMultiStepSchedule(), loader, max_iter=1, progress=False,
+                      task="classification")
     reduced = install_fake_nccl(monkeypatch)     # after the Trainer: no DDP wrapper wanted
-    losses, _ = trainer.step(next(iter(loader)))
+    losses, _, _ = trainer.step(next(iter(loader)))
     assert reduced == [torch.device("cuda")] and losses["loss"] > 0
 
 

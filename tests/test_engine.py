@@ -11,11 +11,13 @@ from torch import nn
 
 from helpers import TinyData, bad_gradient, tiny_model
 
-from detres.data.classification import make_loader
+from detres.data.classification import collate
+from detres.data.loader import make_loader
 from detres.data.samplers import TrainingSampler
 from detres.engine import NonFiniteLossError, Trainer, WarmupMultiStepSchedule
 from detres.engine.logging import read_metrics
-from detres.engine.loop import losses_of, recompute_bn_stats
+from detres.engine.loop import losses_of
+from detres.engine.precise_bn import recompute_bn_stats
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,13 +28,14 @@ def make_trainer(output_dir, max_iter, data_wrapper=None, model=None, **kwargs) 
     model = model or tiny_model()
     data = TinyData()
     sampler = TrainingSampler(len(data), 8, seed=0)
-    loader = make_loader(data, batch_sampler=sampler)
+    loader = make_loader(data, collate_fn=collate, batch_sampler=sampler)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     schedule = WarmupMultiStepSchedule(steps=(6,), warmup_iters=3, warmup_factor=0.1)
     defaults = dict(log_period=1, checkpoint_period=4, progress=False, meta={"arch": "tiny"})
     return Trainer(model, optimizer, schedule,
                    data_wrapper(loader) if data_wrapper else loader, max_iter=max_iter,
-                   output_dir=output_dir, sampler=sampler, **{**defaults, **kwargs})
+                   output_dir=output_dir, sampler=sampler, task="classification",
+                   **{**defaults, **kwargs})
 
 
 def train_losses(run_dir) -> dict[int, float]:
@@ -142,9 +145,9 @@ def test_gradient_clipping_bounds_the_first_update(tmp_path):
     model = tiny_model()
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    loader = make_loader(TinyData(), batch_sampler=TrainingSampler(48, 8))
+    loader = make_loader(TinyData(), collate_fn=collate, batch_sampler=TrainingSampler(48, 8))
     trainer = Trainer(model, optimizer, WarmupMultiStepSchedule(), loader, max_iter=1,
-                      clip_grad_norm=1e-3, progress=False)
+                      clip_grad_norm=1e-3, progress=False, task="classification")
     trainer.run()
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert (after - before).norm().item() == pytest.approx(1e-3, rel=1e-3)
@@ -200,9 +203,9 @@ class InfGradAt(nn.Module):
 
 def scaler_trainer(model, clip_grad_norm):
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    loader = make_loader(TinyData(), batch_sampler=TrainingSampler(48, 8))
+    loader = make_loader(TinyData(), collate_fn=collate, batch_sampler=TrainingSampler(48, 8))
     trainer = Trainer(model, optimizer, WarmupMultiStepSchedule(), loader, max_iter=1,
-                      clip_grad_norm=clip_grad_norm, progress=False)
+                      clip_grad_norm=clip_grad_norm, progress=False, task="classification")
     assert not trainer.scaler.is_enabled()      # amp="none" on a CPU: float32, no scaling
     return trainer, next(iter(loader))
 
@@ -233,7 +236,7 @@ def test_grad_scaler_skips_the_update_on_an_inf_gradient(clip_grad_norm):
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     trainer, batch = scaler_trainer(model, clip_grad_norm=clip_grad_norm)
     trainer.scaler = scaler
-    losses, _ = trainer.step(batch)
+    losses, _, _ = trainer.step(batch)
     assert math.isfinite(losses["loss"])          # the loss is finite, only a gradient is not
     assert math.isinf(model.inner.net.fc.bias.grad[0].item()) or clip_grad_norm is not None
     for name, value in model.named_parameters():   # (BN running stats move in any forward)

@@ -18,7 +18,8 @@ import torch.multiprocessing as mp
 from helpers import TinyData, bad_gradient, tiny_model
 from torch import nn
 
-from detres.data.classification import make_loader
+from detres.data.classification import collate
+from detres.data.loader import make_loader
 from detres.data.samplers import TrainingSampler
 from detres.engine import Trainer, WarmupMultiStepSchedule
 from detres.engine.logging import read_metrics
@@ -36,8 +37,9 @@ def _train(output_dir, rank: int = 0, world_size: int = 1) -> list[float]:
                               world_size=world_size)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     trainer = Trainer(model, optimizer, WarmupMultiStepSchedule(), make_loader(
-        data, batch_sampler=sampler), max_iter=MAX_ITER, output_dir=output_dir, sampler=sampler,
-        log_period=1, checkpoint_period=3, progress=False)
+        data, collate_fn=collate, batch_sampler=sampler), max_iter=MAX_ITER,
+        output_dir=output_dir, sampler=sampler, log_period=1, checkpoint_period=3,
+        progress=False, task="classification")
     losses = trainer.run().losses
     trainer.close()
     return losses
@@ -113,9 +115,10 @@ def _nan_worker(rank: int, world_size: int, port: int, output_dir: str, kind: st
         sampler = TrainingSampler(len(data), GLOBAL_BATCH, seed=0, rank=rank,
                                   world_size=world_size)
         trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                          WarmupMultiStepSchedule(), make_loader(data, batch_sampler=sampler),
+                          WarmupMultiStepSchedule(),
+                          make_loader(data, collate_fn=collate, batch_sampler=sampler),
                           max_iter=MAX_ITER, output_dir=output_dir, sampler=sampler,
-                          checkpoint_period=3, progress=False)
+                          checkpoint_period=3, progress=False, task="classification")
         try:
             trainer.run()
             outcome = "finished"

@@ -14,6 +14,7 @@ from torch import nn
 
 from helpers import load_tool, narrow_detector
 
+from detres import cpu
 from detres.config import to_dict
 from detres.evaluation.detection import run_detector
 from detres.models import fast
@@ -163,18 +164,19 @@ def test_predictor_overlaps_loading_and_keeps_the_order_over_several_batches(tmp
     ({"avx512_bf16"}, "none", None),
 ])
 def test_cpu_autocast_follows_the_cpu_and_the_switch(monkeypatch, flags, setting, expected):
-    monkeypatch.setattr(fast, "cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
     assert fast.inference_amp_dtype("cpu", setting) is expected
     assert fast.inference_amp_dtype("cuda", setting, torch.float16) is torch.float16
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     path = tmp_path / "cpuinfo"
-    path.write_text("processor\t: 0\nflags\t\t: fpu sse avx512_bf16 amx_tile\n\nprocessor\t: 1\n")
-    flags = fast.cpu_flags.__wrapped__(str(path))
+    path.write_text("processor\t: 0\nflags\t\t: fpu sse avx512_bf16 amx_tile\n\n"
+                    "processor\t: 1\nflags\t\t: other\n")
+    flags = cpu.cpu_flags(str(path))
     assert flags == {"fpu", "sse", "avx512_bf16", "amx_tile"}
-    assert fast.cpu_has_native_bf16(flags) and not fast.cpu_has_native_bf16(frozenset({"sse"}))
-    assert fast.cpu_flags.__wrapped__(str(tmp_path / "absent")) == frozenset()
+    assert cpu.cpu_has_native_bf16(flags) and not cpu.cpu_has_native_bf16(frozenset({"sse"}))
+    assert cpu.cpu_flags(str(tmp_path / "absent")) == frozenset()
     with pytest.raises(ValueError, match="test.cpu_amp"):
         fast.inference_amp_dtype("cpu", "fp8")
 

@@ -132,8 +132,8 @@ def test_a_pickled_payload_is_refused_by_every_loader(hostile, tiny_cls_set, tmp
 
 
 def test_dotdot_and_symlinks_in_annotations_write_nothing_outside_the_run(tmp_path, monkeypatch):
-    """COCO file names with ``..`` and a symlinked image are read, but every file the run
-    writes lies inside train.output_dir."""
+    """COCO file names with ``..`` (allowed by allow_outside_paths) and a symlinked image are
+    read, but every file the run writes lies inside train.output_dir."""
     images = tmp_path / "data" / "images"
     images.mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -152,7 +152,8 @@ def test_dotdot_and_symlinks_in_annotations_write_nothing_outside_the_run(tmp_pa
     annotations.write_text(json.dumps(coco))
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
     out = tmp_path / "run"
-    split = [f"annotations={annotations}", f"images={images}", "type=coco"]
+    split = [f"annotations={annotations}", f"images={images}", "type=coco",
+             "allow_outside_paths=true"]
     load_tool("train_det").main([
         *[f"data.{s}.{kv}" for s in ("train", "val") for kv in split],
         "data.min_size_train=[64]", "data.max_size_train=64", "data.min_size_test=64",

@@ -132,9 +132,9 @@ def test_video_gives_an_annotated_video_and_one_json_line_per_frame(tmp_path, ca
                 "--min-score", "0.0", "--batch-size", "2"])
     printed = capsys.readouterr().out
     assert "5 frames" in printed and "frames/s" in printed
-    drawn, fps = _read_video(out / "clip.mp4.mp4")
+    drawn, fps = _read_video(out / "clip.mp4")
     assert len(drawn) == 5 and drawn[0].shape == (64, 64, 3) and fps == pytest.approx(5.0)
-    lines = [json.loads(line) for line in (out / "clip.mp4.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "clip.jsonl").read_text().splitlines()]
     assert [r["frame"] for r in lines] == [0, 1, 2, 3, 4]
     assert [r["time"] for r in lines] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
     # the oracle: the predictor on the decoded input frames, one at a time
@@ -156,8 +156,8 @@ def test_max_frames_and_unusable_sources(tmp_path):
     _write_video(tmp_path / "clip.avi", frames)
     infer.main([str(tmp_path / "clip.avi"), "--weights", "unused.pth", "--out",
                 str(tmp_path / "out"), "--max-frames", "3"])
-    assert len(_read_video(tmp_path / "out" / "clip.avi.mp4")[0]) == 3
-    assert len((tmp_path / "out" / "clip.avi.jsonl").read_text().splitlines()) == 3
+    assert len(_read_video(tmp_path / "out" / "clip.mp4")[0]) == 3
+    assert len((tmp_path / "out" / "clip.jsonl").read_text().splitlines()) == 3
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
     with pytest.raises(DatasetError, match=r"bad\.mp4: cannot be read as a video"):
         infer.main([str(tmp_path / "bad.mp4"), "--weights", "unused.pth", "--out",

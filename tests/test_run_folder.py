@@ -68,13 +68,14 @@ def test_a_stage_sub_folder_counts_as_a_run(tiny_cls_set, tmp_path):
 
 def test_a_run_stopped_before_its_first_step_is_replaced(tiny_cls_set, tmp_path):
     out = tmp_path / "run"
-    out.mkdir()
-    for name in ("config.yaml", "env.json", "log.txt"):     # e.g. stopped on a missing dataset
-        (out / name).write_text("old\n")
+    missing = ("data.train.type=imagefolder", "data.val.type=imagefolder")
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        pretrain_cls.main(args(tmp_path / "no_data", out, *missing))
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "env.json", "log.txt"]
     pretrain_cls.main(args(tiny_cls_set, out))
     assert train_iterations(out) == [1, 2]
-    assert "old" not in (out / "log.txt").read_text()       # a log of this run only
-    assert (out / "env.json").read_text() != "old\n"
+    assert (out / "log.txt").read_text().count("records in") == 1   # a log of this run only
+    assert "no_data" not in (out / "config.yaml").read_text()
 
 
 def test_resume_continues_the_run_in_the_folder(tiny_cls_set, trained, tmp_path):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from detres.engine.schedule import WarmupMultiStepSchedule, lr_factor_at, scale_lr
+from detres.engine.schedule import WarmupMultiStepSchedule, lr_factor_at
 
 
 def test_multistep_without_warmup_divides_at_each_step():
@@ -34,11 +34,6 @@ def test_warmup_and_step_combine():
 def test_unknown_warmup_method_is_rejected():
     with pytest.raises(ValueError, match="warmup_method"):
         WarmupMultiStepSchedule(warmup_method="cosine")
-
-
-def test_scale_lr_linear_rule():
-    assert scale_lr(0.1, 512, 256) == pytest.approx(0.2)
-    assert scale_lr(0.1, 512, None) == 0.1
 
 
 def test_apply_sets_each_group_from_its_initial_lr():

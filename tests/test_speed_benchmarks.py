@@ -6,6 +6,7 @@ detection selection (NMS and the filtering around it)."""
 import importlib.util
 import re
 import subprocess
+import sys
 import traceback
 import warnings
 
@@ -14,12 +15,16 @@ import torch
 
 from helpers import ROOT, narrow_detector
 
-from detres.models.fast import cpu_has_native_bf16
+from detres.cpu import cpu_has_native_bf16
 from detres.structures import ImageBatch, Targets
 
 
 def _benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module; its sibling modules (``cpu_peak``) import as
+    they do when the script runs."""
     path = ROOT / "benchmarks" / f"{name}.py"
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -112,7 +112,8 @@ def test_resume_continues_an_interrupted_stage(trained, tmp_path):
 def test_missing_imagenet_says_where_and_what_runs_without_it(tmp_path):
     with pytest.raises(DatasetNotFoundError) as e:
         train_loc.main(["configs/loc_r101_imagenet.yaml", f"data.train.root={tmp_path / 'no'}",
-                        "classifier.weights=null", "rpn.backbone.weights=null",
+                        "classifier.weights=null", "classifier.max_iter=1",
+                        "rpn.backbone.weights=null",
                         "rcnn.backbone.weights=null", f"train.output_dir={tmp_path / 'o'}"])
     message = str(e.value)
     assert str(tmp_path / "no") in message and "loc_r18_builtin.yaml" in message

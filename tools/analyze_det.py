@@ -9,14 +9,18 @@ eval/coco_results.json hold). Writes into DIR:
 
   pr_curves.png                  per class: precision against recall at IoU .50 and .75
   confusion_matrix.png / .json   ground truth x prediction counts, background included
-                                 (detections scoring at least --score-thr, matched at --iou)
+                                 (detections scoring at least --score-thr, matched at --iou),
+                                 over the classes with an object or a detection counted
   error_breakdown.png            COCO error breakdown over all classes: the PR curve at IoU
                                  .75 and .50, then with localisation errors, confusion with a
                                  similar class (same supercategory), with any other class,
                                  background detections and missed objects forgiven in turn
   error_breakdown_per_class.png  the same per class
-  analysis.json                  per-class AP/AP50/AP75 (percent) and each curve's area and
-                                 each error's share (0-1), per class and over all classes
+  analysis.json                  per-class AP/AP50/AP75 and each curve's area and each
+                                 error's share, per class and over all classes
+
+Every AP and share is in percent, as in eval/metrics.json: on the console, in the legends and
+titles and in analysis.json.
 
 Matching is pycocotools' (detres.evaluation.analysis explains the breakdown).
 """
@@ -26,7 +30,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from detres.cli import run_main
+from detres.cli import check_output_path, run_main
 from detres.engine.logging import write_json
 from detres.evaluation.analysis import Analysis
 from detres.visualize import plot_confusion_matrix, plot_error_breakdown, plot_pr_curves
@@ -51,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for path in (args.gt, args.dt):
         if not path.is_file():
             raise FileNotFoundError(f"no such file: {path}")
+    check_output_path(args.out, folder=True)
     analysis = Analysis(args.gt, args.dt)
     precision = analysis.precision()
     curves = analysis.per_class_curves(precision)
@@ -71,9 +76,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_json(out / "analysis.json", summary)
     overall = breakdown["overall"]
     if overall is not None:
-        print("COCO error breakdown over all classes (AP after forgiving each error in turn):")
-        print("  " + "  ".join(f"{k} {v:.3f}" for k, v in overall["AP"].items()))
-        print("  cost: " + ", ".join(f"{k} {v:.3f}" for k, v in overall["errors"].items()))
+        print("COCO error breakdown over all classes (AP in percent after forgiving each "
+              "error in turn):")
+        print("  " + "  ".join(f"{k} {v:.1f}" for k, v in overall["AP"].items()))
+        print("  cost: " + ", ".join(f"{k} {v:.1f}" for k, v in overall["errors"].items()))
     print(f"wrote {out}: pr_curves.png, confusion_matrix.png/.json, error_breakdown.png, "
           f"error_breakdown_per_class.png, analysis.json")
     return summary

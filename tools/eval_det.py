@@ -3,7 +3,7 @@
 From files alone:
 
     python tools/eval_det.py --gt ANNOTATIONS.json --dt RESULTS.json \
-        [--metric coco|voc07|voc12] [--out FILE]
+        [--metric coco|voc07|voc12|imagenet_det] [--out FILE]
 
 ``ANNOTATIONS.json`` is COCO-format ground truth, ``RESULTS.json`` COCO results (a list of
 ``{"image_id", "category_id", "bbox": [x, y, w, h], "score"}`` in original pixels). ``coco`` gives
@@ -35,7 +35,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from detres.cli import run_main
+from detres.cli import is_override, run_main
 from detres.config import load_config
 from detres.evaluation.coco_eval import format_metrics_table
 from detres.evaluation.detection import evaluate_files, write_eval
@@ -58,19 +58,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(test-dev, VOC 2012 test)")
     parser.add_argument("--gt", type=Path, help="file mode: COCO-format ground-truth JSON")
     parser.add_argument("--dt", type=Path, help="file mode: COCO results JSON")
-    parser.add_argument("--metric", choices=("coco", "voc07", "voc12"), default=None,
+    parser.add_argument("--metric", choices=("coco", "voc07", "voc12", "imagenet_det"),
+                        default=None,
                         help="coco: COCO AP/AR (default in file mode); voc07: VOC 11-point AP; "
-                             "voc12: VOC area AP; in model mode the default is the config's "
-                             "test.metric")
+                             "voc12: VOC area AP; imagenet_det: area AP with ILSVRC's lower IoU "
+                             "threshold for small boxes; in model mode the default is the "
+                             "config's test.metric")
     parser.add_argument("--engine", choices=("faster", "pycocotools"), default="faster",
                         help="COCO engine: faster-coco-eval (default) or the pycocotools reference")
     parser.add_argument("--out", type=Path, help="write the metrics here as JSON")
     # intermixed: options may sit between positionals, as in CONFIG --weights W key=value
     return parser.parse_intermixed_args(argv)
-
-
-def _is_override(item: str) -> bool:
-    return "=" in item and not Path(item).is_file()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -83,8 +81,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit("model mode needs --weights W (a detection checkpoint)")
         # "--weights W key=value": nargs="+" takes the overrides too; a key=value that is not
         # a file is an override
-        weights = [w for w in args.weights if not _is_override(w)]
-        overrides = list(args.overrides) + [w for w in args.weights if _is_override(w)]
+        weights = [w for w in args.weights if not is_override(w)]
+        overrides = list(args.overrides) + [w for w in args.weights if is_override(w)]
         overrides += ["test.format_only=true"] if args.format_only else []
         cfg = load_config(args.config, overrides, schema=detection.DetectionConfig)
         metric = args.metric or cfg.test.metric

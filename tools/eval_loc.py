@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from detres.cli import run_main
+from detres.cli import is_override, run_main
 from detres.config import load_config
 from detres.engine.logging import write_json
 from detres.tasks import localization
@@ -39,12 +39,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="also write the metrics here as JSON")
     args = parser.parse_intermixed_args(argv)
     # --weights takes every word after it: key=value items there are overrides
-    moved = [w for w in args.weights if "=" in w and not Path(w).exists()]
+    moved = [w for w in args.weights if is_override(w)]
     args.weights = [w for w in args.weights if w not in moved]
     args.overrides += moved
     if not args.weights:
         parser.error("--weights needs at least one checkpoint")
-    if args.config is not None and "=" in args.config:  # only overrides were given
+    if args.config is not None and is_override(args.config):  # only overrides were given
         args.overrides.insert(0, args.config)
         args.config = None
     return args

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from detres.cli import run_main
+from detres.cli import check_output_path, run_main
 from detres.config import load_config
 from detres.engine.logging import write_json
 from detres.export import ExportError, compare_exported, export_detector, load_exported
@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    check_output_path(args.out, folder=False)
     if args.config is None:
         model, cfg, meta = detector_from_checkpoint(args.weights, args.overrides)
     else:

@@ -19,8 +19,9 @@ way, e.g. ``model.roi_head.score_threshold=0.5``. The detector runs in its fast 
 native bf16 (AVX-512 BF16 or AMX), under bf16 autocast (``test.cpu_amp=none`` for fp32).
 
 A video file given as an input (.mp4, .avi, .mov, .mkv, .webm, ...; videos are not searched
-for in folders) gives DIR/<name>.mp4, its frames with the detections drawn, and
-DIR/<name>.jsonl, one JSON line per frame: {"frame", "time" (seconds), "detections": [{
+for in folders) gives DIR/<stem>.mp4 (clip.avi -> DIR/clip.mp4), its frames with the
+detections drawn, in H.264 when the installed OpenCV writes it (else mp4v, said in one line),
+and DIR/<stem>.jsonl, one JSON line per frame: {"frame", "time" (seconds), "detections": [{
 "category_id", "class", "bbox" [x, y, w, h] in the frame's pixels, "score"}]}. --webcam N reads
 camera N into DIR/webcamN.mp4 / .jsonl until Ctrl-C or --max-frames. Frames per second are
 printed at the end (reading, detecting, drawing and writing included).
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from detres.cli import run_main
+from detres.cli import check_output_path, is_override, run_main
 from detres.config import load_config
 from detres.data.image_files import drawing_paths, list_images
 from detres.data.io import DatasetError, read_image
@@ -42,7 +43,7 @@ from detres.engine.logging import write_json
 from detres.predictor import Predictor
 from detres.tasks.detection.build import detector_for_checkpoint
 from detres.tasks.detection.config import DetectionConfig
-from detres.video import VIDEO_SUFFIXES, annotate_video
+from detres.video import VIDEO_SUFFIXES, annotate_video, output_paths
 from detres.visualize import save_detections
 
 logger = logging.getLogger("detres")
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-frames", type=int, default=None, metavar="N",
                         help="stop each video or camera after N frames")
     args = parser.parse_intermixed_args(argv)
-    args.overrides = [a for a in args.inputs if "=" in a and not Path(a).exists()]
+    args.overrides = [a for a in args.inputs if is_override(a)]
     rest = [a for a in args.inputs if a not in args.overrides]
     args.config = rest.pop(0) if rest and rest[0].endswith((".yaml", ".yml")) else None
     args.videos = [a for a in rest if Path(a).suffix.lower() in VIDEO_SUFFIXES
@@ -92,21 +93,21 @@ def make_predictor(args: argparse.Namespace) -> Predictor:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
-    out = Path(args.out)
+    out = check_output_path(args.out, folder=True)
     images = list_images(args.images, out) if args.images else []
     drawings = drawing_paths(images, out)
-    videos = [(Path(v), Path(v).name) for v in args.videos]
+    videos = [(Path(v), Path(v).stem) for v in args.videos]
     if args.webcam is not None:
         videos.append((args.webcam, f"webcam{args.webcam}"))
-    drawing_paths([(path, f"{name}.mp4") for path, name in videos], out)   # names unique
+    outputs = output_paths(videos, out)          # names unique, inside out: before any work
     predictor = make_predictor(args)
     results = infer_images(args, predictor, images, drawings) if images else []
-    for source, name in videos:
-        stats = annotate_video(predictor, source, out / f"{name}.mp4", out / f"{name}.jsonl",
-                               args.min_score, args.max_frames)
+    for (source, _), (video_out, jsonl_out) in zip(videos, outputs):
+        stats = annotate_video(predictor, source, video_out, jsonl_out, args.min_score,
+                               args.max_frames)
         print(f"{source if isinstance(source, Path) else f'camera {source}'}: {stats.frames} "
               f"frames, {stats.detections} detections, {stats.frames_per_second:.1f} frames/s "
-              f"-> {out / f'{name}.mp4'}, {out / f'{name}.jsonl'}")
+              f"-> {video_out}, {jsonl_out}")
     return results
 
 

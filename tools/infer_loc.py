@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from detres.cli import run_main
+from detres.cli import is_override, run_main
 from detres.data.io import DatasetError, read_image
 from detres.engine.logging import write_json
 from detres.data.image_files import IMAGE_SUFFIXES, drawing_paths, list_images
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_intermixed_args(argv)
     # --weights takes the words after it: folders, image files and key=value items are not
     # weights
-    overrides = [w for w in args.weights + args.inputs if "=" in w and not Path(w).exists()]
+    overrides = [w for w in args.weights + args.inputs if is_override(w)]
     images = [w for w in args.weights if w not in overrides
               and (Path(w).is_dir() or Path(w).suffix.lower() in IMAGE_SUFFIXES)]
     args.weights = [w for w in args.weights if w not in overrides and w not in images]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from detres.cli import run_main
+from detres.cli import is_override, run_main
 from detres.complexity import format_rows, load_any_config, model_costs, table1
 from detres.engine.logging import write_json
 
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the ImageNet ResNets at 224x224 beside the paper's Table 1")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_intermixed_args(argv)
-    if args.config is not None and "=" in args.config:   # only overrides were given
+    if args.config is not None and is_override(args.config):   # only overrides were given
         args.overrides.insert(0, args.config)
         args.config = None
     if args.config is None and not args.table1:

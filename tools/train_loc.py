@@ -9,7 +9,8 @@ on first use). Three stages, each an ordinary training run in its own sub-folder
 1. classifier/  the classification network (skipped when classifier.weights is given);
 2. rpn/         the per-class RPN on random crops, a few anchors sampled per image;
 3. rcnn/        the R-CNN refiner on the RPN's top proposals for each training image's classes
-                (rcnn/proposals.pth), RoI-centric (skipped when rcnn.enabled is false).
+                (rcnn/proposals.rank<r>.npy per process, indexed by rcnn/proposals.pth),
+                RoI-centric (skipped when rcnn.enabled is false).
 
 Then train.output_dir holds config.yaml, env.json, log.txt, model_final.pth (all three networks)
 and eval/metrics.json: {"RPN": {...}, "RPN+R-CNN": {...}} with the errors in percent

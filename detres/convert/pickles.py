@@ -2,15 +2,13 @@
 detectron2 model zoos) and ``.pth`` torch files, as name -> float32 tensor dicts.
 
 A pickle names the functions that rebuild its objects, and plain ``pickle.load`` calls them:
-a downloaded ``.pkl`` could run any code. :class:`ArrayUnpickler` admits only what numpy
-arrays are rebuilt from, besides the dicts, lists, strings and numbers that need no function;
-any other name stops the load before anything is called. ``.pth`` files are read with
-``torch.load(weights_only=True)``, which has the same guarantee.
+a downloaded ``.pkl`` could run any code, and even numpy's own rebuild functions crash on a
+forged dtype. ``.pkl`` files are read with :func:`detres.safe_pickle.load_arrays`, which
+builds plain numeric arrays itself and refuses anything else before it is called or built.
+``.pth`` files are read with ``torch.load(weights_only=True)``, which refuses pickled code.
 """
 from __future__ import annotations
 
-import importlib
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# (module, name) pairs a weights pickle may name. numpy 2 moved numpy.core to numpy._core;
-# files written before (all of the model zoos) name the old module.
-ALLOWED_GLOBALS = frozenset({
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-    ("_codecs", "encode"),                  # bytes in protocol-2 pickles written by Python 3
-    ("collections", "OrderedDict"),
-})
+from detres.safe_pickle import RefusedPickleError, load_arrays, torch_load_reason
 
 
 class ConversionError(ValueError):
@@ -35,47 +24,23 @@ class ConversionError(ValueError):
 
 
 class UnsafePickleError(ConversionError):
-    """A pickle names a function outside :data:`ALLOWED_GLOBALS`; nothing of it was run."""
-
-
-class ArrayUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` that rebuilds only numpy arrays and plain containers.
-
-    ``encoding="latin1"`` reads Python 2 pickles (MSRA's and Detectron's files), whose array
-    bytes were written as ``str``.
-    """
-
-    def __init__(self, file: Any, path: str | Path) -> None:
-        super().__init__(file, encoding="latin1")
-        self.path = path
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in ALLOWED_GLOBALS:
-            raise UnsafePickleError(
-                f"{self.path}: refused to unpickle {module}.{name}: a weights pickle holds only "
-                f"numpy arrays, dicts, lists, strings and numbers, and this one names a "
-                f"function that loading would call (nothing was run)")
-        if module.startswith("numpy.core.") and hasattr(np, "_core"):
-            module = "numpy._core." + module[len("numpy.core."):]
-        return getattr(importlib.import_module(module), name)
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickleError(f"{self.path}: refused persistent id {pid!r} (not a plain "
-                                f"pickle of numpy arrays)")
+    """A pickle names a function outside the allow-list or an array that is not plain numbers
+    (:mod:`detres.safe_pickle`); nothing of it was run."""
 
 
 def load_pickle(path: str | Path) -> Any:
-    """Unpickles ``path`` with :class:`ArrayUnpickler`; errors name the file."""
+    """Unpickles ``path`` with :func:`detres.safe_pickle.load_arrays`; errors name the file."""
     try:
         with open(path, "rb") as f:
-            return ArrayUnpickler(f, path).load()
-    except UnsafePickleError:
-        raise
+            return load_arrays(f)
+    except RefusedPickleError as e:
+        raise UnsafePickleError(f"{path}: {e}") from None
     except FileNotFoundError:
         raise ConversionError(f"{path}: no such file") from None
-    except Exception as e:  # truncated, not a pickle, a pickle of something else
+    except Exception as e:  # truncated, not a pickle, nested too deep, a pickle of something else
+        reason = (str(e).splitlines() or [""])[0][:200]
         raise ConversionError(f"{path}: not a readable pickle of numpy arrays "
-                              f"({type(e).__name__}: {str(e)[:200]})") from None
+                              f"({type(e).__name__}: {reason})") from None
 
 
 def _torch_file(path: Path) -> Any:
@@ -85,7 +50,7 @@ def _torch_file(path: Path) -> Any:
         raise ConversionError(f"{path}: no such file") from None
     except Exception as e:  # truncated, another format, or pickled code that must not run
         raise ConversionError(f"{path}: cannot read as a weights-only torch file "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                              f"({torch_load_reason(e)})") from None
 
 
 def read_arrays(path: str | Path) -> dict[str, Tensor]:
@@ -110,8 +75,8 @@ def read_arrays(path: str | Path) -> dict[str, Tensor]:
     for name, value in obj.items():
         if not isinstance(name, str) or name.endswith("_momentum"):
             continue
-        if isinstance(value, np.ndarray) and value.dtype != object:
-            value = torch.from_numpy(np.array(value))   # a writable copy
+        if isinstance(value, np.ndarray):   # numbers only, a writable copy (load_arrays)
+            value = torch.from_numpy(value)
         if isinstance(value, Tensor):
             arrays[name] = value.float() if value.is_floating_point() else value
     if not arrays:

@@ -28,11 +28,12 @@ import cv2
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 from detres.data.io import (BadImageSkipper, DatasetError, ImageDecodeError, image_to_tensor,
                             read_image)
 from detres.data.transforms import resize, resize_scale
+from detres.safe_pickle import RefusedPickleError, load_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -135,21 +136,29 @@ class ImageFolder(ClassificationDataset):
         return self.skipper.report()
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """CIFAR's python batches are pickles; allow only what they contain (arrays, lists)."""
-
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
-               ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype")}
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR batch")
-        return super().find_class(module, name)
+class CifarBatchError(DatasetError, pickle.UnpicklingError):
+    """A CIFAR batch that is not a plain pickle of numbers; nothing of it was run."""
 
 
 def _read_cifar_batch(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    """CIFAR's python batches are Python 2 pickles: read with the reader that builds only
+    numeric arrays (``detres.safe_pickle``); ``encoding="bytes"`` keeps the keys ``b"data"``."""
+    try:
+        with open(path, "rb") as f:
+            batch = load_arrays(f, encoding="bytes")
+    except RefusedPickleError as e:
+        raise CifarBatchError(f"{path}: refusing this CIFAR batch: {e}") from None
+    except Exception as e:  # truncated, not a pickle, nested too deep
+        raise CifarBatchError(f"{path}: refusing this CIFAR batch, not a readable pickle "
+                              f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})"
+                              ) from None
+    data = batch.get(b"data") if isinstance(batch, dict) else None
+    labels = batch.get(b"labels") if isinstance(batch, dict) else None
+    if not (isinstance(data, np.ndarray) and data.ndim == 2 and data.shape[1] == 3 * 32 * 32
+            and isinstance(labels, list) and len(labels) == len(data)):
+        raise CifarBatchError(f"{path}: refusing this CIFAR batch: expected a dict with b'data' "
+                              f"(N, 3072) and N b'labels'")
+    return batch
 
 
 class Cifar10(ClassificationDataset):
@@ -277,18 +286,3 @@ def collate(batch: list[tuple[Tensor | list[Tensor], int]]
     if isinstance(batch[0][0], list):
         return [b[0] for b in batch], labels
     return torch.stack([b[0] for b in batch]), labels
-
-
-def _worker_init(_: int) -> None:
-    cv2.setNumThreads(1)  # workers are the parallelism; OpenCV threads would oversubscribe
-
-
-def make_loader(dataset: Dataset, *, batch_sampler: Sampler | None = None,
-                sampler: Sampler | None = None, batch_size: int = 1, num_workers: int = 0,
-                pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over ``dataset`` with a batch sampler (training) or a sampler (test)."""
-    kwargs = dict(batch_sampler=batch_sampler) if batch_sampler is not None else \
-        dict(sampler=sampler, batch_size=batch_size, drop_last=False)
-    return DataLoader(dataset, num_workers=num_workers, collate_fn=collate,
-                      pin_memory=pin_memory, worker_init_fn=_worker_init if num_workers else None,
-                      persistent_workers=False, **kwargs)

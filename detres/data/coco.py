@@ -24,7 +24,13 @@ Bad input, and what happens:
   should go on); unknown category ids are listed beside the file's own;
 - missing image files: a ``DatasetError`` before any work, with how many and the first few;
   an image whose decoded size differs from the JSON's: ``DatasetError`` when read; either a
-  counted skip with ``skip_bad_images`` (see ``DetectionDataset``).
+  counted skip with ``skip_bad_images`` (see ``DetectionDataset``);
+- an id (image, annotation, category) that is not a whole number from 0 to 2**63 - 1 (a string,
+  null, true, 2**70), an ``iscrowd`` other than 0/1 (true/false), a ``file_name`` that leads
+  out of the image folder (``..``, an absolute path; see ``io.file_in_folder``) unless
+  ``allow_outside_paths``: a ``DatasetError`` naming the record and the value;
+- a training set (``filter_empty``) left without a box: a ``DatasetError`` counting what was
+  read and why none of it is usable (crowd, under ``min_box_size``, skipped).
 
 The JSON is parsed with the standard library rather than ``pycocotools.COCO`` so that every
 error can name what is wrong; pycocotools reads ``annotation_file`` at evaluation.
@@ -40,9 +46,15 @@ from typing import Any, Literal
 import numpy as np
 
 from detres.data.io import (AnnotationIndex, DatasetError, DetectionDataset, Transform,
-                            filter_empty_images)
+                            file_in_folder, filter_empty_images)
 
 logger = logging.getLogger(__name__)
+
+MAX_ID = 2**63 - 1      # ids are stored as int64
+MAX_SIDE = 2**31 - 1
+OUTSIDE_HINT = ("file names are relative to the image folder (data.train.images / "
+                "data.val.images); set allow_outside_paths: true (data.train / data.val) if "
+                "this annotation file is trusted to name files anywhere")
 
 
 class COCODetection(DetectionDataset):
@@ -58,6 +70,8 @@ class COCODetection(DetectionDataset):
         bad_annotations: ``"error"`` (default) or ``"skip"`` annotations with an unknown image
             or category or an impossible bbox.
         min_box_size: a box narrower or shorter than this after clipping is dropped.
+        allow_outside_paths: read a ``file_name`` that leads out of ``image_root`` (``..``, an
+            absolute path) instead of refusing the file.
 
     Attributes:
         class_names: K category names, by label.
@@ -70,7 +84,7 @@ class COCODetection(DetectionDataset):
                  transform: Transform | None = None, filter_empty: bool = False,
                  skip_bad_images: bool = False,
                  bad_annotations: Literal["error", "skip"] = "error",
-                 min_box_size: float = 1.0) -> None:
+                 min_box_size: float = 1.0, allow_outside_paths: bool = False) -> None:
         if bad_annotations not in ("error", "skip"):
             raise ValueError(f"bad_annotations must be 'error' or 'skip', got {bad_annotations!r}")
         self.annotation_file = Path(annotation_file)
@@ -86,11 +100,12 @@ class COCODetection(DetectionDataset):
         cat_ids, names = _parse_categories(data["categories"], self.annotation_file)
         self.label_to_category_id: list[int] = cat_ids
         self.category_id_to_label: dict[int, int] = {c: k for k, c in enumerate(cat_ids)}
-        index = _build_index(data, self.annotation_file, self.image_root, cat_ids,
-                             bad_annotations == "skip", min_box_size)
+        index, read = _build_index(data, self.annotation_file, self.image_root, cat_ids,
+                                   bad_annotations == "skip", min_box_size, allow_outside_paths)
         del data
         if filter_empty:
-            index = filter_empty_images(index, keep_ignored=False, source=self.annotation_file)
+            index = filter_empty_images(index, keep_ignored=False, source=self.annotation_file,
+                                        read=read)
         super().__init__(index, names, transform=transform, keep_ignored=False,
                          skip_bad_images=skip_bad_images, source=str(self.annotation_file))
 
@@ -101,8 +116,8 @@ def _load_json(path: Path) -> dict[str, Any]:
             data = json.load(f)
     except FileNotFoundError:
         raise DatasetError(f"{path}: annotation file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, 4300+ digits
+        raise DatasetError(f"{path}: not valid JSON: {e}"[:300]) from None
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: a COCO annotation file is a JSON object, got "
                            f"{type(data).__name__}")
@@ -132,10 +147,22 @@ def _field(rec: Any, key: str, kind: type | tuple, path: Path, what: str) -> Any
     return v
 
 
+def _id(rec: Any, key: str, path: Path, what: str) -> int:
+    """An id: a JSON whole number that numpy's int64 holds (strings, null, true and 2**70 are
+    refused here rather than failing later as a TypeError or OverflowError)."""
+    if not isinstance(rec, dict) or key not in rec:
+        raise DatasetError(f"{path}: {what} has no '{key}'")
+    v = rec[key]
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_ID:
+        raise DatasetError(f"{path}: {what} has '{key}' = {v!r:.60}; ids are whole numbers from "
+                           "0 to 2**63 - 1")
+    return v
+
+
 def _parse_categories(cats: list, path: Path) -> tuple[list[int], list[str]]:
     by_id: dict[int, str] = {}
     for n, c in enumerate(cats):
-        cid = _field(c, "id", int, path, f"category #{n}")
+        cid = _id(c, "id", path, f"category #{n}")
         name = _field(c, "name", str, path, f"category id {cid}")
         if cid in by_id:
             raise DatasetError(f"{path}: duplicate category id {cid} ({by_id[cid]!r}, {name!r})")
@@ -150,14 +177,14 @@ def _parse_images(images: list, path: Path) -> tuple[np.ndarray, list[str], np.n
     ids, names, sizes = [], [], []
     seen: dict[int, str] = {}
     for n, im in enumerate(images):
-        iid = _field(im, "id", int, path, f"image #{n}")
+        iid = _id(im, "id", path, f"image #{n}")
         what = f"image id {iid}"
         name = _field(im, "file_name", str, path, what)
         w = _field(im, "width", int, path, what)
         h = _field(im, "height", int, path, what)
         if iid in seen:
             raise DatasetError(f"{path}: duplicate image id {iid} ({seen[iid]!r} and {name!r})")
-        if w <= 0 or h <= 0:
+        if not (0 < w <= MAX_SIDE and 0 < h <= MAX_SIDE):
             raise DatasetError(f"{path}: image id {iid} ({name}) has size {w}x{h}")
         seen[iid] = name
         ids.append(iid)
@@ -170,22 +197,34 @@ def _parse_images(images: list, path: Path) -> tuple[np.ndarray, list[str], np.n
 def _parse_annotations(anns: list, path: Path) -> dict[str, np.ndarray]:
     ann_ids, image_ids, cat_ids, bboxes, crowd = [], [], [], [], []
     for n, a in enumerate(anns):
-        aid = a.get("id", -1 - n) if isinstance(a, dict) else -1 - n
+        # a missing id is allowed (-1 - n marks it); a present one must be an id
+        aid = _id(a, "id", path, f"annotation #{n}") if isinstance(a, dict) and "id" in a \
+            else -1 - n
         what = f"annotation id {aid}" if aid >= 0 else f"annotation #{n}"
-        image_ids.append(_field(a, "image_id", int, path, what))
-        cat_ids.append(_field(a, "category_id", int, path, what))
+        image_ids.append(_id(a, "image_id", path, what))
+        cat_ids.append(_id(a, "category_id", path, what))
         b = _field(a, "bbox", list, path, what)
-        if len(b) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                  for v in b):
-            raise DatasetError(f"{path}: {what} (image id {image_ids[-1]}): bbox {b!r} is not "
-                               "4 numbers [x, y, w, h]")
+        if len(b) != 4 or not all(_is_coordinate(v) for v in b):
+            raise DatasetError(f"{path}: {what} (image id {image_ids[-1]}): bbox {b!r:.200} is "
+                               "not 4 numbers [x, y, w, h]")
         bboxes.append(b)
-        crowd.append(bool(a.get("iscrowd", 0)))
+        # bool("no") is True: only 0/1 (true/false) say what COCO means by iscrowd
+        flag = a.get("iscrowd", 0)
+        if not isinstance(flag, (int, float)) or flag not in (0, 1):
+            raise DatasetError(f"{path}: {what} (image id {image_ids[-1]}) has 'iscrowd' = "
+                               f"{flag!r:.60}, not 0 or 1 (false or true)")
+        crowd.append(bool(flag))
         ann_ids.append(aid)
     return {"id": np.asarray(ann_ids, np.int64), "image_id": np.asarray(image_ids, np.int64),
             "category_id": np.asarray(cat_ids, np.int64),
             "bbox": np.asarray(bboxes, np.float64).reshape(-1, 4),
             "crowd": np.asarray(crowd, np.bool_)}
+
+
+def _is_coordinate(v: Any) -> bool:
+    """A JSON number float64 holds (NaN and infinity pass here and are reported later)."""
+    return isinstance(v, float) or (isinstance(v, int) and not isinstance(v, bool)
+                                    and abs(v) <= MAX_ID)
 
 
 def _lookup(sorted_keys: np.ndarray, order: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -197,8 +236,12 @@ def _lookup(sorted_keys: np.ndarray, order: np.ndarray, values: np.ndarray) -> n
 
 
 def _build_index(data: dict, path: Path, image_root: Path, cat_ids: list[int], skip: bool,
-                 min_box_size: float) -> AnnotationIndex:
+                 min_box_size: float, allow_outside: bool) -> tuple[AnnotationIndex, str]:
+    """The index, and what was read for the "no training box" error of ``filter_empty``."""
     ids, names, sizes = _parse_images(data["images"], path)
+    paths = [os.fsencode(file_in_folder(image_root, n, allow_outside, f"{path}: image id {i} "
+                                        f"has file_name {n!r:.200}", OUTSIDE_HINT))
+             for i, n in zip(ids.tolist(), names)]
     a = _parse_annotations(data["annotations"], path)
     order = np.argsort(ids, kind="stable")
     img = _lookup(ids[order], order, a["image_id"])                       # (A,) image position
@@ -237,14 +280,19 @@ def _build_index(data: dict, path: Path, image_root: Path, cat_ids: list[int], s
     by_image = np.argsort(img, kind="stable")                             # group rows by image
     counts = np.bincount(img, minlength=len(ids))
     index = AnnotationIndex(
-        paths=np.array([os.fsencode(image_root / n) for n in names], dtype=np.bytes_),
+        paths=np.array(paths, dtype=np.bytes_),
         image_ids=ids, sizes=sizes,
         offsets=np.concatenate(([0], np.cumsum(counts))).astype(np.int64),
         boxes=boxes[by_image].reshape(-1, 4), labels=label[by_image].astype(np.int64),
         ignore=crowd[by_image])
     logger.info("%s: %d images, %d boxes (%d crowd) of %d categories", path, len(ids),
                 int((~index.ignore).sum()), int(index.ignore.sum()), len(cat_ids))
-    return index
+    read = f"{len(bad)} annotations read"
+    if len(bad):
+        read += (f", none usable ({int(crowd.sum())} crowd, {int(small.sum())} under "
+                 f"{min_box_size:g} px after clipping"
+                 + (f", {int(bad.sum())} dropped by bad_annotations: skip)" if bad.any() else ")"))
+    return index, read
 
 
 def _first_ids(ids: np.ndarray, n: int = 5) -> str:

@@ -1,7 +1,9 @@
 """Image decoding and the compact annotation index shared by the detection datasets.
 
-``read_image`` turns any JPEG/PNG/BMP/WebP/TIFF/GIF file into an (H, W, 3) uint8 RGB array:
-the EXIF orientation is applied (so H, W are the size a viewer shows), grayscale, CMYK and
+``read_image`` turns any JPEG/PNG/BMP/WebP/TIFF/GIF file into an (H, W, 3) uint8 RGB array of
+the pixels as stored: the EXIF orientation is ignored, in training and inference alike, as COCO
+does (its boxes and sizes are on the stored pixels; a square image that a viewer shows rotated
+would otherwise pass the size check with every box misplaced). Grayscale, CMYK and
 palette images become RGB, transparent pixels are composited over black (the colour the batch
 is padded with), 16-bit images are scaled to 8 bits. A missing, empty, truncated or
 undecodable file raises ``ImageDecodeError`` naming the path.
@@ -23,7 +25,7 @@ from typing import Callable, TypeVar
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -48,7 +50,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     """Decodes an image file to RGB.
 
     Returns:
-        (H, W, 3) uint8 array, RGB, with the EXIF orientation applied.
+        (H, W, 3) uint8 array, RGB, the pixels as stored (EXIF orientation ignored).
 
     Raises:
         ImageDecodeError: the file is missing, empty, truncated or not an image.
@@ -59,7 +61,6 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
             raise ImageDecodeError(f"{path}: image file is empty")
         with Image.open(path) as im:
             im.load()  # decodes now, so a truncated file fails here and not later
-            im = ImageOps.exif_transpose(im)
             return _to_rgb(im)
     except ImageDecodeError:
         raise
@@ -164,13 +165,37 @@ class AnnotationIndex:
 
 
 def filter_empty_images(index: AnnotationIndex, keep_ignored: bool,
-                        source: str | os.PathLike) -> AnnotationIndex:
-    """Drops the images without a training box (logged with the count)."""
+                        source: str | os.PathLike, read: str = "") -> AnnotationIndex:
+    """Drops the images without a training box (logged with the count). None left is a
+    ``DatasetError`` saying what was read (``read``, e.g. "3 annotations read, none usable (2
+    crowd, 1 under 1 px after clipping)"), instead of an empty sampler later."""
     has_box = index.count_boxes(keep_ignored) > 0
+    if not has_box.any():
+        raise DatasetError(f"{source}: no training box: {len(index)} images"
+                           f"{' and ' + read if read else ''}; nothing to train on")
     if not has_box.all():
         logger.info("%s: %d of %d images have no training box and are skipped (filter_empty)",
                     source, int((~has_box).sum()), len(index))
     return index.select(has_box)
+
+
+def file_in_folder(folder: Path, name: str, allow_outside: bool, what: str, hint: str) -> Path:
+    """``folder / name`` for a file name read from an annotation or split file, normalised
+    (``a/../b`` -> ``b``), which is also the path read.
+
+    A name that leads out of ``folder`` (an absolute path, or more ``..`` than folders before
+    them) is a ``DatasetError`` (``what``: the file and record, ``hint``: how to allow it)
+    unless ``allow_outside``. The check is on the name as written, not on where symbolic links
+    lead: the folder and its links are the user's own (image folders are often linked in from
+    elsewhere), only the annotation file is untrusted.
+    """
+    if "\0" in name:
+        raise DatasetError(f"{what}, which contains a NUL character")
+    name = os.path.normpath(name) if name else name
+    if not allow_outside and (os.path.isabs(name) or name == os.pardir
+                              or name.startswith(os.pardir + os.sep)):
+        raise DatasetError(f"{what}, which leads outside the image folder {folder}; {hint}")
+    return folder / name
 
 
 def check_images_exist(index: AnnotationIndex, source: str | os.PathLike) -> None:
@@ -345,8 +370,10 @@ class DetectionDataset(Dataset):
         image = read_image(path)
         h, w = (int(v) for v in self.index.sizes[i])
         if image.shape[:2] != (h, w):
-            hint = (" (the EXIF orientation rotates it: the annotations seem to be made on the "
-                    "unrotated pixels)") if image.shape[:2] == (w, h) else ""
+            hint = (" (width and height swapped: detres reads the pixels as stored, ignoring "
+                    "the EXIF orientation as COCO does; if the annotations were made on the "
+                    "image as a viewer shows it, rotate the file's pixels, e.g. exiftran -ai)"
+                    ) if image.shape[:2] == (w, h) else ""
             raise DatasetError(f"{path}: image id {int(self.index.image_ids[i])} is "
                                f"{image.shape[1]}x{image.shape[0]} (w x h) but "
                                f"{self.size_source(i)} says {w}x{h}{hint}")

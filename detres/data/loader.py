@@ -8,11 +8,14 @@ number of processes); evaluation reads ``InferenceSampler``'s ordered per-rank s
 Augmentation randomness in workers comes from the DataLoader's generator (seeded with ``seed``
 and the rank), see ``detres.data.transforms``. OpenCV's thread count is left alone in workers:
 ``cv2.setNumThreads`` in a forked worker hangs once the parent has used OpenCV's thread pool.
+Every task's loaders come from :func:`make_loader`.
 """
 from __future__ import annotations
 
+import signal
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -159,8 +162,30 @@ def build_detection_loader(dataset: Dataset, batch_size: int, *, training: bool 
     else:
         batch_sampler = BatchSampler(InferenceSampler(n, rank, world_size), batch_size,
                                      drop_last=False)
+    return make_loader(dataset, batch_sampler=batch_sampler, collate_fn=_collate_packed,
+                       num_workers=num_workers, pin_memory=pin_memory, seed=seed, rank=rank,
+                       persistent_workers=persistent_workers, loader_class=DetectionLoader)
+
+
+def ignore_interrupts(_: int) -> None:
+    """A worker's start: Ctrl-C is the training loop's to handle (it finishes the step and
+    saves a checkpoint); a worker ended by the same signal would fail the next batch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def make_loader(dataset: Dataset, *, collate_fn: Callable[[list], Any],
+                batch_sampler: Sampler | None = None, sampler: Sampler | None = None,
+                batch_size: int = 1, num_workers: int = 0, pin_memory: bool = False,
+                seed: int = 0, rank: int = 0, persistent_workers: bool = False,
+                loader_class: type[DataLoader] = DataLoader) -> DataLoader:
+    """The DataLoader of every task: over a batch sampler (training) or a sampler of single
+    items (inference, ``batch_size`` per batch). Its generator, seeded with ``(seed, rank)``,
+    gives each worker its base seed, so runs repeat; workers leave Ctrl-C to the loop."""
+    batching = (dict(batch_sampler=batch_sampler) if batch_sampler is not None else
+                dict(sampler=sampler, batch_size=batch_size, drop_last=False))
     generator = torch.Generator()
     generator.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1)[0]))
-    return DetectionLoader(dataset, batch_sampler=batch_sampler, collate_fn=_collate_packed,
-                           num_workers=num_workers, pin_memory=pin_memory, generator=generator,
-                           persistent_workers=persistent_workers and num_workers > 0)
+    return loader_class(dataset, collate_fn=collate_fn, num_workers=num_workers,
+                        pin_memory=pin_memory, generator=generator,
+                        worker_init_fn=ignore_interrupts if num_workers else None,
+                        persistent_workers=persistent_workers and num_workers > 0, **batching)

@@ -26,8 +26,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from detres import boxes as box_ops
-from detres.data.classification import _worker_init
 from detres.data.io import image_to_tensor
+from detres.data.loader import make_loader
 from detres.data.samplers import DropSeed, InferenceSampler, TrainingSampler
 from detres.structures import ImageBatch, Targets
 
@@ -100,14 +100,14 @@ def train_loader(dataset: Dataset, collate: Any, sampler: TrainingSampler,
                  ) -> DataLoader:
     """An endless loader over ``sampler``'s batches; ``positions=False`` passes the
     ``(index, seed)`` items to the dataset unchanged (``RCNNSamples``)."""
-    return DataLoader(DropSeed(dataset) if positions else dataset, batch_sampler=sampler,
-                      collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
-                      worker_init_fn=_worker_init if num_workers else None)
+    return make_loader(DropSeed(dataset) if positions else dataset, batch_sampler=sampler,
+                       collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
+                       seed=sampler.seed, rank=sampler.rank)
 
 
 def test_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int,
                 num_workers: int) -> DataLoader:
     """Lists of untransformed samples; each rank a contiguous slice of the images, in order."""
-    return DataLoader(dataset, sampler=InferenceSampler(len(dataset), rank, world_size),
-                      batch_size=batch_size, collate_fn=collate_list, num_workers=num_workers,
-                      worker_init_fn=_worker_init if num_workers else None)
+    return make_loader(dataset, sampler=InferenceSampler(len(dataset), rank, world_size),
+                       batch_size=batch_size, collate_fn=collate_list, num_workers=num_workers,
+                       rank=rank)

@@ -20,10 +20,13 @@ Difficult objects are kept in the index (``ignore``) for evaluation, which ignor
 are not training targets unless ``keep_difficult``. Truncated objects are ordinary targets.
 
 Bad input: a split file, annotation or image that is missing, an XML that does not parse or
-lacks ``size``: a ``DatasetError`` naming the file and the image name. An object without a
-name or box, of an unknown class (``class_names``), or with xmax < xmin or a box outside the
-image: the same error, or with ``bad_annotations="skip"`` the object is left out and counted.
-``skip_bad_images`` covers unreadable images.
+lacks ``size``: a ``DatasetError`` naming the file and the image name. An image name that leads
+out of ``Annotations`` / ``JPEGImages`` (``..``, an absolute path): the same error unless
+``allow_outside_paths`` (the XML's own ``<filename>`` is never read: the split file's name is
+the image's). A training set left without a box: the same error, counting what was read. An
+object without a name or box, of an unknown class (``class_names``), or with xmax < xmin or a
+box outside the image: the same error, or with ``bad_annotations="skip"`` the object is left
+out and counted. ``skip_bad_images`` covers unreadable images.
 
 The paper's "07+12" training set is ``VOCDetection([(voc2007, "trainval"),
 (voc2012, "trainval")])``: one dataset, one index, with ``image_id`` = position in the union.
@@ -39,9 +42,13 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 
 from detres.data.io import (AnnotationIndex, DatasetError, DetectionDataset, Transform,
-                            filter_empty_images)
+                            file_in_folder, filter_empty_images)
 
 logger = logging.getLogger(__name__)
+
+OUTSIDE_HINT = ("image names are relative to the year folder's Annotations and JPEGImages; set "
+                "allow_outside_paths: true (data.train / data.val) if this split file is "
+                "trusted to name files anywhere")
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -67,6 +74,8 @@ class VOCDetection(DetectionDataset):
             ``"skip"``: such objects are left out and counted in a warning.
         image_extensions: suffixes tried in order for ``JPEGImages/<name><suffix>``
             (default ``.jpg``; e.g. ``[".jpg", ".png"]`` for a mixed folder).
+        allow_outside_paths: read an image name of a split file that leads out of the year
+            folder's ``Annotations`` and ``JPEGImages`` instead of refusing it.
 
     Attributes:
         image_names: (N,) the VOC image names (``"000005"``, ``"2008_000002"``) as str.
@@ -79,7 +88,8 @@ class VOCDetection(DetectionDataset):
                  filter_empty: bool = False, skip_bad_images: bool = False,
                  class_names: Sequence[str] = VOC_CLASSES,
                  bad_annotations: Literal["error", "skip"] = "error",
-                 image_extensions: Sequence[str] = (".jpg",)) -> None:
+                 image_extensions: Sequence[str] = (".jpg",),
+                 allow_outside_paths: bool = False) -> None:
         if len(sources) == 2 and isinstance(sources[1], str):
             sources = [sources]  # one (root, split) pair
         if bad_annotations not in ("error", "skip"):
@@ -95,7 +105,7 @@ class VOCDetection(DetectionDataset):
         dropped = 0
         for root, split in sources:
             root = Path(root)
-            for name in _read_split(root, split):
+            for name in _read_split(root, split, allow_outside_paths):
                 xml = root / "Annotations" / f"{name}.xml"
                 size, objs, n_drop = parse_voc_xml(xml, label_of, on_bad)
                 dropped += n_drop
@@ -121,7 +131,10 @@ class VOCDetection(DetectionDataset):
             has_box = index.count_boxes(keep_difficult) > 0
             self.truncated = self.truncated[np.repeat(has_box, np.diff(index.offsets))]
             self.image_names = self.image_names[has_box]
-            index = filter_empty_images(index, keep_difficult, _describe(sources))
+            read = (f"{len(index.boxes) + dropped + len(skipped)} objects read, none usable "
+                    f"({int(index.ignore.sum())} difficult, {dropped} under 1 px after clipping"
+                    + (f", {len(skipped)} dropped by bad_annotations: skip)" if skipped else ")"))
+            index = filter_empty_images(index, keep_difficult, _describe(sources), read=read)
         self.sources = [(Path(r), s) for r, s in sources]
         logger.info("%s: %d images, %d boxes (%d difficult)", _describe(sources), len(index),
                     len(index.boxes), int(index.ignore.sum()))
@@ -150,13 +163,17 @@ def _describe(sources: Sequence[tuple]) -> str:
     return " + ".join(f"{Path(r)}:{s}" for r, s in sources)
 
 
-def _read_split(root: Path, split: str) -> list[str]:
+def _read_split(root: Path, split: str, allow_outside: bool) -> list[str]:
     f = root / "ImageSets" / "Main" / f"{split}.txt"
     if not f.is_file():
         raise DatasetError(f"{f}: VOC split file not found (expected the VOCdevkit layout "
                            f"<root>/ImageSets/Main/{split}.txt with root e.g. "
                            "datasets/VOCdevkit/VOC2007)")
     names = [line.split()[0] for line in f.read_text().splitlines() if line.strip()]
+    for n in names:  # a name leads into both Annotations/ and JPEGImages/
+        file_in_folder(root / "JPEGImages", n, allow_outside, f"{f}: image name {n!r:.200}",
+                       OUTSIDE_HINT)
+    names = [os.path.normpath(n) for n in names]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise DatasetError(f"{f}: image {dup} is listed twice")

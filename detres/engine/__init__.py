@@ -2,10 +2,11 @@
 from detres.engine.checkpoint import (Checkpointer, CheckpointError, atomic_save,
                                       extract_backbone, load_checkpoint)
 from detres.engine.loop import (NonFiniteGradientError, NonFiniteLossError, Trainer,
-                                TrainResult, move_to_device, recompute_bn_stats)
-from detres.engine.schedule import WarmupMultiStepSchedule, lr_factor_at, scale_lr
+                                TrainResult, move_to_device)
+from detres.engine.precise_bn import recompute_bn_stats
+from detres.engine.schedule import WarmupMultiStepSchedule, lr_factor_at
 
 __all__ = ["Checkpointer", "CheckpointError", "NonFiniteGradientError", "NonFiniteLossError",
            "Trainer", "TrainResult",
            "WarmupMultiStepSchedule", "atomic_save", "extract_backbone", "load_checkpoint",
-           "lr_factor_at", "move_to_device", "recompute_bn_stats", "scale_lr"]
+           "lr_factor_at", "move_to_device", "recompute_bn_stats"]

@@ -16,6 +16,7 @@ stop) never leaves a half-written ``model_*.pth`` or ``last_checkpoint``.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from detres.atomic import atomic_write_bytes
 from detres.models.weights import WeightsMismatchError, check_state_dict
+from detres.safe_pickle import torch_load_reason
 
 LAST_CHECKPOINT = "last_checkpoint"  # a text file naming the newest checkpoint in the folder
 
@@ -109,7 +111,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated file, pickled code, not a torch file at all
         raise CheckpointError(f"{path}: cannot read as a weights-only torch checkpoint "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                              f"({torch_load_reason(e)})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
     return obj
@@ -138,6 +140,71 @@ def load_model_state(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -
         raise CheckpointError(f"{path} was written for another model ({describe(ckpt)}).\n{e}") \
             from None
     model.load_state_dict(ckpt["model"], strict=True)
+
+
+def check_resume(ckpt: dict[str, Any], path: str | Path, model: nn.Module, task: str,
+                 class_names: Sequence[str] | None = None,
+                 config: dict[str, Any] | None = None) -> None:
+    """Refuses (one line) to continue ``ckpt`` with another task, another class list (the
+    first differences of both lists) or another network (the differing keys of the stored
+    config and ``config``), before the resumed run writes anything."""
+    check_task(ckpt, path, task)
+    stored = ckpt.get("class_names")
+    if class_names is not None and stored is not None and (
+            not isinstance(stored, (list, tuple)) or list(stored) != list(class_names)):
+        stored = list(stored) if isinstance(stored, (list, tuple)) else [str(stored)]
+        raise CheckpointError(
+            f"{path} was trained on other classes than this run's data: "
+            f"{_class_difference(stored, list(class_names))}; resume with the data it was "
+            f"trained on, or train on this data with train.output_dir=NEW_FOLDER")
+    try:
+        check_state_dict(model, ckpt["model"], str(path))
+    except WeightsMismatchError as e:
+        changed = _changed_keys(ckpt.get("config"), config)
+        what = "; ".join(changed) if changed else str(e).splitlines()[0]
+        raise CheckpointError(f"{path} holds another network than this config builds ({what}); "
+                              f"resume with the config it was trained with, or start a new run "
+                              f"with train.output_dir=NEW_FOLDER") from None
+
+
+def _class_difference(stored: list[Any], current: list[Any]) -> str:
+    """``from class 1 on: ['circle', ...] (3 classes) in the checkpoint, ['person', ...] (3)
+    in the data``."""
+    first = next((i for i, (a, b) in enumerate(zip(stored, current)) if a != b),
+                 min(len(stored), len(current)))
+
+    def shown(names: list[Any]) -> str:
+        part = [repr(str(n)[:40]) for n in names[first:first + 3]]
+        more = ["..."] if len(names) > first + 3 else []
+        return "[" + ", ".join(["..."] * (first > 0) + part + more) + f"] ({len(names)} classes)"
+    return f"from class {first} on, {shown(stored)} in the checkpoint, {shown(current)} here"
+
+
+# config sections and keys that do not shape the network
+_NOT_STRUCTURE = {"train", "data", "test", "solver", "precise_bn", "max_iter", "weights"}
+
+
+def _changed_keys(stored: Any, current: Any) -> list[str]:
+    """Up to 3 ``key: A in the checkpoint, B here`` for the network's config keys that differ."""
+    if not isinstance(stored, dict) or not isinstance(current, dict):
+        return []
+    old, new = dict(_flat(stored)), dict(_flat(current))
+    keys = [k for k in sorted(old.keys() | new.keys(), key=str)
+            if old.get(k) != new.get(k) and not _NOT_STRUCTURE & set(k.split("."))]
+    return [f"{k}: {repr(old.get(k))[:60]} in the checkpoint, {repr(new.get(k))[:60]} here"
+            for k in keys[:3]]
+
+
+def _flat(tree: dict[Any, Any], prefix: str = "", depth: int = 0
+          ) -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of a nested config dict; a stored config is read only 8 levels
+    deep (a checkpoint is a file from anywhere)."""
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and depth < 8:
+            yield from _flat(value, f"{name}.", depth + 1)
+        else:
+            yield name, value
 
 
 def load_task_weights(model: nn.Module, path: str | Path, task: str, *,

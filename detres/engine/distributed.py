@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from detres.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -33,10 +35,11 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but CUDA is not available; use train.device=cpu")
+            raise ConfigError("train.device = cuda: CUDA is not available on this machine; use "
+                              "train.device=cpu (or auto)")
         return torch.device("cuda", local_rank)
     if device != "cpu":
-        raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda")
+        raise ConfigError(f"unknown device {device!r}; valid: auto, cpu, cuda")
     return torch.device("cpu")
 
 

@@ -1,25 +1,27 @@
 """Starting a run: device, torchrun process group, logger, seeds, the run folder and the records
-every run writes first (the resolved ``config.yaml`` and ``env.json``).
+every run writes first (``env.json``, which marks the folder as a detres run's, then the
+resolved ``config.yaml``).
 
-The run folder (docs/architecture.md, Run folder): a fresh training run refuses a
-``train.output_dir`` that holds a run (unless ``train.overwrite``, which removes the old run's
-records first); a training run holds ``run.lock`` there so that a second process refuses the
-folder; an evaluation-only run writes into a new sub-folder ``eval_only/<YYYYmmdd-HHMMSS>[-N]/``
-and never touches the training run's records.
+The run folder (docs/architecture.md, Run folder; what may be removed: ``engine/run_folder.py``):
+a fresh training run refuses a ``train.output_dir`` that holds a run (unless
+``train.overwrite``, which removes that run's records first) or anything that no detres run
+wrote; a training run holds ``run.lock`` there so that a second process refuses the folder; a
+resumed run writes nothing there until the task has checked that the checkpoints fit
+(``begin_resumed_run``); an evaluation-only run writes into a new sub-folder
+``eval_only/<YYYYmmdd-HHMMSS>[-N]/`` and never touches the training run's records.
 """
 from __future__ import annotations
 
 import atexit
-import fnmatch
 import functools
 import itertools
 import logging
+import logging.handlers
 import os
 import random
-import shutil
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -28,17 +30,15 @@ import torch
 
 from detres.config import ConfigError, dump
 from detres.engine import distributed as du
-from detres.engine.logging import setup_logger, write_env
+from detres.engine.logging import LOGGER_NAME, collect_env, setup_logger, write_json
+from detres.engine.run_folder import (ENV_FILE, EVAL_ONLY, LOCK_FILE, check_location,
+                                      check_resume_folder, clear_for_fresh_run, make_folder,
+                                      run_records)
+
+__all__ = ["EVAL_ONLY", "LOCK_FILE", "acquire_run_lock", "begin_resumed_run", "release_run_lock",
+           "releases_run_lock", "run_records", "seed_all", "setup_run"]
 
 Mode = Literal["train", "resume", "eval"]
-LOCK_FILE = "run.lock"
-EVAL_ONLY = "eval_only"
-# what a run writes into its folder once it has started (and into each stage sub-folder of a
-# localization run); with only SETUP_RECORDS a run stopped before its first step (e.g. on a
-# missing dataset): a fresh run replaces those
-RECORDS = frozenset({"metrics.jsonl", "last_checkpoint", "model_final.pth", "model_best.pth",
-                     "model_best.json", "backbone.pth", "proposals.pth", "eval", "tensorboard"})
-SETUP_RECORDS = ("config.yaml", "env.json", "log.txt")
 _held_lock: Path | None = None    # the run.lock this process holds (main rank, training)
 T = TypeVar("T")
 
@@ -47,20 +47,6 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _is_record(path: Path) -> bool:
-    return path.name in RECORDS or fnmatch.fnmatch(path.name, "model_*.pth")
-
-
-def run_records(folder: Path) -> list[Path]:
-    """The entries of ``folder`` that belong to a training run: its records and the
-    sub-folders holding records (the stages of a localization run); not ``eval_only/``."""
-    if not folder.is_dir():
-        return []
-    return [p for p in sorted(folder.iterdir())
-            if _is_record(p) or (p.is_dir() and p.name != EVAL_ONLY
-                                 and any(_is_record(q) for q in p.iterdir()))]
 
 
 def _lock_owner(lock: Path) -> str | None:
@@ -132,27 +118,11 @@ def releases_run_lock(train: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-def _clear_for_fresh_run(folder: Path, overwrite: bool) -> None:
-    """Refuses a folder holding a run unless ``overwrite``; removes the old run's records."""
-    records = run_records(folder)
-    if records and not overwrite:
-        names = ", ".join(p.name for p in records[:5]) + (", ..." if len(records) > 5 else "")
-        raise ConfigError(f"{folder} already holds a run ({names}); continue it with --resume, "
-                          f"start a new one with train.output_dir=NEW_FOLDER, or replace it "
-                          f"with train.overwrite=true")
-    extra = [folder / EVAL_ONLY] if records else []
-    for path in [*records, *extra, *(folder / name for name in SETUP_RECORDS)]:
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-
-
 def _new_eval_folder(output_dir: Path) -> Path:
     """A new ``output_dir/eval_only/<YYYYmmdd-HHMMSS>[-N]``: mkdir is atomic, so concurrent
     evaluations get different folders."""
     root = output_dir / EVAL_ONLY
-    root.mkdir(parents=True, exist_ok=True)
+    make_folder(root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n in itertools.count(1):
         path = root / (stamp if n == 1 else f"{stamp}-{n}")
@@ -164,20 +134,52 @@ def _new_eval_folder(output_dir: Path) -> Path:
     raise AssertionError("unreachable")
 
 
-def _prepare_folder(cfg: Any, mode: Mode) -> Path:
-    """The folder the run writes its records into (main rank only)."""
+def _prepare_folder(cfg: Any, mode: Mode, stages: tuple[str, ...]
+                    ) -> tuple[Path, dict[str, Any] | None]:
+    """The folder the run writes its records into, and its env.json (main rank only): written
+    at once but for a resumed run, whose records wait for ``begin_resumed_run``."""
     output_dir = Path(cfg.train.output_dir)
+    check_location(output_dir)
     if mode == "eval":
-        return _new_eval_folder(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+        run_dir = _new_eval_folder(output_dir)
+        return run_dir, _write_env(run_dir, mode, ())
+    make_folder(output_dir)
     acquire_run_lock(output_dir)
-    if mode == "train":
-        try:
-            _clear_for_fresh_run(output_dir, cfg.train.overwrite)
-        except BaseException:
-            release_run_lock()
-            raise
-    return output_dir
+    try:
+        if mode == "train":
+            clear_for_fresh_run(output_dir, cfg.train.overwrite, stages)
+            return output_dir, _write_env(output_dir, mode, stages)
+        check_resume_folder(output_dir)
+        return output_dir, None
+    except BaseException:
+        release_run_lock()
+        raise
+
+
+def _write_env(run_dir: Path, mode: Mode, stages: Sequence[str]) -> dict[str, Any]:
+    """env.json: the environment, and what marks the folder as a detres run's (with the stage
+    folders it makes: what a later train.overwrite may empty, engine/run_folder.py)."""
+    env = {**collect_env(), "run": {"mode": mode, "stages": list(stages)}}
+    write_json(run_dir / ENV_FILE, env)
+    return env
+
+
+def _start_records(cfg: Any, run_dir: Path, device: torch.device, dist: du.DistInfo, mode: Mode,
+                   env: dict[str, Any] | None,
+                   earlier: Sequence[logging.LogRecord] = ()) -> logging.Logger:
+    """The logger writing log.txt (``earlier`` records first) and config.yaml (main rank)."""
+    logger = setup_logger(run_dir, dist.rank)
+    if not dist.is_main:
+        return logger
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            for record in earlier:
+                handler.handle(record)
+    dump(cfg, run_dir / "config.yaml")
+    logger.info(f"git {env['git_revision']}, torch {env['torch']}, {env['cpu_count']} CPUs, "
+                f"GPUs {env['gpus'] or 'none'}, device {device}, world size {dist.world_size}")
+    logger.info(f"{'evaluation-only run' if mode == 'eval' else mode}: records in {run_dir}")
+    return logger
 
 
 def _on_main(dist: du.DistInfo, fn: Callable[[], T]) -> T:
@@ -197,15 +199,18 @@ def _on_main(dist: du.DistInfo, fn: Callable[[], T]) -> T:
     return result
 
 
-def setup_run(cfg: Any, mode: Mode
+def setup_run(cfg: Any, mode: Mode, stages: Sequence[str] = ()
               ) -> tuple[torch.device, du.DistInfo, Path, logging.Logger]:
     """Device, distributed state, the run's folder and logger from ``cfg.train``; the main rank
-    writes config.yaml and env.json into that folder, which is returned.
+    writes env.json, config.yaml and log.txt into that folder, which is returned.
 
     ``mode``: "train", a fresh run into ``train.output_dir`` (a ConfigError naming the folder
-    when it holds a run, unless ``train.overwrite``); "resume", continuing the run there (both
-    hold its run.lock: release with ``releases_run_lock``); "eval", an evaluation-only run
-    whose folder is a new ``train.output_dir/eval_only/<YYYYmmdd-HHMMSS>[-N]/``.
+    when it holds a run, unless ``train.overwrite``, or anything no detres run wrote);
+    "resume", continuing the run there, which writes nothing until the task calls
+    ``begin_resumed_run`` (both hold its run.lock: release with ``releases_run_lock``); "eval",
+    an evaluation-only run whose folder is a new
+    ``train.output_dir/eval_only/<YYYYmmdd-HHMMSS>[-N]/``. ``stages``: the sub-folders the run
+    makes (a localization run's networks), recorded in env.json.
     """
     if mode not in ("train", "resume", "eval"):
         raise ValueError(f"mode must be train, resume or eval, not {mode!r}")
@@ -213,16 +218,28 @@ def setup_run(cfg: Any, mode: Mode
     dist = du.init_distributed(device)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
-    run_dir = _on_main(dist, functools.partial(_prepare_folder, cfg, mode))
-    logger = setup_logger(run_dir, dist.rank)
-    if dist.is_main:
-        dump(cfg, run_dir / "config.yaml")
-        env = write_env(run_dir)
-        logger.info(f"git {env['git_revision']}, torch {env['torch']}, {env['cpu_count']} CPUs, "
-                    f"GPUs {env['gpus'] or 'none'}, device {device}, world size {dist.world_size}")
-        logger.info(f"{'evaluation-only run' if mode == 'eval' else mode}: records in {run_dir}")
+    run_dir, env = _on_main(dist, functools.partial(_prepare_folder, cfg, mode, tuple(stages)))
+    if mode == "resume":            # log.txt waits for begin_resumed_run: keep the lines
+        logger = setup_logger(None, dist.rank)
+        if dist.is_main:
+            logger.addHandler(logging.handlers.BufferingHandler(capacity=1 << 20))
+    else:
+        logger = _start_records(cfg, run_dir, device, dist, mode, env)
     seed_all(cfg.train.seed)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     torch.use_deterministic_algorithms(cfg.train.deterministic)
     return device, dist, run_dir, logger
+
+
+def begin_resumed_run(cfg: Any, run_dir: Path, device: torch.device, dist: du.DistInfo,
+                      stages: Sequence[str] = ()) -> logging.Logger:
+    """Writes a resumed run's env.json and config.yaml and opens its log.txt, with the lines
+    logged since ``setup_run``. A task calls it once it has checked that the run's checkpoints
+    fit this config and data (``checkpoint.check_resume``), so that a refused resume leaves
+    the folder as it was."""
+    earlier = [record for handler in logging.getLogger(LOGGER_NAME).handlers
+               if isinstance(handler, logging.handlers.BufferingHandler)
+               for record in handler.buffer]
+    env = _write_env(run_dir, "resume", stages) if dist.is_main else None
+    return _start_records(cfg, run_dir, device, dist, "resume", env, earlier)

@@ -136,16 +136,19 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def format_record(record: dict[str, Any], max_iter: int | None = None) -> str:
-    """``iter 200/1000  loss 0.5120  loss_cls 0.5120  lr 0.1  0.045 s/it  eta 0:01:23``."""
+def format_record(record: dict[str, Any], max_iter: int | None = None,
+                  brief: bool = False) -> str:
+    """``iter 200/1000  loss 0.512  loss_cls 0.3  lr 0.1  0.045 s/it  eta 0:01:23``; ``brief``
+    keeps the losses, the LR and the speed (the console's line: ``metrics.jsonl`` keeps all)."""
     parts = [f"iter {record['iteration']}" + (f"/{max_iter}" if max_iter else "")]
-    for key, value in record.items():
-        if key in ("iteration", "phase", "eta_seconds"):
-            continue
-        if isinstance(value, float):
-            parts.append(f"{key} {value:.4g}")
-        else:
-            parts.append(f"{key} {value}")
+    keys = [k for k in record if k not in ("iteration", "phase", "eta_seconds", "time")]
+    if brief:
+        keys = [k for k in keys if k.startswith("loss")] + (["lr"] if "lr" in record else [])
+    for key in keys:
+        value = record[key]
+        parts.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+    if "time" in record:
+        parts.append(f"{record['time']:.3g} s/it")
     if "eta_seconds" in record:
         parts.append(f"eta {datetime.timedelta(seconds=int(record['eta_seconds']))}")
     return "  ".join(parts)

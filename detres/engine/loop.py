@@ -18,9 +18,13 @@ Per iteration: LR from the schedule -> forward under autocast -> backward (grad 
 fp16) -> all ranks average the losses and a flag of non-finite gradients -> a non-finite loss,
 or a non-finite gradient behind a finite loss, stops every rank before the update (nothing is
 saved, so the last checkpoint stays good) -> optional gradient clipping -> step.
+
+Ctrl-C (``detres.engine.interrupt``) lets the step in progress finish, writes a checkpoint of
+that iteration and ends the run with :class:`TrainingInterrupted`; a second Ctrl-C ends at once.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -33,18 +37,40 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from detres.config import ConfigError
+from detres.cpu import cpu_has_native_bf16
 from detres.engine import distributed as du
 from detres.engine.best import BEST_CHECKPOINT, BEST_RECORD, BestTracker, read_best_entry
-from detres.engine.checkpoint import (CheckpointError, Checkpointer, atomic_save, get_rng_state,
-                                      load_checkpoint, load_task_weights, periodic_name,
-                                      set_rng_state)
+from detres.engine.checkpoint import (CheckpointError, Checkpointer, atomic_save, check_resume,
+                                      get_rng_state, load_checkpoint, load_task_weights,
+                                      periodic_name, set_rng_state)
+from detres.engine.interrupt import StopOnInterrupt, TrainingInterrupted
 from detres.engine.logging import MetricsWriter, format_record, write_json
 from detres.engine.schedule import WarmupMultiStepSchedule
 
 logger = logging.getLogger("detres")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_notices: set[str] = set()       # said once per process, not once per stage
+
+
+def training_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of training, None for float32: ``amp`` on CUDA; on a CPU bf16 only
+    where it computes bf16 natively (``detres.cpu``): elsewhere oneDNN emulates it, slower
+    than float32, and fp16 has no CPU kernels worth using."""
+    if amp not in ("none", *AMP_DTYPES):
+        raise ValueError(f"unknown amp {amp!r}; valid: none, bf16, fp16")
+    if amp == "none" or device.type == "cuda":
+        return AMP_DTYPES.get(amp)
+    if amp == "bf16" and device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    notice = (f"train.amp={amp} applies on CUDA and on CPUs with bf16 arithmetic "
+              f"(avx512_bf16, amx_bf16); training in float32 on {device}")
+    if notice not in _notices:
+        _notices.add(notice)
+        logger.info(notice)
+    return None
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -103,8 +129,7 @@ class Trainer:
             makes the next iterator over ``data`` start at batch n (exact resume).
         task, meta: stored in every checkpoint (``task`` is checked on resume; ``meta`` holds
             e.g. ``arch``, ``config`` and ``class_names``).
-        amp: "none", "bf16" or "fp16" (with a grad scaler); on CUDA only: a CPU trains in
-            float32 whatever ``amp`` says (and logs that it does).
+        amp: "none", "bf16" or "fp16" (with a grad scaler): see :func:`training_amp_dtype`.
         clip_grad_norm: max global gradient norm, or None.
         checkpoint_period, eval_period, log_period: in iterations (0: only at the end).
         best_metric: keep ``model_best.pth`` by this metric of ``eval_fn``'s results, named
@@ -112,18 +137,20 @@ class Trainer:
         best_mode: ``auto``, ``max`` or ``min`` (``detres.engine.best.metric_direction``).
         metrics_prefix: the name ``eval_fn``'s results stand under in ``eval/metrics.json``
             (``bbox`` for detection), so that ``best_metric`` reads as it does there.
+        name: the stage, shown in console lines (the localizer's ``rpn``, ``rcnn``, ...).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  schedule: WarmupMultiStepSchedule, data: Iterable, *, max_iter: int,
                  device: torch.device | str = "cpu", output_dir: str | Path | None = None,
-                 sampler: Any = None, task: str = "classification",
+                 sampler: Any = None, task: str,
                  meta: dict[str, Any] | None = None, amp: str = "none",
                  clip_grad_norm: float | None = None, checkpoint_period: int = 0,
                  log_period: int = 20, eval_fn: Callable[[nn.Module], dict] | None = None,
                  eval_period: int = 0, finish_fn: Callable[[nn.Module], None] | None = None,
                  progress: bool = True, best_metric: str | None = None,
-                 best_mode: str = "auto", metrics_prefix: str | None = None) -> None:
+                 best_mode: str = "auto", metrics_prefix: str | None = None,
+                 name: str | None = None) -> None:
         self.device = torch.device(device)
         self.module = model
         self.model = du.wrap_model(model, self.device)
@@ -133,20 +160,13 @@ class Trainer:
         self.dist = du.get_dist_info()
         self.checkpointer = (Checkpointer(self.output_dir, enabled=self.dist.is_main)
                              if self.output_dir is not None else None)
-        if amp not in ("none", *AMP_DTYPES):
-            raise ValueError(f"unknown amp {amp!r}; valid: none, bf16, fp16")
-        on_cuda = self.device.type == "cuda"
-        self.amp_dtype = AMP_DTYPES.get(amp) if on_cuda else None
-        if amp != "none" and not on_cuda:
-            # CPU autocast trains slower than float32 on most CPUs, and oneDNN's bf16
-            # backward kernels have crashed on some (see models.resnet.StridedConv1x1).
-            logger.info(f"mixed precision ({amp}) applies on CUDA only; training in float32 "
-                        f"on {self.device}")
-        self.scaler = torch.amp.GradScaler("cuda", enabled=on_cuda and amp == "fp16")
+        self.amp_dtype = training_amp_dtype(amp, self.device)
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.device.type == "cuda" and amp == "fp16")
         self.clip_grad_norm = clip_grad_norm
         self.checkpoint_period, self.log_period = checkpoint_period, max(log_period, 1)
         self.eval_fn, self.eval_period, self.finish_fn = eval_fn, eval_period, finish_fn
-        self.progress = progress
+        self.progress, self.name = progress, name
         if best_metric and eval_fn is None:
             raise ConfigError(f"train.best_metric is {best_metric!r} but this run does not "
                               f"evaluate; set it to null")
@@ -156,6 +176,7 @@ class Trainer:
         self.last_saved: Path | None = None
         self._data_iter = None
         self._writer: MetricsWriter | None = None
+        self._interrupt = StopOnInterrupt()
         self.schedule.attach(self.optimizer)
 
     # ------------------------------------------------------------------------- state
@@ -168,6 +189,8 @@ class Trainer:
                 **self.meta}
 
     def load_state_dict(self, ckpt: dict[str, Any], path: str | Path = "checkpoint") -> None:
+        check_resume(ckpt, path, self.module, self.task, self.meta.get("class_names"),
+                     self.meta.get("config"))
         load_task_weights(self.module, path, self.task, ckpt=ckpt)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
@@ -209,7 +232,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------- loop
     def run(self) -> TrainResult:
-        """Trains from ``self.iteration`` to ``max_iter``; evaluates and saves at the end."""
+        """Trains from ``self.iteration`` to ``max_iter``; evaluates and saves at the end.
+        Ctrl-C: see the module docstring."""
         result = TrainResult(self.iteration)
         if self._writer is None and self.output_dir is not None:
             self._writer = MetricsWriter(self.output_dir, self.dist.is_main, self.iteration)
@@ -217,29 +241,12 @@ class Trainer:
             self._data_iter = iter(self.data)
         finished_before = self.iteration >= self.max_iter
         self.model.train()
-        bar = tqdm(total=self.max_iter, initial=self.iteration, dynamic_ncols=True,
-                   disable=not (self.progress and self.dist.is_main and sys.stderr.isatty()))
-        window: dict[str, float] = {}
-        window_start, count = time.perf_counter(), 0
-        try:
-            while self.iteration < self.max_iter:
-                t0 = time.perf_counter()
-                batch = next(self._data_iter)
-                data_time = time.perf_counter() - t0
-                losses, stats = self.step(batch)
-                result.losses.append(losses["loss"])
-                for key, value in (*losses.items(), *stats.items(), ("data_time", data_time)):
-                    window[key] = window.get(key, 0.0) + value
-                count += 1
-                bar.update(1)
-                if self.iteration % self.log_period == 0 or self.iteration == self.max_iter:
-                    seconds = (time.perf_counter() - window_start) / count
-                    self._log_window(window, count, seconds)
-                    window, window_start, count = {}, time.perf_counter(), 0
-                if self.iteration < self.max_iter:
-                    self._periodic()
-        finally:
-            bar.close()
+        show_bar = self.progress and self.dist.is_main and sys.stderr.isatty()
+        with self._interrupt, (logging_redirect_tqdm([logger]) if show_bar
+                               else contextlib.nullcontext()):
+            with tqdm(total=self.max_iter, initial=self.iteration, dynamic_ncols=True,
+                      desc=self.name, disable=not show_bar) as bar:
+                self._loop(result, bar)
         if not finished_before:
             if self.finish_fn is not None:
                 self.finish_fn(self.module)
@@ -252,9 +259,43 @@ class Trainer:
         result.best = self.best.state_dict() if self.best is not None else None
         return result
 
-    def step(self, batch: Any) -> tuple[dict[str, float], dict[str, float]]:
+    def _loop(self, result: TrainResult, bar: tqdm) -> None:
+        window: dict[str, float] = {}
+        window_start, count = time.perf_counter(), 0
+        while self.iteration < self.max_iter:
+            # one process stops before fetching; ranks agree through the step's all-reduce
+            if self._interrupt.requested and self.dist.world_size == 1:
+                self._stop()
+            t0 = time.perf_counter()
+            batch = next(self._data_iter)
+            data_time = time.perf_counter() - t0
+            losses, stats, stop = self.step(batch)
+            result.losses.append(losses["loss"])
+            for key, value in (*losses.items(), *stats.items(), ("data_time", data_time)):
+                window[key] = window.get(key, 0.0) + value
+            count += 1
+            bar.update(1)
+            if self.iteration % self.log_period == 0 or self.iteration == self.max_iter \
+                    or stop:
+                seconds = (time.perf_counter() - window_start) / count
+                self._log_window(window, count, seconds)
+                window, window_start, count = {}, time.perf_counter(), 0
+            if stop:
+                self._stop()
+            if self.iteration < self.max_iter:
+                self._periodic()
+
+    def _stop(self) -> None:
+        """Ctrl-C: a checkpoint of the finished iteration, then TrainingInterrupted."""
+        name = periodic_name(self.iteration)
+        if self.last_saved is None or self.last_saved.stem != name:   # not saved just now
+            self.save(name)
+        raise TrainingInterrupted(self.iteration,
+                                  str(self.last_saved) if self.checkpointer else None)
+
+    def step(self, batch: Any) -> tuple[dict[str, float], dict[str, float], bool]:
         """One iteration on ``batch``: returns its losses (``loss`` is their sum) and the
-        model's stats, both averaged over ranks."""
+        model's stats, both averaged over ranks, and whether some rank was asked to stop."""
         batch = move_to_device(batch, self.device)
         self.lr = self.schedule.apply(self.optimizer, self.iteration)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -268,17 +309,19 @@ class Trainer:
         self.scaler.scale(total).backward()
         if self.clip_grad_norm is not None:
             self.scaler.unscale_(self.optimizer)
-        # One tensor, one all-reduce and one device->host copy per iteration. The last entry
-        # is the share of ranks with a non-finite gradient: every rank sees the same packet,
-        # so a NaN on one rank stops all of them at the same point (no rank left waiting).
+        # One tensor, one all-reduce and one device->host copy per iteration. The last entries
+        # are the shares of ranks asked to stop (Ctrl-C) and with a non-finite gradient: every
+        # rank sees the same packet, so all stop at the same point (no rank left waiting).
         packed = torch.stack([total.detach().float()]
                              + [v.detach().float() for v in losses.values()]
                              + [torch.as_tensor(v, dtype=torch.float32, device=total.device)
                                 for v in stats.values()]
-                             + [self._non_finite_gradients(total.device)])
+                             + [torch.tensor(float(self._interrupt.requested),
+                                             device=total.device),
+                                self._non_finite_gradients(total.device)])
         host = du.all_reduce_tensor(packed).tolist()
         loss_values = dict(zip(["loss", *losses], host))
-        stat_values = dict(zip(stats, host[len(loss_values):-1]))
+        stat_values = dict(zip(stats, host[len(loss_values):-2]))
         if not all(math.isfinite(v) for v in loss_values.values()):
             self._raise_non_finite(loss_values)
         if host[-1] != 0.0:
@@ -288,7 +331,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.iteration += 1
-        return loss_values, stat_values
+        return loss_values, stat_values, host[-2] != 0.0
 
     def _non_finite_gradients(self, device: torch.device) -> Tensor:
         """1.0 when some gradient holds a NaN or Inf, else 0.0. Always 0.0 with the fp16 grad
@@ -357,7 +400,8 @@ class Trainer:
             record["max_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         if self._writer is not None:
             self._writer.write(record)
-        logger.info(format_record(record, self.max_iter))
+        prefix = f"{self.name}: " if self.name else ""
+        logger.info(prefix + format_record(record, self.max_iter, brief=True))
 
     def close(self) -> None:
         """Stops the data iterator (and its worker processes) and closes the metrics file."""
@@ -365,36 +409,3 @@ class Trainer:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-
-
-@torch.no_grad()
-def recompute_bn_stats(model: nn.Module, data: Iterable, num_batches: int,
-                       device: torch.device | str = "cpu") -> int:
-    """Precise BN: replaces BN running statistics by their average over ``num_batches``.
-
-    The running averages collected during training lag behind the weights; the paper computes
-    BN statistics on the training set before freezing BN for detection (Appendix A). Each
-    BatchNorm gets momentum=None (a cumulative average) for the pass; under torchrun the
-    statistics are then averaged over ranks. Returns the number of batches used.
-    """
-    bns = [m for m in model.modules()
-           if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns or num_batches <= 0:
-        return 0
-    was_training, momenta = model.training, [bn.momentum for bn in bns]
-    model.train()
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-    used = 0
-    for batch in data:
-        if used == num_batches:
-            break
-        call_model(model, move_to_device(batch, torch.device(device)))
-        used += 1
-    for bn, momentum in zip(bns, momenta):
-        bn.momentum = momentum
-        bn.running_mean.copy_(du.all_reduce_tensor(bn.running_mean))
-        bn.running_var.copy_(du.all_reduce_tensor(bn.running_var))
-    model.train(was_training)
-    return used

@@ -38,19 +38,6 @@ def lr_factor_at(iteration: int, steps: tuple[int, ...] = (), gamma: float = 0.1
     return factor
 
 
-def scale_lr(base_lr: float, ims_per_batch: int, reference_batch: int | None) -> float:
-    """Linear scaling rule (Goyal et al. 2017): LR grows with the global batch.
-
-    ``reference_batch=None`` keeps ``base_lr`` as given (the paper's configs state the LR
-    for their own batch: 0.1 at 256 on ImageNet, 0.1 at 128 on CIFAR).
-    """
-    if reference_batch is None:
-        return base_lr
-    if reference_batch <= 0:
-        raise ValueError(f"reference_batch must be positive, got {reference_batch}")
-    return base_lr * ims_per_batch / reference_batch
-
-
 @dataclass(frozen=True)
 class WarmupMultiStepSchedule:
     """Sets every param group's LR to ``group["initial_lr"] * lr_factor_at(iteration)``.

@@ -16,10 +16,11 @@ precision-recall curve is recomputed with one kind of error after another forgiv
     BG   also forgiven: detections on background (precision 1 up to the recall reached)
     FN   also forgiven: missed objects (precision 1 everywhere)
 
-Each curve's area is an AP; the step from one to the next is that error's share, e.g.
-``Loc - C50`` is what localisation costs. "Forgiven" confusion follows the original Matlab
-``analyze``: class-agnostic matching (``useCats = 0``) at IoU 0.1 against the ground truth where
-the other classes' boxes are *ignored* (a detection on one is neither right nor wrong).
+Each curve's area is an AP (percent, as every AP of detres); the step from one to the next is
+that error's share in AP points, e.g. ``Loc - C50`` is what localisation costs. "Forgiven"
+confusion follows the original Matlab ``analyze``: class-agnostic matching (``useCats = 0``) at
+IoU 0.1 against the ground truth where the other classes' boxes are *ignored* (a detection on
+one is neither right nor wrong).
 pycocotools' Python ``_prepare`` overwrites an annotation's ``ignore`` with ``iscrowd``, so
 ``_AnalysisEval`` puts our flag back after it; setting ``iscrowd`` instead, as some ports do,
 would also switch those boxes to crowd overlap (intersection over the detection's area).
@@ -140,8 +141,8 @@ class Analysis:
         Returns:
             ``{"recall": 101 points, "classes": {name: {"curves": {C75..FN: 101 values},
             "AP": {C75..FN: area}, "errors": {localization..missed: share}} or None},
-            "overall": the same averaged over the classes with ground truth}``; areas and
-            shares are fractions (0-1).
+            "overall": the same averaged over the classes with ground truth}``; curves are
+            precision (0-1), areas and shares percent.
         """
         p = self.precision() if precision is None else precision
         classes: dict[str, Any] = {}
@@ -165,19 +166,21 @@ class Analysis:
     # ------------------------------------------------------------------ confusion
     def confusion_matrix(self, iou_threshold: float = 0.5,
                          score_threshold: float = 0.5) -> dict[str, Any]:
-        """Ground truth x prediction counts over K classes and background (index K).
+        """Ground truth x prediction counts over the classes that occur and background (last).
 
         Detections scoring below ``score_threshold`` are dropped. First COCO's own matching
         (per class, at ``iou_threshold``) finds the correct detections (the diagonal); then
         the detections and ground truth it left unmatched are matched class-agnostically,
         each such pair a confusion (row: true class, column: predicted class). A detection
-        still unmatched is background (row K), an object still unmatched is missed (column
-        K). Detections on crowd regions count nowhere, as in COCO AP; a duplicate of a found
-        object is background.
+        still unmatched is background (the last row), an object still unmatched is missed
+        (the last column). Detections on crowd regions count nowhere, as in COCO AP; a
+        duplicate of a found object is background. A class with neither an object nor a
+        detection counted is left out: its row and column would be empty (most of COCO's 80
+        on a small set).
 
         Returns:
-            ``{"classes": K names + "background", "matrix": (K+1) x (K+1) counts,
-            "iou_threshold", "score_threshold"}``.
+            ``{"classes": the names of the C classes that occur + "background", "matrix":
+            (C+1) x (C+1) counts, "iou_threshold", "score_threshold"}``.
         """
         dets = [r for r in self.results if r["score"] >= score_threshold]
         label = {c: k for k, c in enumerate(self.category_ids)}
@@ -201,7 +204,9 @@ class Analysis:
         for a in left_gt:
             if a["id"] not in confused_gt:
                 matrix[label[a["category_id"]], bg] += 1
-        return {"classes": [*self.class_names, "background"], "matrix": matrix.tolist(),
+        keep = [k for k in range(bg) if matrix[k].any() or matrix[:, k].any()] + [bg]
+        return {"classes": [*(self.class_names[k] for k in keep[:-1]), "background"],
+                "matrix": matrix[np.ix_(keep, keep)].tolist(),
                 "iou_threshold": iou_threshold, "score_threshold": score_threshold}
 
     @staticmethod
@@ -227,6 +232,6 @@ class Analysis:
 
 
 def _summary(curves: dict[str, np.ndarray]) -> dict[str, Any]:
-    areas = {key: float(np.mean(curves[key])) for key in CURVES}
+    areas = {key: float(np.mean(curves[key]) * 100) for key in CURVES}
     return {"curves": {key: curves[key].tolist() for key in CURVES}, "AP": areas,
             "errors": {name: areas[after] - areas[before] for name, before, after in ERRORS}}

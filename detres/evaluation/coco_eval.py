@@ -168,11 +168,8 @@ def _results_to_arrays(results: Results, gt_dataset: Mapping[str, Any]
         scores = np.array([r["score"] for r in results], dtype=np.float64)
     except (KeyError, TypeError, ValueError):
         _raise_malformed(results, source)
-    for name, ids in (("image_id", image_ids), ("category_id", category_ids)):
-        if len(ids) and ids.dtype.kind not in "iu":
-            i = next(i for i, r in enumerate(results) if not isinstance(r[name], (int, np.integer)))
-            raise ValueError(f"{source}: result {i} has {name} {results[i][name]!r}; "
-                             "ids are integers")
+    image_ids = _int64_ids(results, "image_id", image_ids, source)
+    category_ids = _int64_ids(results, "category_id", category_ids, source)
     known_images = {img["id"] for img in gt_dataset["images"]}
     known_categories = {c["id"] for c in gt_dataset["categories"]}
     _check_known(image_ids, known_images, "image", image_ids, source)
@@ -188,6 +185,20 @@ def _results_to_arrays(results: Results, gt_dataset: Mapping[str, Any]
         raise ValueError(f"{source}: result {i} (image_id {image_ids[i]}) has a negative width or "
                          f"height: bbox {results[i]['bbox']} is [x, y, w, h]")
     return image_ids.astype(np.int64), category_ids.astype(np.int64), boxes, scores
+
+
+def _int64_ids(results: Sequence[Any], name: str, ids: np.ndarray, source: str) -> np.ndarray:
+    """``ids`` as int64; an id that is not an integer int64 holds (a float, true, 2**64 - 1 or
+    2**70, which numpy keeps as uint64 or object) is a ``ValueError`` naming the result."""
+    if len(ids) == 0 or ids.dtype.kind == "i":
+        return ids.astype(np.int64)
+    for i, r in enumerate(results):
+        v = r[name]
+        if (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))
+                or not -2**63 <= int(v) < 2**63):
+            raise ValueError(f"{source}: result {i} has {name} {v!r:.60}; ids are integers "
+                             "(int64)")
+    return np.array([int(r[name]) for r in results], np.int64)
 
 
 def _raise_malformed(results: Sequence[Any], source: str) -> None:

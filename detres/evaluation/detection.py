@@ -27,6 +27,7 @@ from detres.engine.logging import write_json
 from detres.evaluation.coco_eval import (detections_to_coco_results, evaluate_coco,
                                          format_metrics_table, load_ground_truth, load_results,
                                          merge_results)
+from detres.evaluation.ilsvrc_det_eval import evaluate_imagenet_det
 from detres.evaluation.inference import run_inference
 from detres.evaluation.voc_eval import coco_to_voc_inputs, evaluate_voc
 from detres.models.fast import autocast, inference_amp_dtype, prepare_for_inference
@@ -97,7 +98,8 @@ def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: 
         amp_dtype, fast_path, cpu_amp, compile: how the model runs (:func:`run_detector`).
         metric: ``coco`` for COCO-format datasets (``dataset.annotation_file`` is the ground
             truth, crowd regions included), ``voc07`` or ``voc12`` for any dataset with
-            ``get_annotations`` (difficult boxes ignored).
+            ``get_annotations`` (difficult boxes ignored), ``imagenet_det`` likewise with
+            ILSVRC DET's matching (evaluation/ilsvrc_det_eval.py).
         engine: the COCO engine, ``faster`` (faster-coco-eval) or ``pycocotools``.
         output_dir: the run's folder; the main rank writes ``eval/`` there.
         format_only: no scoring (a test set without public ground truth): write the results
@@ -131,7 +133,7 @@ def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: 
         dets = [d for _, rank_dets in gathered for d in rank_dets]
         results, metrics = None, {}
         if du.get_dist_info().is_main:
-            metrics = evaluate_voc(gts, dets, list(dataset.class_names), metric=metric)
+            metrics = evaluate_box_ap(gts, dets, list(dataset.class_names), metric)
     metrics = du.all_gather_objects(metrics)[0]
     if du.get_dist_info().is_main:
         logger.info(f"{metric} box evaluation on {len(dataset)} images:\n"
@@ -218,4 +220,13 @@ def evaluate_files(gt: str | os.PathLike, dt: str | os.PathLike, metric: str = "
     gt_dataset = load_ground_truth(gt)
     results = load_results(dt, gt_dataset)
     gt_per_image, dets_per_image, class_names = coco_to_voc_inputs(gt_dataset, results)
-    return evaluate_voc(gt_per_image, dets_per_image, class_names, metric=metric)
+    return evaluate_box_ap(gt_per_image, dets_per_image, class_names, metric)
+
+
+def evaluate_box_ap(gt_per_image: Sequence[Any], detections_per_image: Sequence[Any],
+                    class_names: Sequence[str], metric: str) -> dict[str, Any]:
+    """Box AP by ``metric``: ``voc07``/``voc12`` (VOC, IoU 0.5) or ``imagenet_det`` (ILSVRC
+    DET: per-box IoU of at most 0.5, its matching, area AP)."""
+    if metric == "imagenet_det":
+        return evaluate_imagenet_det(gt_per_image, detections_per_image, class_names)
+    return evaluate_voc(gt_per_image, detections_per_image, class_names, metric=metric)

@@ -22,8 +22,9 @@ percent (0-100), like the COCO metrics.
 """
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,10 @@ import numpy as np
 from detres.boxes import box_iou_numpy
 
 METRICS = ("voc07", "voc12")
+
+# (detection boxes (D, 4) of one image and class in decreasing score, its ground-truth boxes
+# (M, 4), their difficult flags (M,)) -> true-positive and ignore flags (D,)
+Matcher = Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, metric: str = "voc12") -> float:
@@ -108,6 +113,20 @@ def evaluate_voc(
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    return evaluate_matched(gt_per_image, detections_per_image, class_names,
+                            functools.partial(_match_image, iou_threshold=iou_threshold), metric)
+
+
+def evaluate_matched(gt_per_image: Sequence[Any], detections_per_image: Sequence[Any],
+                     class_names: Sequence[str], match: Matcher, metric: str = "voc12"
+                     ) -> dict[str, Any]:
+    """AP per class and its mean with detections judged by ``match``, per image and class.
+
+    The inputs and the result are those of :func:`evaluate_voc`; ``match`` is the dataset's
+    rule (VOC's here, ILSVRC DET's in ilsvrc_det_eval.py) and ``metric`` the AP
+    (``voc07`` or ``voc12``). Difficult boxes are left out of the recall denominator whatever
+    the rule; detections flagged "ignore" by ``match`` are left out of the curve.
+    """
     if len(gt_per_image) != len(detections_per_image):
         raise ValueError(f"{len(gt_per_image)} ground-truth images but {len(detections_per_image)} "
                          "detection lists")
@@ -134,8 +153,7 @@ def evaluate_voc(
             sel = np.flatnonzero(det_labels == c)
             sel = sel[np.argsort(-det_scores[sel], kind="stable")]
             in_class = gt_labels == c
-            tp, ignore = _match_image(det_boxes[sel], gt_boxes[in_class], difficult[in_class],
-                                      iou_threshold)
+            tp, ignore = match(det_boxes[sel], gt_boxes[in_class], difficult[in_class])
             scores_c[c].append(det_scores[sel])
             tp_c[c].append(tp)
             keep_c[c].append(~ignore)

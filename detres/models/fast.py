@@ -17,82 +17,20 @@ fp32. Its accuracy cost is measured in docs/speed.md.
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import shutil
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from detres import cpu
 from detres.models.faster_rcnn import FasterRCNN
 
 logger = logging.getLogger("detres")
 
 CpuAmp = Literal["auto", "bf16", "none"]
 CPU_AMP_CHOICES = ("auto", "bf16", "none")
-# /proc/cpuinfo flags of native bf16 arithmetic: AVX-512 BF16 dot products (Cooper Lake,
-# Zen 4 and later) and AMX tiles (Sapphire Rapids and later)
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-@functools.cache
-def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``); empty where that file is absent."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.partition(":")[2].split())
-    return frozenset()
-
-
-def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
-    """Whether the CPU computes bf16 in hardware (``flags`` default: :func:`cpu_flags`)."""
-    flags = cpu_flags() if flags is None else flags
-    return any(f in flags for f in BF16_FLAGS)
-
-
-def cpu_clock_ghz(cpuinfo: str = "/proc/cpuinfo") -> float | None:
-    """The first core's clock from ``cpu MHz`` in /proc/cpuinfo (GHz), None where absent."""
-    try:
-        for line in Path(cpuinfo).read_text().splitlines():
-            if line.startswith("cpu MHz"):
-                return float(line.partition(":")[2]) / 1000
-    except (OSError, ValueError):
-        pass
-    return None
-
-
-def fp32_fmas_per_cycle(flags: frozenset[str] | None = None, vendor: str = "") -> int:
-    """fp32 multiply-adds per cycle of one core from its vector width: two FMA pipes of
-    16 (AVX-512), 8 (AVX2 + FMA) or 4 lanes (SSE); AMD Zen 4 runs AVX-512 on two 256-bit
-    pipes (16)."""
-    flags = cpu_flags() if flags is None else flags
-    if "avx512f" in flags:
-        return 16 if "AMD" in vendor else 32
-    return 16 if "fma" in flags and "avx2" in flags else 8
-
-
-def cpu_fp32_peak(threads: int, ghz: float | None = None,
-                  fmas_per_cycle: int | None = None) -> tuple[float, str]:
-    """(fp32 multiply-add peak of ``threads`` cores in GMAC/s, how it was computed): cores x
-    clock x FMAs per cycle (:func:`fp32_fmas_per_cycle`); nan where the clock is unknown."""
-    vendor = next((line.partition(":")[2].strip() for line in _cpuinfo_lines()
-                   if line.startswith("vendor_id")), "")
-    ghz = ghz or cpu_clock_ghz() or float("nan")
-    fmas = fmas_per_cycle or fp32_fmas_per_cycle(vendor="AMD" if "AMD" in vendor else vendor)
-    return threads * ghz * fmas, f"{threads} cores x {ghz:.2f} GHz x {fmas} fp32 FMA/cycle"
-
-
-def _cpuinfo_lines() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
 
 
 def inference_amp_dtype(device: torch.device | str, cpu_amp: str = "auto",
@@ -112,7 +50,7 @@ def inference_amp_dtype(device: torch.device | str, cpu_amp: str = "auto",
                          f"got {cpu_amp!r}")
     if device.type != "cpu" or cpu_amp == "none":
         return None
-    if cpu_amp == "bf16" or cpu_has_native_bf16():
+    if cpu_amp == "bf16" or cpu.cpu_has_native_bf16():
         return torch.bfloat16
     return None
 

@@ -20,9 +20,12 @@ scales, Sec. 3.4); the per-class RPN runs densely at each test scale (or on one 
 Table 13's "1-crop") and, for each guessed class (and each ground-truth class, for the oracle
 "error on the ground-truth class"), the proposals of all scales are merged, NMS-ed and cut to
 the top ``proposals_per_class``; the RPN-only answer is the class's best proposal, and with the
-R-CNN the best-scoring refined proposal. The resized views come from the data side
+R-CNN the best-scoring refined proposal (the R-CNN runs on pieces of at most
+``rcnn_chunk`` proposals, under CUDA autocast). The resized views come from the data side
 (``models/loc_inference.py``'s ``LocViews``, made by ``data/loc_transforms.py``); several
-trained localizers are tested as one by ``loc_inference.LocalizerEnsemble``.
+trained localizers are tested as one by ``loc_inference.LocalizerEnsemble``. The pipeline
+lives in ``loc_inference.py``, which runs any model with ``Localizer``'s test methods and
+imports nothing from here (this module imports it).
 
 Shapes: N images, K classes, A anchors per cell, R = H * W * A anchors of a stride-16 map,
 P proposals of one class in one image.
@@ -47,8 +50,8 @@ from torchvision.ops import batched_nms, roi_align
 from detres import boxes as box_ops
 from detres.models.anchors import AnchorGenerator
 from detres.models.classifier import Classifier, mean_softmax
-from detres.models.loc_inference import (LocTestSettings, LocViews, RPNView, dense_proposals,
-                                         flat_proposals, localize)
+from detres.models.loc_inference import (ClassProposals, LocTestSettings, LocViews, RPNView,
+                                         dense_proposals, flat_proposals, localize)
 from detres.models.losses import BoxLoss, box_regression_loss
 from detres.models.matching import Matcher, sample_balanced
 from detres.models.pixels import channel_values, normalize
@@ -174,7 +177,7 @@ class PerClassRPN(nn.Module):
     @torch.no_grad()
     def propose(self, images: ImageBatch, classes: list[Tensor], *, topk: int = 200,
                 pre_nms_topk: int = 6000, nms_threshold: float | None = 0.7
-                ) -> list[list[tuple[Tensor, Tensor]]]:
+                ) -> ClassProposals:
         """Dense (fully convolutional) proposals for the given classes of each image.
 
         Args:
@@ -368,19 +371,13 @@ class Localizer(nn.Module):
         return mean_softmax(self.classifier, views, device)
 
     def proposals(self, views: Sequence[RPNView], wanted: list[Tensor],
-                  settings: LocTestSettings, device: torch.device
-                  ) -> list[list[tuple[Tensor, Tensor]]]:
+                  settings: LocTestSettings, device: torch.device) -> ClassProposals:
         return dense_proposals(self.rpn, views, wanted, settings, device)
 
-    def refine(self, originals: ImageBatch, proposals: list[list[tuple[Tensor, Tensor]]],
-               wanted: list[Tensor], device: torch.device
-               ) -> list[list[tuple[Tensor, Tensor]]]:
-        """The R-CNN's rescored and regressed proposals, grouped as ``proposals``."""
-        return self._refine(originals, proposals, wanted, device)
-
-    def _refine(self, originals: ImageBatch, proposals: list[list[tuple[Tensor, Tensor]]],
-                wanted: list[Tensor], device: torch.device) -> list[list[tuple[Tensor, Tensor]]]:
-        """The R-CNN's rescored and regressed proposals, grouped as ``proposals``."""
+    def refine(self, originals: ImageBatch, proposals: ClassProposals, wanted: list[Tensor],
+               device: torch.device) -> ClassProposals:
+        """The R-CNN's rescored and regressed proposals, grouped as ``proposals``, in one
+        forward (``loc_inference.refine_in_chunks`` calls it on pieces of a bounded size)."""
         flat = [flat_proposals(per_class, w) for per_class, w in zip(proposals, wanted)]
         boxes, classes = [b.to(device) for b, _ in flat], [c.to(device) for _, c in flat]
         new_boxes, new_scores = self.rcnn.refine(originals.to(device), boxes, classes)

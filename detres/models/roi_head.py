@@ -17,11 +17,12 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, roi_align, roi_pool
+from torchvision.ops import batched_nms, roi_align
 
 from detres import boxes as box_ops
 from detres.models.losses import BoxLoss, box_regression_loss
 from detres.models.matching import Matcher, gather_sampled, sample_balanced
+from detres.models.roi_ops import roi_align_gather, roi_max_pool
 from detres.structures import Detections, Targets
 
 RoIOp = Literal["pool", "align"]
@@ -35,86 +36,14 @@ def pool_rois(features: Tensor, rois: Tensor, roi_op: RoIOp, output_size: int,
     "pool": RoI max pooling (Fast R-CNN, the paper); "align": RoIAlign (He et al. 2017),
     ``aligned=True`` samples pixel centres at half-pixel offsets (detectron2 ROIAlignV2);
     torchvision's MultiScaleRoIAlign uses aligned=False and sampling_ratio=2. Both are
-    torchvision's ops, except RoIAlign on CPU: :func:`roi_align_gather`, equal and faster.
+    torchvision's ops, except on CPU: :func:`roi_align_gather` and, where faster,
+    :func:`~detres.models.roi_ops.roi_pool_gather`, equal and parallel.
     """
-    if roi_op == "pool":  # no autocast rule for roi_pool: run in float32 like roi_align's
-        pooled = roi_pool(features.float(), rois.float(), output_size, spatial_scale)
-        return pooled.to(features.dtype)
+    if roi_op == "pool":
+        return roi_max_pool(features, rois, output_size, spatial_scale)
     if features.device.type == "cpu" and len(rois):  # (the gather cannot shape 0 RoIs)
         return roi_align_gather(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
     return roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
-
-
-def _feature_table(features: Tensor) -> Tensor:
-    """(N, C, H, W) -> (N*H*W, C) float32 rows of feature vectors; a view for channels_last."""
-    n, c, h, w = features.shape
-    return features.float().permute(0, 2, 3, 1).reshape(n * h * w, c).contiguous()
-
-
-def _pooled_to_nchw(pooled: Tensor, num_rois: int, size: int, dtype: torch.dtype) -> Tensor:
-    """(R*S*S, C) -> (R, C, S, S) in channels_last layout (no copy)."""
-    return pooled.view(num_rois, size, size, -1).permute(0, 3, 1, 2).to(dtype)
-
-
-def _bilinear_axis(coords: Tensor, size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """torchvision's bilinear_interpolate along one axis: (..., ) sample coordinates ->
-    low index, high index, low weight, high weight; weights 0 outside [-1, size]."""
-    inside = (coords >= -1) & (coords <= size)
-    coords = coords.clamp(min=0)
-    low = coords.floor().long().clamp(max=size - 1)
-    high = (low + 1).clamp(max=size - 1)
-    coords = torch.where(low >= size - 1, low.to(coords.dtype), coords)
-    frac = coords - low
-    return low, high, (1 - frac) * inside, frac * inside
-
-
-def roi_align_gather(features: Tensor, rois: Tensor, output_size: int, spatial_scale: float,
-                     sampling_ratio: int, aligned: bool) -> Tensor:
-    """RoIAlign equal to ``torchvision.ops.roi_align``, as one weighted gather (embedding_bag).
-
-    Each output bin is a weighted sum of at most G*G*4 feature vectors (G samples per bin side,
-    4 bilinear corners), so pooling is ``embedding_bag`` over the (N*H*W, C) table of feature
-    vectors; its backward is a parallel scatter-add, where torchvision's CPU kernel loops over
-    RoIs on one thread (10x slower at R-50 C4 sizes). The table is a free view of NHWC
-    (channels_last) features, and the result is (R, C, S, S) in channels_last layout.
-    Adaptive sampling (``sampling_ratio <= 0``: G = ceil(RoI side / S) per RoI) pads every RoI
-    to the largest G with zero weights; that needs the largest G on the host.
-    """
-    num_rois, (h, w), size = rois.shape[0], features.shape[-2:], output_size
-    boxes = rois[:, 1:].float() * spatial_scale - (0.5 if aligned else 0.0)
-    roi_w, roi_h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    if not aligned:  # legacy RoIAlign: RoIs at least 1x1 feature cell
-        roi_w, roi_h = roi_w.clamp(min=1), roi_h.clamp(min=1)
-    bin_w, bin_h = roi_w / size, roi_h / size                                   # (R,)
-    if sampling_ratio > 0:
-        grid_w = grid_h = torch.full_like(bin_w, sampling_ratio)
-        g = sampling_ratio
-    else:
-        grid_w, grid_h = bin_w.ceil(), bin_h.ceil()
-        g = max(int(torch.max(grid_w.max(), grid_h.max()).item()), 1) if num_rois else 1
-    steps = torch.arange(g, device=rois.device, dtype=torch.float32)
-    bins = torch.arange(size, device=rois.device, dtype=torch.float32)[None, :, None]
-    grid_h, grid_w = grid_h[:, None, None], grid_w[:, None, None]             # (R, 1, 1)
-    # Sample coordinates (R, S, G): bin start + (i + 0.5) * bin / grid, for i < grid (else
-    # weight 0); clamp(min=1) only keeps empty aligned RoIs (grid 0) finite.
-    ys = boxes[:, 1, None, None] + bin_h[:, None, None] * (bins + (steps + 0.5) / grid_h.clamp(1))
-    xs = boxes[:, 0, None, None] + bin_w[:, None, None] * (bins + (steps + 0.5) / grid_w.clamp(1))
-    y0, y1, wy0, wy1 = _bilinear_axis(ys, h)
-    x0, x1, wx0, wx1 = _bilinear_axis(xs, w)
-    wy0, wy1 = wy0 * (steps < grid_h), wy1 * (steps < grid_h)
-    wx0, wx1 = wx0 * (steps < grid_w), wx1 * (steps < grid_w)
-    # Corners (R, S, G, 1, 1, 2, 1) + (R, 1, 1, S, G, 1, 2) -> (R, S, G, S, G, 2, 2).
-    iy = torch.stack((y0, y1), -1)[:, :, :, None, None, :, None]
-    ix = torch.stack((x0, x1), -1)[:, None, None, :, :, None, :]
-    wy = torch.stack((wy0, wy1), -1)[:, :, :, None, None, :, None]
-    wx = torch.stack((wx0, wx1), -1)[:, None, None, :, :, None, :]
-    count = (grid_h * grid_w).clamp(min=1)[..., None, None, None, None]     # samples per bin
-    base = rois[:, 0].long()[:, None, None, None, None, None, None] * (h * w)
-    index = (base + iy * w + ix).permute(0, 1, 3, 2, 4, 5, 6).reshape(num_rois * size * size, -1)
-    weight = (wy * wx / count).permute(0, 1, 3, 2, 4, 5, 6).reshape(num_rois * size * size, -1)
-    pooled = F.embedding_bag(index, _feature_table(features), per_sample_weights=weight,
-                             mode="sum")                                   # (R*S*S, C)
-    return _pooled_to_nchw(pooled, num_rois, size, features.dtype)
 
 
 def init_box_predictor(cls_score: nn.Linear, bbox_pred: nn.Linear) -> None:

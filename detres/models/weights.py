@@ -14,6 +14,8 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
+from detres.safe_pickle import torch_load_reason
+
 TORCHVISION_SCHEME = "torchvision://"
 MAX_LISTED_KEYS = 8
 
@@ -109,8 +111,8 @@ def read_weights(spec: str) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, another format, or pickled code that must not run
         raise UnreadableWeightsError(
-            f"{spec}: cannot read as a weights-only torch file ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]})") from None
+            f"{spec}: cannot read as a weights-only torch file ({torch_load_reason(e)})"
+        ) from None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         if isinstance(obj.get("arch"), dict):  # a backbone file (our checkpoints: a string)
             arch = obj["arch"]

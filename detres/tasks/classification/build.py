@@ -10,8 +10,9 @@ import torch
 from detres.config import ConfigError
 from detres.data.builtin_cls import ensure_builtin_cls
 from detres.data.classification import (BUILTIN_HINT, Cifar10, ClassificationDataset,
-                                        ImageFolder, build_cls_transform, datasets_root,
-                                        make_loader)
+                                        ImageFolder, build_cls_transform, collate,
+                                        datasets_root)
+from detres.data.loader import make_loader
 from detres.data.samplers import InferenceSampler, TrainingSampler
 from detres.engine.distributed import DistInfo
 from detres.models.classifier import Classifier
@@ -91,8 +92,9 @@ def build_cls_train_loader(cfg: ClassificationConfig, train: ClassificationDatas
     sampler = TrainingSampler(len(train), cfg.solver.ims_per_batch,
                               seed=cfg.train.seed if seed is None else seed, rank=dist.rank,
                               world_size=dist.world_size, key="solver.ims_per_batch")
-    loader = make_loader(train, batch_sampler=sampler, num_workers=cfg.train.num_workers,
-                         pin_memory=device.type == "cuda")
+    loader = make_loader(train, batch_sampler=sampler, collate_fn=collate,
+                         num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda",
+                         seed=sampler.seed, rank=dist.rank)
     return loader, sampler
 
 
@@ -100,5 +102,6 @@ def build_cls_test_loader(cfg: ClassificationConfig, val: ClassificationDataset,
                           dist: DistInfo, device: torch.device) -> torch.utils.data.DataLoader:
     """Each test image on exactly one rank, in order."""
     return make_loader(val, sampler=InferenceSampler(len(val), dist.rank, dist.world_size),
+                       collate_fn=collate, rank=dist.rank,
                        batch_size=max(cfg.data.test_ims_per_batch // dist.world_size, 1),
                        num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from detres.config_checks import AT_LEAST_0, AT_LEAST_1, PIXEL, POSITIVE, Range, checked
 from detres.models.pixels import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from detres.tasks.common import BackboneConfig, SolverConfig, TrainConfig
 
@@ -23,28 +24,29 @@ class ClsDataConfig:
     # imagenet: scale aug [256, 480], 224 crop, flip, colour (Sec. 3.4); cifar: pad 4, crop 32, flip
     # (Sec. 4.2); builtin: small images, crop and flip
     recipe: Literal["imagenet", "cifar", "builtin"] = "builtin"
-    crop_size: int = 224
-    scale_range: tuple[int, int] = (256, 480)            # shorter side, imagenet recipe (Sec. 3.4)
-    test_size: int = 256                                 # shorter side before the centre crop
+    crop_size: int = checked(224, AT_LEAST_1)
+    # shorter side, imagenet recipe (Sec. 3.4)
+    scale_range: tuple[int, int] = checked((256, 480), Range(1, ascending=True))
+    test_size: int = checked(256, AT_LEAST_1)            # shorter side before the centre crop
     ten_crop: bool = False                               # the paper's 10-crop testing (Sec. 3.4)
     # fully-convolutional multi-scale testing (Sec. 3.4): the whole image at each shorter side,
     # softmax averaged; the paper's best results use [224, 256, 384, 480, 640]; empty: off
-    test_scales: tuple[int, ...] = ()
+    test_scales: tuple[int, ...] = checked((), AT_LEAST_1)
     skip_bad_images: bool = False                        # skip undecodable files and count them
     # RGB (0..255) mean subtracted and std divided by the model; torchvision's values, so a
     # backbone pretrained here expects the same input as torchvision's weights
-    pixel_mean: tuple[float, float, float] = IMAGENET_PIXEL_MEAN
-    pixel_std: tuple[float, float, float] = IMAGENET_PIXEL_STD
+    pixel_mean: tuple[float, float, float] = checked(IMAGENET_PIXEL_MEAN, PIXEL)
+    pixel_std: tuple[float, float, float] = checked(IMAGENET_PIXEL_STD, POSITIVE)
     # subtract the training set's per-pixel mean image instead of pixel_mean (Sec. 4.2, cifar10)
     per_pixel_mean: bool = False
-    test_ims_per_batch: int = 100                        # global test batch
+    test_ims_per_batch: int = checked(100, AT_LEAST_1)   # global test batch
 
 
 @dataclass(frozen=True, kw_only=True)
 class PreciseBNConfig:
     # recompute BN statistics over this many training batches after training (0: off);
     # the paper computes them on the training set before freezing BN for detection (Appendix A)
-    num_batches: int = 0
+    num_batches: int = checked(0, AT_LEAST_0)
 
 
 @dataclass(frozen=True, kw_only=True)

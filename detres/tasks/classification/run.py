@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,16 +15,17 @@ import torch
 
 from detres.config import to_dict
 from detres.engine.checkpoint import atomic_save, extract_backbone, load_task_weights
-from detres.engine.launch import releases_run_lock, setup_run
+from detres.engine.launch import begin_resumed_run, releases_run_lock, setup_run
 from detres.engine.logging import write_json
-from detres.engine.loop import Trainer, recompute_bn_stats
+from detres.engine.loop import Trainer
+from detres.engine.precise_bn import recompute_bn_stats
 from detres.evaluation.classification import evaluate_classifier
 from detres.models.weights import backbone_file
 from detres.tasks.classification.build import (TASK, build_classifier, build_cls_datasets,
                                                build_cls_test_loader, build_cls_train_loader,
                                                describe_classifier)
 from detres.tasks.classification.config import ClassificationConfig
-from detres.tasks.common import build_lr_schedule, build_optimizer
+from detres.tasks.common import build_lr_schedule, build_optimizer, scale_schedule
 
 logger = logging.getLogger("detres")
 
@@ -33,8 +35,10 @@ def _write_eval(output_dir: Path, results: dict[str, Any]) -> None:
                {k: results[k] for k in ("top1_err", "top5_err")})
 
 
-def _setup(cfg: ClassificationConfig, mode: str):
+def _setup(cfg: ClassificationConfig, mode: str, notes: Sequence[str] = ()):
     device, dist, output_dir, log = setup_run(cfg, mode)
+    for note in notes:
+        log.info(note)
     train_set, val_set, mean_image = build_cls_datasets(cfg.data)
     model = build_classifier(cfg, train_set.num_classes, mean_image).to(device)
     val_loader = build_cls_test_loader(cfg, val_set, dist, device)
@@ -57,11 +61,14 @@ def evaluate(cfg: ClassificationConfig, weights: str) -> dict[str, Any]:
 
 
 @releases_run_lock
-def train(cfg: ClassificationConfig, resume: bool = False) -> dict[str, Any]:
+def train(cfg: ClassificationConfig, resume: bool = False, typed: Collection[str] = ()
+          ) -> dict[str, Any]:
     """Trains (continuing from ``last_checkpoint`` with ``resume``), evaluates, and writes
-    ``backbone.pth``; returns the final metrics."""
+    ``backbone.pth``; returns the final metrics. ``typed``: the keys the user set on the
+    command line, which ``scale_schedule`` keeps as they are."""
+    cfg, notes = scale_schedule(cfg, typed)
     device, dist, output_dir, train_set, val_set, model, eval_fn = _setup(
-        cfg, "resume" if resume else "train")
+        cfg, "resume" if resume else "train", notes)
     train_loader, sampler = build_cls_train_loader(cfg, train_set, dist, device)
     trainer = Trainer(
         model, build_optimizer(cfg.solver, model), build_lr_schedule(cfg.solver),
@@ -76,7 +83,8 @@ def train(cfg: ClassificationConfig, resume: bool = False) -> dict[str, Any]:
         finish_fn=functools.partial(precise_bn, cfg=cfg, train_set=train_set, dist=dist,
                                     device=device) if cfg.precise_bn.num_batches else None)
     if resume:
-        trainer.resume()
+        trainer.resume()        # refuses other classes or another network: nothing written yet
+        begin_resumed_run(cfg, output_dir, device, dist)
     result = trainer.run()
     trainer.close()
     if dist.is_main:

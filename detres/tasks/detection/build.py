@@ -41,27 +41,6 @@ TASK = "detection"
 CLASS_LAYER_PREFIXES = ("roi_head.cls_score.", "roi_head.bbox_pred.")
 
 
-def scale_schedule(cfg: DetectionConfig) -> DetectionConfig:
-    """Adapts a schedule written for ``solver.reference_batch`` images to ``ims_per_batch``.
-
-    The paper states its detection schedules for a fixed batch (e.g. 8 images: 240k + 80k
-    iterations on COCO). With k = ims_per_batch / reference_batch, iterations (max_iter, steps,
-    warmup, checkpoint and eval periods) are divided by k, so the run sees as many images, and
-    ``build_optimizer`` multiplies the LR by k. Identity when reference_batch is unset or equal.
-    """
-    ref, ims = cfg.solver.reference_batch, cfg.solver.ims_per_batch
-    if not ref or ref == ims:
-        return cfg
-    def scaled(n: int) -> int:
-        return max(int(round(n * ref / ims)), 1) if n else 0
-    solver = dataclasses.replace(cfg.solver, steps=tuple(scaled(s) for s in cfg.solver.steps),
-                                 warmup_iters=scaled(cfg.solver.warmup_iters))
-    train = dataclasses.replace(cfg.train, max_iter=scaled(cfg.train.max_iter),
-                                checkpoint_period=scaled(cfg.train.checkpoint_period),
-                                eval_period=scaled(cfg.train.eval_period))
-    return dataclasses.replace(cfg, solver=solver, train=train)
-
-
 DET_BUILTIN_HINT = ("python tools/train_det.py configs/frcnn_r18_shapes.yaml "
                     "(built-in data, no download)")
 
@@ -199,6 +178,8 @@ def build_det_dataset(cfg: DetDatasetConfig, data: DetDataConfig, train: bool,
         transform = eval_transform(data.min_size_test, data.max_size_test)
     common = dict(transform=transform, filter_empty=train and data.filter_empty,
                   skip_bad_images=data.skip_bad_images, bad_annotations=cfg.bad_annotations)
+    if cfg.type != "imagenet_det":  # ILSVRC's file names come from its own split files
+        common["allow_outside_paths"] = cfg.allow_outside_paths
     if cfg.class_names is not None and cfg.type not in ("voc", "imagenet_det"):
         raise ConfigError(f"{key}.class_names is for VOC-style sets; a {cfg.type} set takes its "
                           "class names from the annotation file's 'categories'")

@@ -5,18 +5,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from detres.config_checks import (AT_LEAST_0, AT_LEAST_1, FRACTION, PIXEL, POSITIVE,
+                                  SEED, Range, checked)
 from detres.models.pixels import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
 from detres.tasks.common import BackboneConfig, SolverConfig, TrainConfig
+
+
+NON_EMPTY_POSITIVE = Range(0, lo_open=True, non_empty=True)
+IOU_PAIR = Range(0, 1, ascending=True)             # (negative below, positive at or above)
 
 
 @dataclass(frozen=True, kw_only=True)
 class BuiltinShapesConfig:
     # the built-in shapes set (data/builtin.py), generated once per distinct setting
-    num_train: int = 1500
-    num_val: int = 200
-    image_size: int = 128
-    min_object_size: int = 10
-    seed: int = 0
+    num_train: int = checked(1500, AT_LEAST_1)
+    num_val: int = checked(200, AT_LEAST_1)
+    image_size: int = checked(128, Range(32))
+    min_object_size: int = checked(10, AT_LEAST_1)
+    seed: int = checked(0, SEED)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +48,9 @@ class DetDatasetConfig:
     class_names: tuple[str, ...] | None = None
     # voc: image suffixes tried in order for JPEGImages/<name><suffix>
     image_extensions: tuple[str, ...] = (".jpg",)
+    # coco, voc: read image file names that lead out of the image folder (../, absolute
+    # paths); false refuses them, naming the file (trust the annotation file before setting it)
+    allow_outside_paths: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,12 +59,12 @@ class DetDataConfig:
     val: DetDatasetConfig = field(default_factory=lambda: DetDatasetConfig(splits=("val",)))
     # shorter side of training images, one drawn per image (multi-scale when several);
     # the paper uses 600 (Appendix A), modern recipes 640..800
-    min_size_train: tuple[int, ...] = (600,)
-    max_size_train: int = 1000                     # cap on the longer side
-    min_size_test: int = 600
-    max_size_test: int = 1000
-    flip_prob: float = 0.5
-    color_jitter: float = 0.0                      # photometric jitter strength (0: off)
+    min_size_train: tuple[int, ...] = checked((600,), Range(1, non_empty=True))
+    max_size_train: int = checked(1000, AT_LEAST_1)   # cap on the longer side
+    min_size_test: int = checked(600, AT_LEAST_1)
+    max_size_test: int = checked(1000, AT_LEAST_1)
+    flip_prob: float = checked(0.5, FRACTION)
+    color_jitter: float = checked(0.0, FRACTION)   # photometric jitter strength (0: off)
     filter_empty: bool = True                      # skip training images without a box
     keep_difficult: bool = False                   # voc: difficult objects as training targets
     skip_bad_images: bool = False                  # skip undecodable images and count them
@@ -66,44 +75,45 @@ class DetDataConfig:
 @dataclass(frozen=True, kw_only=True)
 class AnchorConfig:
     # paper VOC: 128, 256, 512; paper COCO adds 64 (Appendix A); modern: 32..512
-    sizes: tuple[float, ...] = (64.0, 128.0, 256.0, 512.0)
-    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    sizes: tuple[float, ...] = checked((64.0, 128.0, 256.0, 512.0), NON_EMPTY_POSITIVE)
+    aspect_ratios: tuple[float, ...] = checked((0.5, 1.0, 2.0), NON_EMPTY_POSITIVE)
 
 
 @dataclass(frozen=True, kw_only=True)
 class RPNConfig:
-    pre_nms_topk_train: int = 12000
-    pre_nms_topk_test: int = 6000
-    proposals_train: int = 2000                    # post-NMS proposals per image in training
-    proposals_test: int = 300                      # paper: 300; modern: 1000
-    nms_threshold: float = 0.7
-    iou_thresholds: tuple[float, float] = (0.3, 0.7)   # negative below, positive at or above
-    batch_size_per_image: int = 256                # anchors sampled per image, half positive
-    positive_fraction: float = 0.5
+    pre_nms_topk_train: int = checked(12000, AT_LEAST_1)
+    pre_nms_topk_test: int = checked(6000, AT_LEAST_1)
+    proposals_train: int = checked(2000, AT_LEAST_1)  # post-NMS proposals per image in training
+    proposals_test: int = checked(300, AT_LEAST_1)    # paper: 300; modern: 1000
+    nms_threshold: float = checked(0.7, FRACTION)
+    iou_thresholds: tuple[float, float] = checked((0.3, 0.7), IOU_PAIR)
+    batch_size_per_image: int = checked(256, AT_LEAST_1)  # anchors sampled per image, half positive
+    positive_fraction: float = checked(0.5, FRACTION)
     box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
-    conv_channels: int | None = None               # null: the trunk's channels
+    conv_channels: int | None = checked(None, AT_LEAST_1)   # null: the trunk's channels
     # anchors crossing the image border by more than this many pixels are ignored in training;
     # Faster R-CNN: 0 ("cross-boundary anchors are ignored", Ren et al. 3.3); null keeps them
     # (detectron2, torchvision). Anchors centred in batch padding are never sampled.
-    boundary_threshold: float | None = None
+    boundary_threshold: float | None = checked(None, AT_LEAST_0)
     # proposals narrower or shorter than this many pixels of the original image are dropped;
     # Faster R-CNN: 16 (py-faster-rcnn RPN_MIN_SIZE); detectron2: 0
-    min_size: float = 0.0
+    min_size: float = checked(0.0, AT_LEAST_0)
 
 
 @dataclass(frozen=True, kw_only=True)
 class RoIHeadConfig:
     roi_op: Literal["pool", "align"] = "pool"     # paper: RoIPool; modern: RoIAlign
-    pooled_size: int = 14                          # then conv5_x with stride 2 -> 7x7
-    sampling_ratio: int = 0                        # align only
+    pooled_size: int = checked(14, AT_LEAST_1)     # then conv5_x with stride 2 -> 7x7
+    sampling_ratio: int = checked(0, AT_LEAST_0)   # align only
     aligned: bool = True                           # align only: half-pixel offset
-    batch_size_per_image: int = 512
-    positive_fraction: float = 0.25
-    fg_iou_threshold: float = 0.5
+    batch_size_per_image: int = checked(512, AT_LEAST_1)
+    positive_fraction: float = checked(0.25, FRACTION)
+    fg_iou_threshold: float = checked(0.5, FRACTION)
     box_loss: Literal["smooth_l1", "l1"] = "smooth_l1"
-    score_threshold: float = 0.05
-    nms_threshold: float = 0.5                     # Faster R-CNN tests with 0.3; detectron2 0.5
-    detections_per_image: int = 100
+    score_threshold: float = checked(0.05, FRACTION)
+    # Faster R-CNN tests with 0.3; detectron2 0.5
+    nms_threshold: float = checked(0.5, FRACTION)
+    detections_per_image: int = checked(100, AT_LEAST_1)
     # the image's own conv5_x feature (whole image as the RoI) beside each region's, before
     # the sibling layers (Appendix B, "Global context"); changes the model and its checkpoints
     global_context: bool = False
@@ -121,25 +131,26 @@ class DetModelConfig:
     weights: str | None = None
     # loading weights trained on another class set re-initialises the class layers
     reinit_class_layers: bool = False
-    pixel_mean: tuple[float, float, float] = IMAGENET_PIXEL_MEAN   # RGB, 0..255
-    pixel_std: tuple[float, float, float] = IMAGENET_PIXEL_STD
+    pixel_mean: tuple[float, float, float] = checked(IMAGENET_PIXEL_MEAN, PIXEL)   # RGB, 0..255
+    pixel_std: tuple[float, float, float] = checked(IMAGENET_PIXEL_STD, POSITIVE)
     # channels-last memory layout: same results, convolutions ~1.5x faster on CPU
     channels_last: bool = True
 
 
 @dataclass(frozen=True, kw_only=True)
 class DetTestConfig:
-    ims_per_batch: int = 4                         # per process
-    # coco: COCO mAP (COCO-format sets, built-in included); voc07 (11-point) | voc12 (area)
-    metric: Literal["coco", "voc07", "voc12"] = "coco"
+    ims_per_batch: int = checked(4, AT_LEAST_1)    # per process
+    # coco: COCO mAP (COCO-format sets, built-in included); voc07 (11-point) | voc12 (area);
+    # imagenet_det: ILSVRC DET's devkit rule (area AP, a lower IoU for boxes under ~25 px)
+    metric: Literal["coco", "voc07", "voc12", "imagenet_det"] = "coco"
     # Appendix B's test-time improvements (models/test_time.py); all off is the baseline.
     # Box refinement: pool the regressed boxes again, union of the old and new predictions,
     # NMS at model.roi_head.nms_threshold (the paper: 0.3), then box voting at voting_iou
     box_refinement: bool = False
-    voting_iou: float = 0.5                        # Gidaris & Komodakis 2015
+    voting_iou: float = checked(0.5, FRACTION)     # Gidaris & Komodakis 2015
     # multi-scale testing: shorter sides of the pyramid, e.g. [200, 400, 600, 800, 1000];
     # each RoI on two adjacent scales merged by maxout (Ren et al. [33]); [] single-scale
-    scales: tuple[int, ...] = ()
+    scales: tuple[int, ...] = checked((), AT_LEAST_1)
     flip: bool = False                             # also score each RoI on the mirrored image
     # write the results files only (COCO test-dev, VOC 2012 test): no ground truth needed
     format_only: bool = False
@@ -154,10 +165,17 @@ class DetTestConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DetTrainConfig(TrainConfig):
+    # refuse, before the first step, a run whose training iteration would not fit in the
+    # memory available (estimated in tasks/detection/memory.py); false skips the check
+    memory_check: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
 class DetectionConfig:
     model: DetModelConfig = field(default_factory=DetModelConfig)
     data: DetDataConfig = field(default_factory=DetDataConfig)
     test: DetTestConfig = field(default_factory=DetTestConfig)
     solver: SolverConfig = field(default_factory=lambda: SolverConfig(
         base_lr=0.02, ims_per_batch=16, steps=(60000, 80000), warmup_iters=1000))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_iter=90000))
+    train: DetTrainConfig = field(default_factory=lambda: DetTrainConfig(max_iter=90000))

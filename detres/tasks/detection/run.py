@@ -6,21 +6,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from detres.config import ConfigError, to_dict
 from detres.engine.checkpoint import load_checkpoint
-from detres.engine.launch import releases_run_lock, setup_run
+from detres.engine.launch import begin_resumed_run, releases_run_lock, setup_run
 from detres.engine.loop import AMP_DTYPES, Trainer
 from detres.evaluation.detection import evaluate_detector
-from detres.tasks.common import build_lr_schedule, build_optimizer
+from detres.tasks.common import build_lr_schedule, build_optimizer, scale_schedule
 from detres.tasks.detection.build import (TASK, build_det_dataset, build_det_test_loader,
                                           build_det_train_loader, build_detector,
                                           build_test_detector, member_config,
-                                          describe_detector, load_detector_weights,
-                                          scale_schedule)
+                                          describe_detector, load_detector_weights)
 from detres.tasks.detection.config import DetectionConfig
+from detres.tasks.detection.memory import check_iteration_memory
 
 
 def _evaluator(cfg: DetectionConfig, device, dist, output_dir, metric: str | None = None,
@@ -71,17 +71,37 @@ def evaluate(cfg: DetectionConfig, weights: str | Sequence[str], metric: str | N
     return eval_fn(models, summary_only=summary_only)
 
 
+def check_trainable(cfg: DetectionConfig) -> None:
+    """Frozen BN keeps the statistics and affine of pretraining (Appendix A): a randomly
+    initialised net has none to keep, and its first loss is not finite."""
+    b = cfg.model.backbone
+    if b.norm == "frozen_bn" and not b.weights and not cfg.model.weights:
+        raise ConfigError(
+            "model.backbone.norm = frozen_bn with model.backbone.weights = null: frozen "
+            "BatchNorm keeps the statistics of pretraining, and a random network has none; "
+            "give pretrained weights (model.backbone.weights=torchvision://resnet50, a backbone "
+            "file of tools/pretrain_cls.py, or model.weights) or train from scratch with "
+            "model.backbone.norm=gn")
+
+
 @releases_run_lock
-def train(cfg: DetectionConfig, resume: bool = False) -> dict[str, Any]:
+def train(cfg: DetectionConfig, resume: bool = False, typed: Collection[str] = ()
+          ) -> dict[str, Any]:
     """Trains (continuing from ``last_checkpoint`` with ``resume``) and evaluates; returns the
-    final summary metrics."""
-    cfg = scale_schedule(cfg)
+    final summary metrics. ``typed``: the keys the user set on the command line, which
+    ``scale_schedule`` keeps as they are."""
+    check_trainable(cfg)
+    cfg, notes = scale_schedule(cfg, typed)
     device, dist, output_dir, logger = setup_run(cfg, "resume" if resume else "train")
+    for note in notes:
+        logger.info(note)
     val_set, eval_fn = _evaluator(cfg, device, dist, output_dir)
     train_set = build_det_dataset(cfg.data.train, cfg.data, train=True, key="data.train")
     if list(val_set.class_names) != list(train_set.class_names):
         raise ConfigError(f"data.val has classes {val_set.class_names[:5]}... but data.train has "
                           f"{train_set.class_names[:5]}...; both must share one class list")
+    # before the model is built (and its weights downloaded): a run that cannot fit stops here
+    check_iteration_memory(cfg, train_set.num_classes, dist, device, logger)
     model = build_detector(cfg.model, train_set.num_classes).to(device)
     train_loader = build_det_train_loader(cfg, train_set, dist, device)
     num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -99,7 +119,8 @@ def train(cfg: DetectionConfig, resume: bool = False) -> dict[str, Any]:
         eval_fn=eval_fn, eval_period=cfg.train.eval_period,
         best_metric=cfg.train.best_metric, best_mode=cfg.train.best_mode, metrics_prefix="bbox")
     if resume:
-        trainer.resume()
+        trainer.resume()        # refuses other classes or another network: nothing written yet
+        begin_resumed_run(cfg, output_dir, device, dist)
     result = trainer.run()
     trainer.close()
     for dataset in (train_set, val_set):

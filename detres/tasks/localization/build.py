@@ -17,6 +17,7 @@ from detres.data.loc_transforms import LocTrainTransform
 from detres.data.localization import LocalizationDataset
 from detres.engine.checkpoint import (CheckpointError, check_task, load_checkpoint,
                                       load_task_weights)
+from detres.engine.loop import AMP_DTYPES
 from detres.models.anchors import AnchorGenerator
 from detres.models.classifier import Classifier
 from detres.models.loc_inference import LocalizerEnsemble, LocTestSettings
@@ -136,6 +137,8 @@ def build_loc_train_transform(data: LocDataConfig, scale_range: tuple[int, int] 
 
 
 def loc_test_settings(cfg: LocalizationConfig) -> LocTestSettings:
+    """The test pipeline of ``cfg``; on CUDA it runs under ``train.amp``'s autocast, as
+    detection's evaluation does."""
     t = cfg.test
     if not t.scales:
         raise ConfigError("test.scales is empty; give at least one shorter side")
@@ -151,7 +154,8 @@ def loc_test_settings(cfg: LocalizationConfig) -> LocTestSettings:
                            cls_crop=crop if cfg.classifier.test_crop or t.cls_mode == "ten_crop"
                            else None,
                            cls_mode=t.cls_mode, cls_scales=tuple(t.cls_scales),
-                           rpn_mode=t.rpn_mode, rpn_crop=t.rpn_crop or cfg.data.crop_size)
+                           rpn_mode=t.rpn_mode, rpn_crop=t.rpn_crop or cfg.data.crop_size,
+                           rcnn_chunk=t.rcnn_chunk, cuda_amp=AMP_DTYPES.get(cfg.train.amp))
 
 
 def localizer_from_checkpoint(path: str | Path, overrides: Sequence[str] = ()

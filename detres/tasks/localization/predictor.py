@@ -85,8 +85,8 @@ class LocPredictor:
 
     @torch.no_grad()
     def predict(self, images: Sequence[Image]) -> list[LocPrediction]:
-        """The guesses of each image, boxes in its pixels (as given, or as stored with the
-        EXIF orientation applied)."""
+        """The guesses of each image, boxes in its pixels (as given; a file: as stored, EXIF
+        orientation ignored, as in training)."""
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = [load_image(im) for im in images[start:start + self.batch_size]]

@@ -4,7 +4,9 @@ turn, each an ordinary training run in its own sub-folder of ``train.output_dir`
 1. ``classifier/``: the classification network (skipped when ``classifier.weights`` is given);
 2. ``rpn/``: the per-class RPN on random crops, a few anchors sampled per image;
 3. ``rcnn/``: the R-CNN refiner on the RPN's top proposals for each training image's classes
-   (``rcnn/proposals.pth``), RoI-centric (skipped when ``rcnn.enabled`` is false);
+   (``rcnn/proposals.pth`` and one ``proposals.rank{r}.npy`` per rank, read through memory
+   maps: ``tasks/localization/proposals.py``), RoI-centric (skipped when ``rcnn.enabled`` is
+   false);
 
 then writes ``model_final.pth`` (all three) and evaluates. With ``resume`` finished stages are
 loaded from their ``model_final.pth`` and an interrupted one continues from its last
@@ -15,7 +17,7 @@ checkpoint. ``evaluate(cfg, weights)`` scores a trained localizer. Both write
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,17 +28,20 @@ from detres.config import to_dict
 from detres.data import loc_batches
 from detres.data.samplers import TrainingSampler
 from detres.engine import distributed as du
-from detres.engine.checkpoint import atomic_save, load_task_weights
-from detres.engine.launch import releases_run_lock, setup_run
+from detres.engine.checkpoint import (Checkpointer, atomic_save, check_resume, load_checkpoint,
+                                      load_task_weights)
+from detres.engine.launch import begin_resumed_run, releases_run_lock, setup_run
 from detres.engine.loop import Trainer
 from detres.evaluation.localization_runner import evaluate_localizer
-from detres.tasks.common import SolverConfig, build_lr_schedule, build_optimizer
+from detres.tasks.common import SolverConfig, build_lr_schedule, build_optimizer, scale_schedule
 from detres.tasks.localization.build import (TASK, build_loc_dataset, build_loc_train_transform,
                                              build_localizer, copy_classifier_weights,
                                              index_cache_dir, load_localizers,
                                              loc_test_settings)
 from detres.tasks.localization.config import LocalizationConfig
 from detres.tasks.localization.proposals import cached_training_proposals
+
+STAGES = ("classifier", "rpn", "rcnn")      # the sub-folders of a training run, in order
 
 
 @dataclass(frozen=True)
@@ -78,11 +83,24 @@ def train_stage(run: Run, name: str, module: torch.nn.Module, dataset: Any, coll
                       sampler=sampler, task=task, meta=run.meta, amp=cfg.train.amp,
                       clip_grad_norm=solver.clip_grad_norm,
                       checkpoint_period=cfg.train.checkpoint_period,
-                      log_period=cfg.train.log_period)
+                      log_period=cfg.train.log_period, name=name)
     if run.resume:
         trainer.resume()
     trainer.run()
     trainer.close()
+
+
+def check_stages(run: Run, modules: dict[str, torch.nn.Module | None]) -> None:
+    """Refuses to resume, before anything is written, when a stage's checkpoint (its
+    model_final.pth when finished, else its last checkpoint) holds other classes or another
+    network than ``modules`` (None: a stage this run does not train)."""
+    for name, module in modules.items():
+        stage_dir = run.output_dir / name
+        path = (stage_dir / "model_final.pth" if run.finished(name)
+                else Checkpointer(stage_dir).last_checkpoint())
+        if module is not None and path is not None:
+            check_resume(load_checkpoint(path), path, module, f"{TASK}-{name}",
+                         run.meta["class_names"], run.meta["config"])
 
 
 def evaluate(cfg: LocalizationConfig | None, weights: str | Sequence[str],
@@ -103,10 +121,15 @@ def evaluate(cfg: LocalizationConfig | None, weights: str | Sequence[str],
 
 
 @releases_run_lock
-def train(cfg: LocalizationConfig, resume: bool = False) -> dict[str, Any]:
+def train(cfg: LocalizationConfig, resume: bool = False, typed: Collection[str] = ()
+          ) -> dict[str, Any]:
     """Trains the three stages, saves ``model_final.pth`` and evaluates; returns the metrics
-    per method."""
-    device, dist, output_dir, logger = setup_run(cfg, "resume" if resume else "train")
+    per method. ``typed``: the keys the user set on the command line, which
+    ``scale_schedule`` keeps as they are."""
+    cfg, notes = scale_schedule(cfg, typed, [(f"{s}.solver", s) for s in STAGES])
+    device, dist, output_dir, logger = setup_run(cfg, "resume" if resume else "train", STAGES)
+    for note in notes:
+        logger.info(note)
     settings = loc_test_settings(cfg)
     # indexed once; the stages see it through their own transforms
     cache_dir = index_cache_dir(cfg.data, cfg.train.output_dir)
@@ -120,6 +143,10 @@ def train(cfg: LocalizationConfig, resume: bool = False) -> dict[str, Any]:
     logger.info(f"{len(train_set)} training and {len(val_set)} test images, {len(names)} "
                 f"classes; R-CNN {'on' if model.rcnn is not None else 'off'}")
     run = Run(cfg, output_dir, device, dist, resume, {"config": to_dict(cfg), "class_names": names})
+    if resume:
+        check_stages(run, {"classifier": None if cfg.classifier.weights else model.classifier,
+                           "rpn": model.rpn, "rcnn": model.rcnn})
+        begin_resumed_run(cfg, output_dir, device, dist, STAGES)
 
     if not cfg.classifier.weights:
         cls_set = train_images.with_transform(build_loc_train_transform(
