@@ -66,3 +66,13 @@ def tiny_cls_set(tmp_path_factory):
     """3 classes x (8 train, 4 val) images of the built-in kind (``helpers.tiny_cls_args``)."""
     from helpers import write_tiny_cls_set
     return write_tiny_cls_set(tmp_path_factory.mktemp("tiny_cls"), num_train=8, num_val=4)
+
+
+@pytest.fixture(scope="session")
+def finished_cls_run(tiny_cls_set, tmp_path_factory):
+    """A finished 2-iteration tools/pretrain_cls.py run on ``tiny_cls_set`` (copy it before
+    changing it), checkpoints after each iteration (``helpers.short_cls_run_args``)."""
+    from helpers import load_tool, short_cls_run_args
+    out = tmp_path_factory.mktemp("finished_cls_run") / "run"
+    load_tool("pretrain_cls").main(short_cls_run_args(tiny_cls_set, out))
+    return out

@@ -3,7 +3,10 @@ path). Test files import from here, never from each other."""
 from __future__ import annotations
 
 import copy
+import datetime
 import importlib.util
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +14,8 @@ from types import ModuleType
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import Dataset
 from torchvision.models.detection import FasterRCNN as TVFasterRCNN
@@ -185,6 +190,12 @@ def tiny_cls_args(root: Path, out: Path, *extra: str, batch: int = 8) -> list[st
             "train.eval_period=0", "data.test_ims_per_batch=6", f"train.output_dir={out}", *extra]
 
 
+def short_cls_run_args(root: Path, out: Path, *extra: str) -> list[str]:
+    """:func:`tiny_cls_args` for a 2-iteration run with a checkpoint after each iteration."""
+    return tiny_cls_args(root, out, "train.checkpoint_period=1", "train.max_iter=2", *extra,
+                         batch=4)
+
+
 class _FilledGradient(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, value: float) -> torch.Tensor:
@@ -206,3 +217,28 @@ def write_jpeg(path: Path, size: tuple[int, int], color: tuple[int, int, int]) -
     """A plain JPEG of ``size`` (w, h) at ``path``, its folders made."""
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).save(path, format="JPEG")
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_gloo_ranks(fn, *args, timeout_s: int = 60) -> None:
+    """``fn(rank, world_size, *args)`` in two forked processes joined by a gloo group, as
+    torchrun runs two ranks on a CPU; a rank left waiting fails after ``timeout_s``."""
+    mp.start_processes(_gloo_rank, args=(fn, free_port(), timeout_s, args), nprocs=2,
+                       join=True, start_method="fork")   # fork: no re-import of torch
+
+
+def _gloo_rank(rank: int, fn, port: int, timeout_s: int, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        fn(rank, 2, *args)
+    finally:
+        dist.destroy_process_group()

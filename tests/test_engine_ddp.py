@@ -8,14 +8,10 @@ rank its slice of the same global batches.
 """
 import json
 import os
-import socket
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import TinyData, bad_gradient, tiny_model
+from helpers import TinyData, bad_gradient, run_two_gloo_ranks, tiny_model
 from torch import nn
 
 from detres.data.classification import collate
@@ -45,30 +41,16 @@ def _train(output_dir, rank: int = 0, world_size: int = 1) -> list[float]:
     return losses
 
 
-def _worker(rank: int, world_size: int, port: int, output_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        losses = _train(output_dir, rank, world_size)
-        with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(losses, f)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rank(rank: int, world_size: int, output_dir: str) -> None:
+    losses = _train(output_dir, rank, world_size)
+    with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(losses, f)
 
 
 @pytest.mark.timeout(180)
 def test_two_process_gloo_ddp_matches_one_process(tmp_path):
     single = _train(tmp_path / "single")
-    # fork: the children reuse the imported modules (spawn re-imports torch: ~10 s more)
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path / "ddp")), nprocs=2,
-                       join=True, start_method="fork")
+    run_two_gloo_ranks(_rank, str(tmp_path / "ddp"))
     per_rank = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert per_rank[0] == per_rank[1]                     # losses are averaged over ranks
     torch.testing.assert_close(torch.tensor(per_rank[0]), torch.tensor(single),
@@ -103,40 +85,31 @@ class NanOnRank1(nn.Module):
         return out
 
 
-def _nan_worker(rank: int, world_size: int, port: int, output_dir: str, kind: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    # a rank left waiting in a collective fails after 60 s instead of hanging the test
-    dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
+def _nan_rank(rank: int, world_size: int, output_dir: str, kind: str) -> None:
+    torch.manual_seed(0)
+    model, data = NanOnRank1(kind, rank), TinyData()
+    sampler = TrainingSampler(len(data), GLOBAL_BATCH, seed=0, rank=rank, world_size=world_size)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                      WarmupMultiStepSchedule(),
+                      make_loader(data, collate_fn=collate, batch_sampler=sampler),
+                      max_iter=MAX_ITER, output_dir=output_dir, sampler=sampler,
+                      checkpoint_period=3, progress=False, task="classification")
     try:
-        torch.manual_seed(0)
-        model, data = NanOnRank1(kind, rank), TinyData()
-        sampler = TrainingSampler(len(data), GLOBAL_BATCH, seed=0, rank=rank,
-                                  world_size=world_size)
-        trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                          WarmupMultiStepSchedule(),
-                          make_loader(data, collate_fn=collate, batch_sampler=sampler),
-                          max_iter=MAX_ITER, output_dir=output_dir, sampler=sampler,
-                          checkpoint_period=3, progress=False, task="classification")
-        try:
-            trainer.run()
-            outcome = "finished"
-        except NonFiniteLossError as e:
-            outcome = f"{type(e).__name__}: {e}"
-        trainer.close()
-        with open(os.path.join(output_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(outcome)
-    finally:
-        dist.destroy_process_group()
+        trainer.run()
+        outcome = "finished"
+    except NonFiniteLossError as e:
+        outcome = f"{type(e).__name__}: {e}"
+    trainer.close()
+    with open(os.path.join(output_dir, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("kind, error", [("loss", "NonFiniteLossError: non-finite loss"),
                                          ("grad", "NonFiniteGradientError: non-finite gradient")])
 def test_nan_on_one_rank_stops_both_and_keeps_the_last_checkpoint(tmp_path, kind, error):
-    mp.start_processes(_nan_worker, args=(2, _free_port(), str(tmp_path), kind), nprocs=2,
-                       join=True, start_method="fork")
+    # a rank left waiting in a collective fails after 60 s instead of hanging the test
+    run_two_gloo_ranks(_nan_rank, str(tmp_path), kind)
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     for outcome in outcomes:
         assert outcome.startswith(f"{error} at iteration {NAN_AT} "), outcome

@@ -8,18 +8,14 @@ the point of interruption is exact; the tool test sends it from outside, as a te
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import ROOT, TinyData, tiny_model
+from helpers import ROOT, TinyData, run_two_gloo_ranks, tiny_model
 from torch import nn
 
 from detres.data.builtin import ensure_builtin_shapes
@@ -93,35 +89,20 @@ def test_a_second_ctrl_c_ends_at_once(tmp_path):
 
 
 # ------------------------------------------------------------------- torchrun: two ranks
-def _worker(rank: int, world_size: int, port: int, output_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=60))
+def _rank(rank: int, world_size: int, output_dir: str) -> None:
+    trainer = make_trainer(lambda: CtrlCAt(rank=rank, on_rank=1), output_dir, rank, world_size)
     try:
-        trainer = make_trainer(lambda: CtrlCAt(rank=rank, on_rank=1), output_dir, rank,
-                               world_size)
-        try:
-            trainer.run()
-            stopped = None
-        except TrainingInterrupted as e:
-            stopped = e.iteration
-        with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"stopped": stopped, "iteration": trainer.iteration}, f)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        trainer.run()
+        stopped = None
+    except TrainingInterrupted as e:
+        stopped = e.iteration
+    with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"stopped": stopped, "iteration": trainer.iteration}, f)
 
 
 @pytest.mark.timeout(180)
 def test_ctrl_c_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+    run_two_gloo_ranks(_rank, str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] == {"stopped": INTERRUPT_AT + 1, "iteration": INTERRUPT_AT + 1}
     ckpt = torch.load(tmp_path / f"{periodic_name(INTERRUPT_AT + 1)}.pth", weights_only=True)

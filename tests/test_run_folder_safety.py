@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from helpers import load_tool, run_tool_script, tiny_cls_args
+from helpers import load_tool, run_tool_script, short_cls_run_args as run_args
 
 from detres.cli import run_main
 from detres.config import ConfigError
@@ -19,19 +19,6 @@ from detres.engine.logging import read_metrics
 pretrain_cls = load_tool("pretrain_cls")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def args(data, out, *extra):
-    return tiny_cls_args(data, out, "train.checkpoint_period=1", "train.max_iter=2", *extra,
-                         batch=4)
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_cls_set, tmp_path_factory):
-    """A finished 2-iteration run (copy it before changing it)."""
-    out = tmp_path_factory.mktemp("trained") / "run"
-    pretrain_cls.main(args(tiny_cls_set, out))
-    return out
 
 
 def snapshot(folder):
@@ -50,13 +37,13 @@ def users_work(folder):
 
 
 # ----------------------------------------------------------------------------- overwrite
-def test_overwrite_removes_the_old_run_and_keeps_the_users_files(tiny_cls_set, trained,
+def test_overwrite_removes_the_old_run_and_keeps_the_users_files(tiny_cls_set, finished_cls_run,
                                                                   tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(trained, out)
+    shutil.copytree(finished_cls_run, out)
     mine = users_work(out)
     (out / "model_resnet50_imagenet.pth").write_bytes(b"downloaded")    # not a run's name
-    pretrain_cls.main(args(tiny_cls_set, out, "train.max_iter=1", "train.checkpoint_period=100",
+    pretrain_cls.main(run_args(tiny_cls_set, out, "train.max_iter=1", "train.checkpoint_period=100",
                            "train.overwrite=true"))
     assert not (out / "model_0000000.pth").exists()                     # the old run's
     assert [r["iteration"] for r in read_metrics(out) if r["phase"] == "train"] == [1]
@@ -73,44 +60,44 @@ def test_a_folder_no_run_wrote_is_refused_and_left_as_it_was(tiny_cls_set, tmp_p
     (project / "env.json").write_text('{"python": "3.11"}\n')
     before = snapshot(project)
     with pytest.raises(ConfigError, match="holds no detres run") as e:
-        pretrain_cls.main(args(tiny_cls_set, project, f"train.overwrite={overwrite}"))
+        pretrain_cls.main(run_args(tiny_cls_set, project, f"train.overwrite={overwrite}"))
     assert str(project) in str(e.value) and "\n" not in str(e.value)
     assert "train.overwrite" not in str(e.value)
     assert snapshot(project) == before
 
 
 @pytest.mark.parametrize("overwrite", ["false", "true"])
-def test_a_parent_of_runs_is_refused_without_offering_overwrite(tiny_cls_set, trained, tmp_path,
-                                                                 overwrite):
+def test_a_parent_of_runs_is_refused_without_offering_overwrite(
+        tiny_cls_set, finished_cls_run, tmp_path, overwrite):
     parent = tmp_path / "runs"
     for name in ("a", "b"):
-        shutil.copytree(trained, parent / name)
+        shutil.copytree(finished_cls_run, parent / name)
     before = snapshot(parent)
     with pytest.raises(ConfigError) as e:
-        pretrain_cls.main(args(tiny_cls_set, parent, f"train.overwrite={overwrite}"))
+        pretrain_cls.main(run_args(tiny_cls_set, parent, f"train.overwrite={overwrite}"))
     message = str(e.value)
     assert "(a, b)" in message and "train.output_dir=NEW_FOLDER" in message
     assert "overwrite" not in message and "\n" not in message
     assert snapshot(parent) == before
 
 
-def test_a_link_to_a_folder_outside_is_neither_followed_nor_removed(tiny_cls_set, trained,
+def test_a_link_to_a_folder_outside_is_neither_followed_nor_removed(tiny_cls_set, finished_cls_run,
                                                                    tmp_path):
     out, outside = tmp_path / "run", tmp_path / "datasets"
-    shutil.copytree(trained, out)
+    shutil.copytree(finished_cls_run, out)
     outside.mkdir()                                      # looks like a run's stage
     (outside / "model_resnet50_imagenet.pth").write_bytes(b"weights of the user")
     (outside / "README.md").write_text("ImageNet and COCO\n")
     before = snapshot(outside)
     (out / "datasets").symlink_to(outside, target_is_directory=True)
-    pretrain_cls.main(args(tiny_cls_set, out, "train.max_iter=1", "train.overwrite=true"))
+    pretrain_cls.main(run_args(tiny_cls_set, out, "train.max_iter=1", "train.overwrite=true"))
     assert os.readlink(out / "datasets") == str(outside)
     assert snapshot(outside) == before
 
 
-def test_a_link_among_the_records_refuses_the_run(tiny_cls_set, trained, tmp_path):
+def test_a_link_among_the_records_refuses_the_run(tiny_cls_set, finished_cls_run, tmp_path):
     out, outside = tmp_path / "run", tmp_path / "elsewhere"
-    shutil.copytree(trained, out)
+    shutil.copytree(finished_cls_run, out)
     users_work(outside)
     (outside / "metrics.json").write_text("{}")          # a record's name, through the link
     before_outside = snapshot(outside)
@@ -118,7 +105,7 @@ def test_a_link_among_the_records_refuses_the_run(tiny_cls_set, trained, tmp_pat
     (out / "eval").symlink_to(outside, target_is_directory=True)
     before = snapshot(out)
     with pytest.raises(ConfigError, match="symbolic link") as e:
-        pretrain_cls.main(args(tiny_cls_set, out, "train.overwrite=true"))
+        pretrain_cls.main(run_args(tiny_cls_set, out, "train.overwrite=true"))
     assert str(out / "eval") in str(e.value) and "\n" not in str(e.value)
     assert snapshot(out) == before and snapshot(outside) == before_outside
 
@@ -164,33 +151,34 @@ def test_an_output_dir_that_is_or_runs_through_a_file_is_one_error_line(tmp_path
 
 
 # ----------------------------------------------------------------------------- resume
-def test_resume_on_other_classes_is_refused_naming_both(tiny_cls_set, trained, tmp_path):
+def test_resume_on_other_classes_is_refused_naming_both(tiny_cls_set, finished_cls_run, tmp_path):
     out, other = tmp_path / "run", tmp_path / "other"
-    shutil.copytree(trained, out)
+    shutil.copytree(finished_cls_run, out)
     for split in ("train", "val"):          # as many classes, other names
         for old, new in (("disk", "person"), ("square", "car"), ("triangle", "dog")):
             shutil.copytree(tiny_cls_set / split / old, other / split / new)
     before = snapshot(out)
     with pytest.raises(CheckpointError) as e:
-        pretrain_cls.main(args(other, out, "train.max_iter=3", "--resume"))
+        pretrain_cls.main(run_args(other, out, "train.max_iter=3", "--resume"))
     message = str(e.value)
     assert "'disk'" in message and "'car'" in message and "\n" not in message
     assert snapshot(out) == before          # config.yaml, env.json and log.txt too
 
 
-def test_resume_with_another_depth_is_refused_before_writing(tiny_cls_set, trained, tmp_path):
+def test_resume_with_another_depth_is_refused_before_writing(tiny_cls_set, finished_cls_run,
+                                                             tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(trained, out)
+    shutil.copytree(finished_cls_run, out)
     before = snapshot(out)
     with pytest.raises(CheckpointError) as e:
-        pretrain_cls.main(args(tiny_cls_set, out, "train.max_iter=3", "model.backbone.depth=14",
+        pretrain_cls.main(run_args(tiny_cls_set, out, "train.max_iter=3", "model.backbone.depth=14",
                                "--resume"))
     assert snapshot(out) == before          # config.yaml too: still the run's depth 8
     message = str(e.value)
     assert "model.backbone.depth: 8 in the checkpoint, 14 here" in message
     assert "\n" not in message
     # with the run's own config it continues, and its log keeps the lines of the start
-    pretrain_cls.main(args(tiny_cls_set, out, "train.max_iter=3", "--resume"))
+    pretrain_cls.main(run_args(tiny_cls_set, out, "train.max_iter=3", "--resume"))
     log = (out / "log.txt").read_text()
     assert log.count("resumed from") == 1 and log.count("resume: records in") == 1
     assert log.index("resumed from") < log.index("iter 3/3")

@@ -3,7 +3,6 @@ built-in shapes set: every output file, --resume, --eval-only, infer's drawings 
 a 2-process torchrun run, and the errors a user meets first."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import load_tool
+from helpers import free_port, load_tool
 
 from detres.config import ConfigError
 from detres.data.builtin import ensure_builtin_shapes, shapes_split
@@ -193,12 +192,6 @@ def test_missing_dataset_says_where_and_what_runs_without_it(tmp_path, monkeypat
     assert "cocodataset.org" in msg and "frcnn_r18_shapes.yaml" in msg
     with pytest.raises(ConfigError, match="data.train.splits"):
         run(tmp_path, "data.train.splits=[test]")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
