@@ -16,6 +16,11 @@ def test_help(tool, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage:")
+    # what --help shows of the docstring: an example continued with "\" stays as written
+    source = (ROOT / "tools" / f"{tool}.py").read_text().split('"""')[1].splitlines()
+    for line in source:
+        if line.endswith("\\"):
+            assert line.replace("\\\\", "\\") in load_tool(tool).__doc__, line
     if tool in TRAINING_TOOLS:
         assert all(option in out for option in ("--resume", "--eval-only", "key=value"))
 

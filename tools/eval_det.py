@@ -1,4 +1,4 @@
-"""Evaluate object detections (docs/architecture.md, Command line).
+r"""Evaluate object detections (docs/architecture.md, Command line).
 
 From files alone:
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pretrain a ResNet by image classification (He et al. 2015, Sec 3.4 and 4.2).
+r"""Pretrain a ResNet by image classification (He et al. 2015, Sec 3.4 and 4.2).
 
     python tools/pretrain_cls.py [CONFIG] [key=value ...] [--resume] [--eval-only --weights W]
 

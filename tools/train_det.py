@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train and evaluate Faster R-CNN with the C4 layout (He et al. 2015, Appendix A).
+r"""Train and evaluate Faster R-CNN with the C4 layout (He et al. 2015, Appendix A).
 
     python tools/train_det.py [CONFIG] [key=value ...] [--resume] [--eval-only --weights W]
 

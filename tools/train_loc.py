@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train and evaluate ImageNet localization with the per-class RPN (He et al. 2015, Appendix C).
+r"""Train and evaluate ImageNet localization with the per-class RPN (He et al. 2015, Appendix C).
 
     python tools/train_loc.py [CONFIG] [key=value ...] [--resume] [--eval-only --weights W]
 
