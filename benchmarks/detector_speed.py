@@ -12,8 +12,8 @@ runs conv5_x on exactly the RoIs stated.
 
 Models ("variants"): ``ours`` is what evaluation, the Predictor and tools/infer.py run at test
 time (models/fast.py: frozen BN folded, channels-last) and what tools/train_det.py trains
-(channels-last); ``ours+bf16`` the same under CPU bf16 autocast (inference only; the default
-on CPUs with native bf16); ``ours-unfolded`` the trained form at test time; ``ours-nchw`` the
+(channels-last); ``ours+bf16`` the same under CPU bf16 autocast (inference: the default on
+CPUs with native bf16, ``test.cpu_amp``; training: ``train.amp=bf16``); ``ours-unfolded`` the trained form at test time; ``ours-nchw`` the
 NCHW layout; ``torchvision+cl`` torchvision with channels-last weights.
 
 Timings are interleaved (ours, torchvision, ours, ...) in one process with the same threads;
@@ -65,7 +65,7 @@ def _load_test_helpers():
 torchvision_twin = _load_test_helpers().torchvision_twin
 
 VARIANTS = ("torchvision", "ours", "ours+bf16", "ours-unfolded", "ours-nchw", "torchvision+cl")
-INFERENCE_ONLY = ("ours+bf16", "ours-unfolded")
+INFERENCE_ONLY = ("ours-unfolded",)
 
 
 def fix_proposals(model: nn.Module, proposals: dict[bool, list[torch.Tensor]]) -> None:
@@ -152,7 +152,7 @@ def build_models(args: argparse.Namespace, device: torch.device) -> dict[str, nn
     variants = {
         "torchvision": lambda: tv,
         "ours": lambda: copy.deepcopy(ours).use_channels_last(),   # build_detector's default
-        "ours+bf16": lambda: None,                                  # shares ours' fast copy
+        "ours+bf16": lambda: None,                                  # shares ours' copies
         "ours-unfolded": lambda: None,                              # shares ours' training copy
         "ours-nchw": lambda: ours,
         "torchvision+cl": lambda: copy.deepcopy(tv).to(memory_format=torch.channels_last),
@@ -276,6 +276,8 @@ def prepare_variants(models: dict[str, nn.Module], mode: str) -> dict[str, nn.Mo
     """The model each variant runs in ``mode``: at test time ``ours`` and ``ours+bf16`` run
     the inference form (models/fast.py), ``ours-unfolded`` the trained form."""
     out = dict(models)
+    if "ours+bf16" in models:
+        out["ours+bf16"] = models["ours"]           # the same weights, under autocast
     if mode == "infer" and "ours" in models:
         trained = models["ours"]
         out["ours"] = prepare_for_inference(trained)
@@ -323,8 +325,6 @@ def main(argv: list[str] | None = None) -> None:
         if name in ratios:
             by_mode = {m: statistics.median(r) for m, r in ratios[name].items()}
             fmt = {m: f"{by_mode[m]:.3f}" if m in by_mode else "n/a" for m in ("infer", "train")}
-            if name == "ours+bf16" and args.amp == "none":
-                fmt["train"] = "n/a (CPU training runs fp32)"
             base = args.amp.replace("none", "fp32")
             print(f"{name} ({precision}) vs torchvision {base}: inference ratio "
                   f"{fmt['infer']}, training ratio {fmt['train']}")
