@@ -28,8 +28,9 @@ from detres.cli import CONFIGS
 from detres.config import load_config
 from detres.engine.distributed import DistInfo
 from detres.tasks.detection.build import (build_det_dataset, build_det_test_loader, build_detector,
-                                          build_test_detector, detector_for_checkpoint)
+                                          build_test_detector)
 from detres.tasks.detection.config import DetectionConfig, DetTestConfig
+from detres.tasks.detection.load import load_detector
 
 BASE = 256
 SCALES = (86, 171, 256, 341, 427)   # 1/3, 2/3, 1, 4/3, 5/3 of 256
@@ -37,11 +38,12 @@ SCALES = (86, 171, 256, 341, 427)   # 1/3, 2/3, 1, 4/3, 5/3 of 256
 
 def load_models(cfg: DetectionConfig, args: argparse.Namespace, num_classes: int):
     if args.weights:
-        base, _ = detector_for_checkpoint(cfg.model, args.weights)
+        (base,) = load_detector(args.weights, cfg).detectors
         ctx_cfg = dataclasses.replace(cfg.model, roi_head=dataclasses.replace(
             cfg.model.roi_head, global_context=True))
-        context, _ = detector_for_checkpoint(ctx_cfg, args.context_weights)
-        return base.eval(), context.eval()
+        (context,) = load_detector(args.context_weights,
+                                   dataclasses.replace(cfg, model=ctx_cfg)).detectors
+        return base, context
     torch.manual_seed(0)
     base = build_detector(cfg.model, num_classes).eval()
     context = build_detector(dataclasses.replace(cfg.model, roi_head=dataclasses.replace(

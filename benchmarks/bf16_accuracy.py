@@ -18,11 +18,14 @@ import time
 
 import torch
 
-from detres.data.loader import build_detection_loader
-from detres.evaluation.detection import evaluate_detector
 from detres.cpu import cpu_has_native_bf16
-from detres.tasks.detection.build import (build_det_dataset, build_test_detector,
-                                          detector_from_checkpoint)
+from detres.data.loader import build_detection_loader
+from detres.evaluation.detection import COCOEvaluator
+from detres.evaluation.inference import inference_on_dataset
+from detres.models.fast import inference_amp_dtype
+from detres.tasks.detection.build import build_det_dataset
+from detres.tasks.detection.inference import dataset_info, ready_detector
+from detres.tasks.detection.load import load_detector
 
 AP_BUDGET = 0.3
 
@@ -35,11 +38,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", help="key=value over the checkpoint's config")
     p.add_argument("--batch", type=int, default=4)
     args = p.parse_args(argv)
-    model, cfg, _ = detector_from_checkpoint(args.weights, args.overrides)
+    loaded = load_detector(args.weights, overrides=args.overrides)
+    cfg = loaded.cfg
     dataset = build_det_dataset(cfg.data.val, cfg.data, train=False, key="data.val")
     loader = build_detection_loader(dataset, args.batch, training=False, num_workers=0)
     device = torch.device("cpu")
-    detector = build_test_detector(cfg, [model])
+    detector = ready_detector(loaded.model, device)
+    info = dataset_info(dataset)
     source = getattr(dataset, "source", cfg.data.val.type)
     print(f"{args.weights}: {len(dataset)} images of {source}, "
           f"{torch.get_num_threads()} threads, native bf16: {cpu_has_native_bf16()}, "
@@ -47,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     for setting in ("none", "bf16"):
         start = time.perf_counter()
-        metrics = evaluate_detector(detector, loader, dataset, device, cpu_amp=setting)
+        metrics = inference_on_dataset(detector, loader, COCOEvaluator(info), device,
+                                       inference_amp_dtype(device, setting))
         results[setting] = (metrics, time.perf_counter() - start)
         print(f"  {'fp32' if setting == 'none' else 'bf16':5s} AP {metrics['AP']:6.2f}  "
               f"AP50 {metrics['AP50']:6.2f}  AP75 {metrics['AP75']:6.2f}  "

@@ -30,7 +30,7 @@ from detector_speed import torchvision_twin   # this folder's benchmark, tests/h
 
 from detres.config import replace as replace_config
 from detres.cpu import cpu_has_native_bf16
-from detres.predictor import Predictor
+from detres.tasks.detection.predictor import Predictor
 from detres.structures import Detections, DetectorOutput, ImageBatch
 from detres.tasks.detection.build import build_detector
 from detres.tasks.detection.config import DetModelConfig

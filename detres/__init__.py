@@ -6,6 +6,6 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # Predictor pulls in the models and data stack; import it only when asked for.
     if name == "Predictor":
-        from detres.predictor import Predictor
+        from detres.tasks.detection.predictor import Predictor
         return Predictor
     raise AttributeError(f"module 'detres' has no attribute {name!r}")

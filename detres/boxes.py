@@ -59,7 +59,8 @@ def boxes_to_rois(boxes_per_image: list[Tensor]) -> Tensor:
                       for i, b in enumerate(boxes_per_image)]).float()
 
 
-def _centre_size(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def centre_size(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(..., 4) xyxy -> centre x, centre y, width, height, each (...)."""
     w = boxes[..., 2] - boxes[..., 0]
     h = boxes[..., 3] - boxes[..., 1]
     return boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h
@@ -74,8 +75,8 @@ def encode(gt_boxes: Tensor, anchors: Tensor,
     """
     gt_boxes, anchors = gt_boxes.float(), anchors.float()
     wx, wy, ww, wh = weights
-    ax, ay, aw, ah = _centre_size(anchors)
-    gx, gy, gw, gh = _centre_size(gt_boxes)
+    ax, ay, aw, ah = centre_size(anchors)
+    gx, gy, gw, gh = centre_size(gt_boxes)
     return torch.stack((wx * (gx - ax) / aw, wy * (gy - ay) / ah,
                         ww * torch.log(gw / aw), wh * torch.log(gh / ah)), dim=-1)
 
@@ -94,7 +95,7 @@ def decode(deltas: Tensor, anchors: Tensor,
         return decode(deltas.reshape(*deltas.shape[:-1], num, 4), anchors.unsqueeze(-2),
                       weights).reshape(deltas.shape)
     wx, wy, ww, wh = weights
-    ax, ay, aw, ah = _centre_size(anchors)
+    ax, ay, aw, ah = centre_size(anchors)
     dx, dy = deltas[..., 0] / wx, deltas[..., 1] / wy
     dw = (deltas[..., 2] / ww).clamp(max=DELTA_CLAMP)
     dh = (deltas[..., 3] / wh).clamp(max=DELTA_CLAMP)

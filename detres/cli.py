@@ -17,8 +17,9 @@ from detres.data.io import DatasetError
 from detres.engine import distributed as du
 from detres.engine.checkpoint import CheckpointError
 from detres.engine.interrupt import TrainingInterrupted
+from detres.engine.launch import beside_weights
 from detres.engine.loop import NonFiniteLossError
-from detres.models.weights import UnreadableWeightsError, WeightsMismatchError
+from detres.weights_io import UnreadableWeightsError, WeightsMismatchError
 
 # What a user can cause and fix: shown as one "error: ..." line, never a traceback.
 # The OS errors are paths given that cannot be used (a file where a folder must be, ...).
@@ -156,6 +157,7 @@ def task_tool_main(argv: list[str] | None = None, *, doc: str, task: ModuleType,
         return task.evaluate(None, args.weights, args.overrides)
     cfg = load_config(args.config or default_config, args.overrides, schema=task.Config)
     check_device(cfg.train.device)
-    if args.eval_only:
+    if args.eval_only:      # its records beside the checkpoint, unless told where
+        cfg = beside_weights(cfg, args.weights, override_keys(args.overrides))
         return task.evaluate(cfg, args.weights)
     return task.train(cfg, resume=args.resume, typed=override_keys(args.overrides))

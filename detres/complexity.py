@@ -139,7 +139,7 @@ def detector_costs(cfg: DetModelConfig, num_classes: int, size: tuple[int, int]
                        sum(r.macs for r in region)))
     image = Cost("per image (trunk + RPN)", sum(r.params for r in rows),
                  sum(r.macs for r in rows))
-    n = model.rpn.post_nms_topk[False]
+    n = model.rpn.post_nms_topk_test
     total = Cost(f"total at {n} proposals (image + {n} x region)", num_params(model),
                  image.macs + n * region[-1].macs)
     return {"image": rows + [image], "region": region, "total": [total]}

@@ -65,8 +65,8 @@ class ExportableDetector(nn.Module):
         self.rpn_head = rpn.head
         self.register_buffer("cell_anchors", rpn.anchor_generator.cell_anchors.clone())
         self.stride = rpn.anchor_generator.stride
-        self.pre_nms_topk = rpn.pre_nms_topk[False]
-        self.post_nms_topk = rpn.post_nms_topk[False]
+        self.pre_nms_topk = rpn.pre_nms_topk_test
+        self.post_nms_topk = rpn.post_nms_topk_test
         self.rpn_nms_threshold = rpn.nms_threshold
         self.rpn_min_box_size = rpn.min_box_size
         self.res5, self.cls_score, self.bbox_pred = head.res5, head.cls_score, head.bbox_pred

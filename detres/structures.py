@@ -7,12 +7,30 @@ coordinates, using ``Targets.scale``.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 SIZE_DIVISIBILITY = 32  # conv5_x output has stride 32; padding keeps every stage aligned
+
+
+def pad_images(images: Sequence[Tensor], size_divisibility: int = SIZE_DIVISIBILITY,
+               dtype: torch.dtype = torch.float32) -> tuple[Tensor, list[tuple[int, int]]]:
+    """(3, h_i, w_i) images -> (N, 3, H, W) ``dtype`` on the first image's device, zero-padded
+    at the bottom/right to the largest h and w rounded up to ``size_divisibility``; and the
+    (h_i, w_i) of each image."""
+    if not images:
+        raise ValueError("a batch needs at least one image")
+    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
+    d = size_divisibility
+    h = (max(h for h, _ in sizes) + d - 1) // d * d
+    w = (max(w for _, w in sizes) + d - 1) // d * d
+    batch = images[0].new_zeros((len(images), 3, h, w), dtype=dtype)
+    for i, im in enumerate(images):
+        batch[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
+    return batch, sizes
 
 
 @dataclass(frozen=True)
@@ -43,16 +61,7 @@ class ImageBatch:
     def from_tensors(cls, images: list[Tensor], size_divisibility: int = SIZE_DIVISIBILITY,
                      scales: list[float] | None = None) -> ImageBatch:
         """Pads (3, h, w) images (any dtype, values 0..255) into one float32 batch."""
-        if not images:
-            raise ValueError("ImageBatch.from_tensors needs at least one image")
-        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        max_h = max(h for h, _ in sizes)
-        max_w = max(w for _, w in sizes)
-        d = size_divisibility
-        pad_h, pad_w = (max_h + d - 1) // d * d, (max_w + d - 1) // d * d
-        batch = images[0].new_zeros((len(images), 3, pad_h, pad_w), dtype=torch.float32)
-        for i, im in enumerate(images):
-            batch[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
+        batch, sizes = pad_images(images, size_divisibility, torch.float32)
         return cls(batch, sizes, scales)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ImageBatch:
@@ -98,11 +107,23 @@ class Targets:
 
 
 @dataclass(frozen=True)
+class SkippedImageTargets(Targets):
+    """The ``Targets`` of a test image that could not be read (``skip_bad_images`` without
+    substitution): its own image id, no boxes. Evaluation gives it no detections, so its ground
+    truth counts as missed and no other image is counted twice."""
+
+
+@dataclass(frozen=True)
 class Detections:
     """Detections of one image.
 
+    Which pixels the boxes are in depends on who made them: a detector's output is in pixels
+    of the resized image it was given (``ImageBatch``); the ``Predictor``'s (a ``Prediction``)
+    and COCO results are in pixels of the original image, as given to it (a file: its pixels
+    as stored, EXIF orientation ignored).
+
     Attributes:
-        boxes: (D, 4) float32 xyxy, pixels of the resized image.
+        boxes: (D, 4) float32 xyxy, in the pixels said above.
         scores: (D,) float32 in [0, 1].
         labels: (D,) int64 in [0, K).
     """

@@ -119,10 +119,12 @@ def _dashed_rectangle(draw: ImageDraw.ImageDraw, box: tuple[float, float, float,
 def save_detections(path: str | Path, image: np.ndarray, boxes: np.ndarray, scores: np.ndarray,
                     labels: np.ndarray, class_names: list[str] | None = None,
                     min_score: float = 0.0) -> Path:
-    """Draws and writes a PNG; returns its path."""
+    """Draws and writes a PNG (a JPEG where ``path`` ends in .jpg or .jpeg); returns its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    draw_detections(image, boxes, scores, labels, class_names, min_score).save(path, format="PNG")
+    jpeg = path.suffix.lower() in (".jpg", ".jpeg")
+    draw_detections(image, boxes, scores, labels, class_names, min_score).save(
+        path, format="JPEG" if jpeg else "PNG", **({"quality": 95} if jpeg else {}))
     return path
 
 

@@ -2,6 +2,7 @@
 path). Test files import from here, never from each other."""
 from __future__ import annotations
 
+import ast
 import copy
 import datetime
 import importlib.util
@@ -67,6 +68,17 @@ def load_tool(name: str) -> ModuleType:
     return sys.modules[key]
 
 
+def imported_modules(path: Path) -> set[str]:
+    """The modules a source file imports (``TYPE_CHECKING`` imports too), read with ``ast``."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+    return names
+
+
 def run_tool_script(name: str, *args: str, timeout: float = 120
                     ) -> subprocess.CompletedProcess:
     """``python tools/<name>.py ARGS...`` in a subprocess, as a user runs it."""
@@ -105,10 +117,10 @@ def torchvision_twin(model: FasterRCNN, image_size: tuple[int, int]) -> TVFaster
         image_mean=model.pixel_mean.flatten().tolist(),
         image_std=model.pixel_std.flatten().tolist(),
         rpn_anchor_generator=TVAnchorGenerator((anchors.sizes,), (anchors.aspect_ratios,)),
-        rpn_head=rpn_head, rpn_pre_nms_top_n_train=rpn.pre_nms_topk[True],
-        rpn_pre_nms_top_n_test=rpn.pre_nms_topk[False],
-        rpn_post_nms_top_n_train=rpn.post_nms_topk[True],
-        rpn_post_nms_top_n_test=rpn.post_nms_topk[False], rpn_nms_thresh=rpn.nms_threshold,
+        rpn_head=rpn_head, rpn_pre_nms_top_n_train=rpn.pre_nms_topk_train,
+        rpn_pre_nms_top_n_test=rpn.pre_nms_topk_test,
+        rpn_post_nms_top_n_train=rpn.post_nms_topk_train,
+        rpn_post_nms_top_n_test=rpn.post_nms_topk_test, rpn_nms_thresh=rpn.nms_threshold,
         rpn_fg_iou_thresh=rpn.matcher.high_threshold, rpn_bg_iou_thresh=rpn.matcher.low_threshold,
         rpn_batch_size_per_image=rpn.batch_size_per_image,
         rpn_positive_fraction=rpn.positive_fraction,

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from detres.engine.checkpoint import (CheckpointError, Checkpointer, atomic_save, check_task,
-                                      extract_backbone, get_rng_state, load_checkpoint,
-                                      load_model_state, set_rng_state)
+                                      extract_backbone, get_rng_state, load_checkpoint_weights,
+                                      read_checkpoint, set_rng_state)
 from detres.models.classifier import Classifier
 from detres.models.resnet import ResNet
-from detres.models.weights import load_weights
+from detres.weights_io import load_backbone_weights
 
 
 def classifier(depth=8, width=4, classes=3) -> Classifier:
@@ -55,9 +55,9 @@ def test_corrupt_or_foreign_files_give_one_line_errors(tmp_path):
     atomic_save({"model": classifier().state_dict()}, bad)
     bad.write_bytes(bad.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="truncated.pth: cannot read"):
-        load_checkpoint(bad)
+        read_checkpoint(bad)
     with pytest.raises(CheckpointError, match="not found"):
-        load_checkpoint(tmp_path / "missing.pth")
+        read_checkpoint(tmp_path / "missing.pth")
 
 
 def test_checkpoint_of_another_task_is_named():
@@ -72,7 +72,7 @@ def test_checkpoint_of_another_model_is_summarised_not_dumped():
     big = classifier(depth=20, width=8, classes=10)
     ckpt = {"model": big.state_dict(), "task": "classification", "arch": "ResNet-20 w8"}
     with pytest.raises(CheckpointError) as e:
-        load_model_state(classifier(), ckpt, "r20.pth")
+        load_checkpoint_weights(classifier(), "r20.pth", "classification", ckpt=ckpt)
     msg = str(e.value)
     assert "r20.pth was written for another model" in msg and "ResNet-20 w8" in msg
     assert "wrongly shaped" in msg and "unexpected" in msg
@@ -83,7 +83,7 @@ def test_backbone_file_loads_into_a_resnet_without_fc(tmp_path):
     model = classifier()
     atomic_save(extract_backbone(model.state_dict(), "net."), tmp_path / "backbone.pth")
     backbone = ResNet(8, stem="cifar", num_classes=None, width=4)
-    load_weights(backbone, str(tmp_path / "backbone.pth"))           # strict except nothing
+    load_backbone_weights(backbone, str(tmp_path / "backbone.pth"))           # strict except nothing
     for k, v in backbone.state_dict().items():
         assert torch.equal(v, model.net.state_dict()[k])
 

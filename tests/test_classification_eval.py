@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from detres.evaluation.classification import (ClassificationEvaluator, count_topk_errors,
-                                              evaluate_classifier)
+from detres.evaluation.classification import ClassificationEvaluator, count_topk_errors
 from detres.models.classifier import ClassifierOutput
+from detres.tasks.classification.run import evaluate_classifier
 
 
 def test_topk_hand_computed():
@@ -24,7 +24,7 @@ def test_fewer_than_five_classes_clamps_k():
 
 def test_evaluator_reports_percent():
     ev = ClassificationEvaluator()
-    ev.process(torch.eye(4), torch.tensor([0, 1, 2, 0]))             # one top-1 error in 4
+    ev.process((None, torch.tensor([0, 1, 2, 0])), torch.eye(4))     # one top-1 error in 4
     assert ev.evaluate() == {"top1_err": pytest.approx(25.0), "top5_err": 0.0, "num_images": 4}
     with pytest.raises(ValueError, match="no images"):
         ClassificationEvaluator().evaluate()

@@ -10,11 +10,11 @@ from helpers import load_tool, tiny_cls_args, tiny_model
 from detres.config import ConfigError, load_config
 from detres.data.classification import ImageFolder, build_cls_transform, collate
 from detres.data.loc_transforms import classifier_views
-from detres.engine.checkpoint import load_task_weights
-from detres.evaluation.classification import evaluate_classifier
+from detres.engine.checkpoint import load_checkpoint_weights
 from detres.models.classifier import mean_softmax
 from detres.tasks.classification.build import TASK, build_classifier
 from detres.tasks.classification.config import ClassificationConfig
+from detres.tasks.classification.run import evaluate_classifier
 
 pretrain_cls = load_tool("pretrain_cls")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,7 +102,7 @@ def test_eval_only_multiscale_errors_equal_a_direct_computation(tiny_cls_set, tm
     cfg = load_config(out / "config.yaml", schema=ClassificationConfig)
     val = ImageFolder(tiny_cls_set / "val")
     model = build_classifier(cfg, val.num_classes).eval()
-    load_task_weights(model, out / "model_final.pth", TASK)
+    load_checkpoint_weights(model, out / "model_final.pth", TASK)
     wrong1 = wrong5 = 0
     with torch.no_grad():
         for i in range(len(val)):

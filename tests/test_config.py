@@ -1,3 +1,4 @@
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,10 +168,34 @@ def test_malformed_override():
         load_config(None, ["train..x=3"])
 
 
-def test_shipped_configs_load():
+def _expected_backbone(name: str) -> dict:
+    """What a classification preset's file name promises: cls_{resnet,plain}N_cifar10 a CIFAR
+    net of depth N with (or without) shortcuts (Sec. 4.2), cls_rN_imagenet a Table 1 ResNet-N,
+    cls_builtin the demo's narrow CIFAR-style ResNet-20."""
+    if name == "cls_builtin":
+        return {"stem": "cifar", "depth": 20, "residual": True, "shortcut": "A", "width": 8}
+    kind, depth, dataset = re.fullmatch(r"cls_(resnet|plain|r)(\d+)_(cifar10|imagenet)",
+                                        name).groups()
+    if dataset == "cifar10":
+        return {"stem": "cifar", "depth": int(depth), "residual": kind == "resnet",
+                "shortcut": "A", "width": None}
+    return {"stem": "imagenet", "depth": int(depth), "residual": True, "shortcut": "B",
+            "width": None}
+
+
+def test_shipped_classification_configs_build_what_their_names_say():
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("cls_*.yaml"))
+    assert len(configs) == 13
     for path in configs:
-        load_config(path)
+        cfg = load_config(path)
+        backbone = {k: getattr(cfg.model.backbone, k) for k in _expected_backbone(path.stem)}
+        assert backbone == _expected_backbone(path.stem), path.name
+        if path.stem.endswith("_cifar10"):   # Sec. 4.2: 64k iterations of 128, LR 0.1
+            assert (cfg.solver.ims_per_batch, cfg.train.max_iter) == (128, 64000), path.name
+            assert cfg.solver.base_lr == 0.1 and cfg.solver.steps == (32000, 48000), path.name
+            assert cfg.data.train.type == "cifar10" and cfg.data.per_pixel_mean, path.name
+        # the ResNet-110 warmup (Sec. 4.2) and only there (and on its plain twin)
+        assert (cfg.solver.warmup_iters == 400) == ("110" in path.stem), path.name
 
 
 def test_partial_section_keeps_the_parents_defaults(tmp_path):

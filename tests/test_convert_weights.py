@@ -27,14 +27,14 @@ from detres.convert.categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES, class
 from detres.convert.detectron2 import adapt_rpn
 from detres.convert.msra import MSRA_PIXEL_MEAN_BGR
 from detres.models.anchors import AnchorGenerator
-from detres.predictor import Predictor
 from detres.structures import ImageBatch
 from detres.models.resnet import ResNet
 from detres.models.rpn import RPNHead
-from detres.models.weights import load_weights
 from detres.tasks.common import build_backbone
-from detres.tasks.detection.build import detector_for_checkpoint
 from detres.tasks.detection.config import DetectionConfig
+from detres.tasks.detection.load import load_detector
+from detres.tasks.detection.predictor import Predictor
+from detres.weights_io import load_backbone_weights
 
 EPS = 1e-5
 D2_NAMES = {"2a": "conv1", "2b": "conv2", "2c": "conv3", "1": "shortcut"}
@@ -283,7 +283,7 @@ def test_msra_backbone_matches_caffe_forward(tmp_path, blocks, bottleneck, depth
     assert cfg.model.pixel_mean == MSRA_PIXEL_MEAN_BGR[::-1] and cfg.model.pixel_std == (1, 1, 1)
     trunk = build_backbone(cfg.model.backbone).eval()     # as a detector loads it: no fc
     net = ResNet(depth, width=8, num_classes=10, stride_in_1x1=True).eval()
-    load_weights(net, str(out))                             # the ImageNet classifier, fc too
+    load_backbone_weights(net, str(out))                             # the ImageNet classifier, fc too
     rgb = torch.rand(2, 3, 64, 96) * 255
     x = rgb - torch.tensor(cfg.model.pixel_mean).view(1, 3, 1, 1)
     bgr = rgb.flip(1) - torch.tensor(MSRA_PIXEL_MEAN_BGR).view(1, 3, 1, 1)
@@ -314,8 +314,9 @@ def test_detectron2_c4_matches_detectron2_forward(tmp_path):
     sd, out, lines = convert_tiny_detectron2(tmp_path, sizes, ratios)
     assert "ResNet-50 (width 8, stride in the 1x1), 3 classes, 9 anchors per cell" in lines[0]
     cfg = load_config(out.with_suffix(".yaml"), schema=DetectionConfig)
-    model, meta = detector_for_checkpoint(cfg.model, out)
-    assert meta["class_names"] == ["a", "b", "c"] and meta["category_ids"] == [1, 2, 3]
+    loaded = load_detector(out, cfg)
+    model = loaded.detectors[0]
+    assert loaded.class_names == ("a", "b", "c") and loaded.category_ids == (1, 2, 3)
     src = Source(sd, "d2")
     rgb = torch.rand(1, 3, 64, 96) * 255
     with torch.no_grad():

@@ -30,7 +30,7 @@ def test_paper_coco_preset_reaches_the_built_model():
                                                          "model.backbone.weights=null"],
                       schema=DetectionConfig)
     model = build.build_detector(cfg.model, num_classes=4)
-    assert model.rpn.post_nms_topk[False] == 300             # 300 proposals at test time
+    assert model.rpn.post_nms_topk_test == 300             # 300 proposals at test time
     assert model.roi_head.roi_op == "pool" and model.roi_head.pooled_size == 14
     assert model.rpn.anchor_generator.sizes == (64.0, 128.0, 256.0, 512.0)
     assert model.rpn.anchor_generator.num_anchors == 12 and model.rpn.anchor_generator.stride == 16
@@ -59,8 +59,8 @@ def test_build_detector_from_config_has_the_configured_parts():
     assert model.rpn.anchor_generator.num_anchors == 12
     assert model.rpn.head.cls_logits.out_channels == 12
     assert model.rpn.head.bbox_pred.out_channels == 48
-    assert model.rpn.post_nms_topk == {True: 256, False: 100}
-    assert model.rpn.pre_nms_topk == {True: 1000, False: 1000}
+    assert (model.rpn.post_nms_topk_train, model.rpn.post_nms_topk_test) == (256, 100)
+    assert (model.rpn.pre_nms_topk_train, model.rpn.pre_nms_topk_test) == (1000, 1000)
     assert model.roi_head.batch_size_per_image == 32
     assert model.rpn.box_loss == "l1" and model.roi_head.box_loss == "l1"
     assert model.roi_head.cls_score.out_features == 6          # K + background

@@ -19,8 +19,8 @@ from detres.config import replace as replace_config
 from detres.data.classification import DatasetNotFoundError
 from detres.data.coco_splits import MergedCOCODetection
 from detres.data.io import DatasetError
-from detres.evaluation.detection import voc_result_lines
-from detres.structures import Detections, Targets
+from detres.evaluation.detection import ImageResult, voc_result_lines
+from detres.structures import Detections
 from detres.tasks.detection.build import build_det_dataset, build_test_detector
 from detres.tasks.detection.config import (DetDataConfig, DetDatasetConfig, DetectionConfig,
                                            DetTestConfig)
@@ -162,18 +162,12 @@ def test_ensemble_and_refinement_run_from_the_command_line(tmp_path, eval_config
 
 
 def test_voc_results_lines_invert_the_voc_coordinates():
-    class Split:
-        image_ids = np.array([0, 1])
-        class_names = ["cat", "dog"]
-
-        def path(self, i):
-            return Path(f"JPEGImages/{['000001', '2008_000002'][i]}.jpg")
-
+    names = {0: "000001", 1: "2008_000002"}
     # VOC xmin=1..xmax=10 is 0-based [0, 10) in detres; the image was resized by 2
     det = Detections(torch.tensor([[0.0, 2.0, 20.0, 30.0]]), torch.tensor([0.5]),
                      torch.tensor([1]))
-    lines = voc_result_lines(Split(), [(Targets(torch.zeros(0, 4), torch.zeros(0, dtype=
-                                                torch.int64), image_id=1, scale=2.0), det)])
+    lines = voc_result_lines([ImageResult(image_id=1, scale=2.0, skipped=False, detections=det)],
+                             names.__getitem__)
     assert lines == [(1, "2008_000002 0.500000 1.0 2.0 10.0 15.0")]
 
 
@@ -259,8 +253,10 @@ def test_paper_presets_follow_faster_rcnn_where_the_paper_defers(name):
 # ----------------------------------------------------------------------------- torchrun
 def _format_only(out: str, rank: int = 0, world_size: int = 1) -> None:
     from detres.engine.distributed import DistInfo
-    from detres.evaluation.detection import evaluate_detector
+    from detres.evaluation.detection import FormatOnlyEvaluator
+    from detres.evaluation.inference import inference_on_dataset
     from detres.tasks.detection.build import build_det_test_loader
+    from detres.tasks.detection.inference import dataset_info, ready_detector
     cfg = DetectionConfig(model=NARROW_DETECTOR, data=DetDataConfig(
         val=DetDatasetConfig(type="coco", splits=("val2014",)), min_size_test=64,
         max_size_test=96), test=DetTestConfig(ims_per_batch=1, box_refinement=True,
@@ -270,8 +266,8 @@ def _format_only(out: str, rank: int = 0, world_size: int = 1) -> None:
     loader = build_det_test_loader(cfg, dataset, DistInfo(rank, world_size),
                                    torch.device("cpu"))
     model = build_test_detector(cfg, [narrow_detector(seed=0).eval()])
-    evaluate_detector(model, loader, dataset, torch.device("cpu"), output_dir=out,
-                      format_only=True)
+    inference_on_dataset(ready_detector(model, "cpu"), loader,
+                         FormatOnlyEvaluator(dataset_info(dataset), out), "cpu")
 
 
 def _gloo_worker(rank: int, world_size: int, port: int, out: str) -> None:

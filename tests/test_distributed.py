@@ -71,7 +71,7 @@ def test_all_reduce_tensor_runs_on_the_backend_device(fake_nccl):
 
 def test_classification_evaluator_sums_counts_under_nccl(fake_nccl):
     evaluator = ClassificationEvaluator()
-    evaluator.process(torch.eye(3), torch.tensor([0, 1, 0]))     # the third image is wrong
+    evaluator.process((None, torch.tensor([0, 1, 0])), torch.eye(3))   # the third is wrong
     result = evaluator.evaluate()
     assert fake_nccl == [torch.device("cuda")]
     assert result["num_images"] == 3 * WORLD_SIZE
@@ -112,11 +112,41 @@ def test_init_distributed_binds_nccl_to_the_local_gpu(monkeypatch):
                      "init": {"backend": "nccl", "device_id": torch.device("cuda", 1)}}
 
 
+# a collective called on torch.distributed, by its full name or the usual alias
+COLLECTIVE_CALL = re.compile(r"\b(?:torch\.distributed|dist)\s*\.\s*"
+                             r"(?:all_reduce|all_gather|all_to_all|broadcast|reduce|gather|scatter)"
+                             r"\w*\s*\(")
+
+
+@pytest.mark.parametrize("line,is_call", [
+    ("torch.distributed.broadcast_object_list(box, src=0)", True),
+    ("dist.all_reduce(buffer, op=dist.ReduceOp.SUM)", True),
+    ("dist.all_gather_object(out, obj)", True),
+    ("torch.distributed.reduce_scatter(out, chunks)", True),
+    ("du.all_reduce_tensor(values)", False),
+    ("du.broadcast_object((result, error))", False),
+    ("dist.get_world_size()", False),
+])
+def test_the_collective_pattern_sees_both_spellings(line, is_call):
+    assert bool(COLLECTIVE_CALL.search(line)) == is_call
+
+
 def test_collectives_are_called_only_through_engine_distributed():
-    """Every tensor collective goes through ``all_reduce_tensor``/``all_gather_objects``, the
-    functions that follow the backend's device."""
-    pattern = re.compile(r"\bdist\.(all_reduce|all_gather|broadcast|reduce|gather|scatter)\w*\(")
+    """Every collective goes through ``all_reduce_tensor``/``all_gather_objects``/
+    ``broadcast_object``, the functions that follow the backend's device."""
     root = Path(detres.__file__).parent
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
-                 if p.name != "distributed.py" and pattern.search(p.read_text())]
+                 if p.name != "distributed.py" and COLLECTIVE_CALL.search(p.read_text())]
     assert offenders == []
+
+
+def test_broadcast_object_returns_rank_0s_object(monkeypatch):
+    assert du.broadcast_object("mine") == "mine"                 # one process: itself
+    sent = []
+
+    def broadcast_object_list(box, src=0):
+        sent.append((list(box), src))
+        box[0] = "rank 0's"
+    monkeypatch.setattr(du, "is_distributed", lambda: True)
+    monkeypatch.setattr(dist, "broadcast_object_list", broadcast_object_list)
+    assert du.broadcast_object("mine") == "rank 0's" and sent == [(["mine"], 0)]

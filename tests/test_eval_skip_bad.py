@@ -17,11 +17,15 @@ from pycocotools.cocoeval import COCOeval
 from helpers import narrow_detector
 
 from detres.data.coco import COCODetection
-from detres.data.io import SkippedImageTargets
 from detres.data.loader import build_detection_loader
 from detres.data.transforms import eval_transform
 from detres.evaluation.coco_eval import detections_to_coco_results
-from detres.evaluation.detection import evaluate_detector, run_detector
+from detres.evaluation.detection import COCOEvaluator
+from detres.evaluation.inference import inference_on_dataset
+from detres.structures import SkippedImageTargets
+from detres.tasks.detection.build import build_det_dataset
+from detres.tasks.detection.config import DetDataConfig, DetDatasetConfig
+from detres.tasks.detection.inference import dataset_info, ready_detector
 
 N, BAD, SIZE = 5, 3, 64  # image ids 1..N, all SIZE x SIZE; image BAD gets truncated
 CATEGORIES = [{"id": 7, "name": "a"}, {"id": 8, "name": "b"}, {"id": 9, "name": "c"}]
@@ -38,6 +42,13 @@ def _write_set(tmp_path, annotations):
 
 def _dataset(ann, root, **kw):
     return COCODetection(ann, root, transform=eval_transform(96, 96), **kw)  # scale 1.5
+
+
+def _test_set(ann, root):
+    """The set as a run's data.val with data.skip_bad_images (scale 1.5, as ``_dataset``)."""
+    split = DetDatasetConfig(type="coco", annotations=str(ann), images=str(root))
+    data = DetDataConfig(min_size_test=96, max_size_test=96, skip_bad_images=True)
+    return build_det_dataset(split, data, train=False, key="data.val")
 
 
 def _loader(ds):
@@ -74,7 +85,9 @@ def corrupt_set(tmp_path):
             root / f"{i}.jpg", quality=95)
     model = _model()
     ds = _dataset(_write_set(tmp_path, []), root)
-    pairs = run_detector(model, _loader(ds), torch.device("cpu"), progress=False)
+    ready = ready_detector(model, "cpu")
+    with torch.no_grad():
+        pairs = [(t, d) for batch in _loader(ds) for t, d in zip(batch[1], ready(batch))]
     results = detections_to_coco_results([d for _, d in pairs], [t for t, _ in pairs],
                                          ds.label_to_category_id)
     assert {r["image_id"] for r in results} == set(range(1, N + 1))
@@ -92,10 +105,11 @@ def corrupt_set(tmp_path):
 
 def test_skipped_image_scores_as_no_detections(corrupt_set, tmp_path, caplog):
     ann, root, model, all_results = corrupt_set
-    ds = _dataset(ann, root, skip_bad_images=True)
+    ds = _test_set(ann, root)
+    evaluator = COCOEvaluator(dataset_info(ds), tmp_path / "run", engine="pycocotools")
     with caplog.at_level(logging.WARNING):
-        metrics = evaluate_detector(model, _loader(ds), ds, torch.device("cpu"),
-                                    engine="pycocotools", output_dir=tmp_path / "run")
+        metrics = inference_on_dataset(ready_detector(model, "cpu"), _loader(ds), evaluator,
+                                       "cpu", progress=False)
     good = [r for r in all_results if r["image_id"] != BAD]
     oracle = _pycocotools_ap(ann, good)
     assert 0 < oracle < 100  # image BAD's ground truth is missed
@@ -113,7 +127,7 @@ def test_training_still_substitutes_but_evaluation_does_not(corrupt_set):
     ann, root, _, _ = corrupt_set
     ds = _dataset(ann, root, skip_bad_images=True)
     assert ds[BAD - 1][1].image_id == BAD + 1  # training: the next good image
-    ds.substitute_bad_images = False
+    ds = _test_set(ann, root)                  # a test set: never another image in its place
     image, targets = ds[BAD - 1]
     assert isinstance(targets, SkippedImageTargets) and targets.image_id == BAD
     assert tuple(image.shape) == (3, 96, 96) and int(image.max()) == 0

@@ -3,7 +3,6 @@ BN folded and channels-last give the unfolded model's fp32 detections within 1e-
 detector and for the members of a TestTimeDetector; the caller's model (and so every
 checkpoint) keeps its unfolded state dict; bf16 autocast is on only where the CPU has native
 bf16 or the config asks; compilation falls back to eager where it cannot run."""
-import argparse
 import dataclasses
 import logging
 
@@ -16,13 +15,14 @@ from helpers import load_tool, narrow_detector
 
 from detres import cpu
 from detres.config import to_dict
-from detres.evaluation.detection import run_detector
+from detres.evaluation.inference import DatasetEvaluator, inference_on_dataset
 from detres.models import fast
 from detres.models.norm import FrozenBatchNorm2d
-from detres.predictor import Predictor
+from detres.tasks.detection.predictor import Predictor
 from detres.structures import ImageBatch, Targets
 from detres.tasks.detection.build import build_test_detector
 from detres.tasks.detection.config import DetectionConfig, DetTestConfig
+from detres.tasks.detection.inference import ready_detector
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: a second thread only waits
 SIZES = [(96, 128), (80, 112)]
@@ -110,13 +110,27 @@ def test_evaluation_runs_the_prepared_model_and_matches_the_plain_one(monkeypatc
                for i in range(2)]
     seen = []
     monkeypatch.setattr(fast.FasterRCNN, "forward", _recording(fast.FasterRCNN.forward, seen))
-    plain = run_detector(model, [(images, targets)], torch.device("cpu"), progress=False,
-                         fast_path=False, cpu_amp="none")
+    plain = _detect(ready_detector(model, "cpu", fast_path=False), [(images, targets)])
     assert seen == [model]                            # as given
-    got = run_detector(model, [(images, targets)], torch.device("cpu"), progress=False,
-                       cpu_amp="none")
+    got = _detect(ready_detector(model, "cpu"), [(images, targets)])
     assert seen[1] is not model and frozen_bns(seen[1]) == 0 and frozen_bns(model) > 0
-    assert_same_detections([d for _, d in got], [d for _, d in plain])
+    assert_same_detections(got, plain)
+
+
+class _Collect(DatasetEvaluator):
+    def reset(self):
+        self.detections = []
+
+    def process(self, inputs, outputs):
+        self.detections.extend(outputs)
+
+    def evaluate(self):
+        return {"detections": self.detections}
+
+
+def _detect(model, loader):
+    """The detections of evaluation's loop, fp32."""
+    return inference_on_dataset(model, loader, _Collect(), "cpu", progress=False)["detections"]
 
 
 def _recording(forward, seen):
@@ -217,20 +231,24 @@ def test_compilation_falls_back_to_eager_where_it_fails(monkeypatch, caplog):
     assert any("no compiler" in r.getMessage() for r in caplog.records)
 
 
-def test_infer_tool_builds_its_predictor_from_the_test_switches(tmp_path):
+def test_infer_tool_builds_its_predictor_from_the_test_switches(tmp_path, monkeypatch):
     import yaml
+    from PIL import Image
     infer = load_tool("infer")
     model = trained_like(8)
     cfg = DetectionConfig(model=dataclasses.replace(model_config(), channels_last=True))
     torch.save({"task": "detection", "model": model.state_dict(), "config": to_dict(cfg),
                 "class_names": ["a", "b", "c"]}, tmp_path / "m.pth")
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "a.png")
+    built, build = [], Predictor.from_checkpoint.__func__
+    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(
+        lambda cls, *args, **kwargs: built.append(build(cls, *args, **kwargs)) or built[-1]))
     for overrides, folded in (([], True), (["test.fast_path=false"], False)):
-        args = argparse.Namespace(device="cpu", config=str(tmp_path / "c.yaml"),
-                                  weights=str(tmp_path / "m.pth"), overrides=overrides,
-                                  batch_size=2)
-        p = infer.make_predictor(args)
-        assert (frozen_bns(p.model) == 0) is folded
+        infer.main([str(tmp_path / "c.yaml"), str(tmp_path / "a.png"), "--weights",
+                    str(tmp_path / "m.pth"), "--out", str(tmp_path / "out"), "--device", "cpu",
+                    *overrides])
+        assert (frozen_bns(built[-1].model) == 0) is folded
 
 
 def model_config():

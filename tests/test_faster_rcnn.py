@@ -4,8 +4,7 @@ import pytest
 import torch
 from helpers import narrow_detector, torchvision_twin
 
-from detres.models.faster_rcnn import (FasterRCNN, detector_to_resnet_keys, fuse_frozen_bn,
-                                       resnet_to_detector_keys)
+from detres.models.faster_rcnn import FasterRCNN, fuse_frozen_bn
 from detres.models.resnet import ResNet
 from detres.structures import DetectorOutput, ImageBatch, Targets
 
@@ -139,10 +138,14 @@ def test_weights_transfer_from_a_pretrained_backbone_file(tmp_path):
     torch.save(pretrained.state_dict(), path)
     model = make_model(f"backbone.weights={path}")   # as model.backbone.weights in a config
     state = model.state_dict()
-    for key, value in resnet_to_detector_keys(pretrained.state_dict()).items():
-        assert torch.equal(state[key], value), key
-    backbone_keys = {k for k in pretrained.state_dict() if not k.startswith("fc.")}
-    assert detector_to_resnet_keys(state).keys() == backbone_keys
+    # the ResNet's own names under the trunk's (conv1..conv4_x) and the RoI head's (conv5_x)
+    # prefixes: every backbone entry arrives, fc stays behind
+    backbone = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("fc.")}
+    for key, value in backbone.items():
+        where = "roi_head.res5." if key.startswith("layer4.") else "trunk."
+        assert torch.equal(state[where + key], value), key
+    assert {k for k in state if k.startswith(("trunk.", "roi_head.res5."))} == {
+        ("roi_head.res5." if k.startswith("layer4.") else "trunk.") + k for k in backbone}
     assert model.roi_head.res5.layer4[0].conv1.stride == (2, 2)   # conv5_1 halves 14 -> 7
 
 

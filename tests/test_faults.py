@@ -22,12 +22,12 @@ from PIL import Image
 from helpers import ROOT, load_tool, narrow_detector, tiny_cls_args
 
 from detres.cli import run_main
-from detres.engine.checkpoint import CheckpointError, load_checkpoint
+from detres.engine.checkpoint import CheckpointError, read_checkpoint
 from detres.engine.logging import read_metrics
-from detres.models.weights import UnreadableWeightsError
-from detres.predictor import Predictor
 from detres.tasks.common import BackboneConfig, build_backbone
-from detres.tasks.detection.build import load_detector_weights
+from detres.tasks.detection.load import load_detector
+from detres.tasks.detection.predictor import Predictor
+from detres.weights_io import UnreadableWeightsError
 
 pretrain_cls = load_tool("pretrain_cls")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -88,7 +88,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(where, tiny_cls_set, uni
     last = 2 if where == "save" or k < 4 else 4        # the newest complete checkpoint
     pointer = (out / "last_checkpoint").read_text().strip()
     assert pointer == f"model_{last - 1:07d}.pth"
-    assert load_checkpoint(out / pointer)["iteration"] == last
+    assert read_checkpoint(out / pointer)["iteration"] == last
     assert not any(p.name.endswith(".tmp") and p.stat().st_size == 0 for p in out.iterdir())
     pretrain_cls.main(tiny_cls_args(tiny_cls_set, out, f"train.max_iter={MAX_ITER}", "--resume"))
     assert train_records(out) == train_records(uninterrupted)      # bitwise equal losses
@@ -118,8 +118,10 @@ def hostile(tmp_path):
 
 def test_a_pickled_payload_is_refused_by_every_loader(hostile, tiny_cls_set, tmp_path, capsys):
     path, marker = hostile
-    with pytest.raises(CheckpointError, match="weights-only"):        # --weights, model.weights
-        load_detector_weights(narrow_detector(), str(path))
+    with pytest.raises(CheckpointError, match="weights-only"):        # --weights
+        load_detector(path)
+    with pytest.raises(CheckpointError, match="weights-only"):        # model.weights
+        narrow_detector(f"weights={path}")
     with pytest.raises(CheckpointError, match="weights-only"):        # Predictor, infer.py
         Predictor.from_checkpoint(path)
     with pytest.raises(UnreadableWeightsError, match="weights-only"):  # model.backbone.weights

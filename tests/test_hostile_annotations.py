@@ -18,7 +18,7 @@ from detres.data.coco import COCODetection
 from detres.data.io import DatasetError, read_image
 from detres.data.voc import VOCDetection
 from detres.evaluation.coco_eval import load_results
-from detres.predictor import load_image
+from detres.data.image_files import load_image
 from detres.tasks.detection.build import build_det_dataset
 from detres.tasks.detection.config import DetectionConfig
 

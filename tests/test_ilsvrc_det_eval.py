@@ -15,11 +15,13 @@ from torch import nn
 
 from detres.config import load_config
 from detres.data.ilsvrc_det import ILSVRCDetection
-from detres.evaluation.detection import evaluate_detector, evaluate_files
+from detres.evaluation.detection import VOCEvaluator, evaluate_files
+from detres.evaluation.inference import inference_on_dataset
 from detres.evaluation.ilsvrc_det_eval import evaluate_imagenet_det, ilsvrc_iou_thresholds
 from detres.evaluation.voc_eval import evaluate_voc
 from detres.structures import DetectorOutput, Detections, ImageBatch, Targets
 from detres.tasks.detection.config import DetectionConfig
+from detres.tasks.detection.inference import dataset_info, ready_detector
 
 
 def test_iou_threshold_per_box_size():
@@ -157,9 +159,10 @@ def test_metric_reached_from_detection_evaluation(tmp_path):
                         torch.tensor(d["labels"])) for d in dets]
     metrics = {}
     for metric in ("imagenet_det", "voc12"):
-        metrics[metric] = evaluate_detector(
-            FixedDetector(model), loader, dataset, torch.device("cpu"), metric=metric,
-            summary_only=False, fast_path=False, cpu_amp="none")
+        evaluator = VOCEvaluator(dataset_info(dataset), metric, summary_only=False)
+        metrics[metric] = inference_on_dataset(
+            ready_detector(FixedDetector(model), "cpu", fast_path=False), loader, evaluator,
+            "cpu", progress=False)
     assert metrics["imagenet_det"]["per_class"]["n01"] == pytest.approx(500 / 6)
     assert metrics["imagenet_det"]["mAP"] == pytest.approx(500 / 6 / 2)
     assert metrics["voc12"]["mAP"] == pytest.approx(100 / 6 / 2)

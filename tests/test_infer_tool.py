@@ -13,7 +13,7 @@ from PIL import Image
 from helpers import load_tool, narrow_detector
 
 from detres.data.io import DatasetError
-from detres.predictor import Predictor
+from detres.tasks.detection.predictor import Predictor
 
 infer = load_tool("infer")
 pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: a second thread only waits
@@ -26,7 +26,8 @@ def predictor(monkeypatch):
     with torch.no_grad():
         model.roi_head.cls_score.bias.zero_()[-1] = -20.0  # background never wins
     p = Predictor(model, ["a", "b", "c"], min_size=64, max_size=96, category_ids=[7, 8, 9])
-    monkeypatch.setattr(infer, "make_predictor", lambda args: p)
+    monkeypatch.setattr(Predictor, "from_checkpoint", lambda *args, **kwargs: p)
+    return p
 
 
 def _image(path, h, w, seed=0):
@@ -123,7 +124,8 @@ def _read_video(path):
     return frames, fps
 
 
-def test_video_gives_an_annotated_video_and_one_json_line_per_frame(tmp_path, capsys):
+def test_video_gives_an_annotated_video_and_one_json_line_per_frame(tmp_path, capsys,
+                                                                    predictor):
     rng = np.random.default_rng(0)
     frames = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(5)]
     _write_video(tmp_path / "clip.mp4", frames)
@@ -139,7 +141,6 @@ def test_video_gives_an_annotated_video_and_one_json_line_per_frame(tmp_path, ca
     assert [r["time"] for r in lines] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8])
     # the oracle: the predictor on the decoded input frames, one at a time
     decoded, _ = _read_video(tmp_path / "clip.mp4")
-    predictor = infer.make_predictor(None)
     for line, frame in zip(lines, decoded):
         expected = predictor.to_coco_results(predictor(frame), line["frame"])
         assert len(line["detections"]) == len(expected) > 0

@@ -11,8 +11,7 @@ import torch
 from detres.config import ConfigError
 from detres.data.builtin import ensure_builtin_shapes, shapes_split
 from detres.data.coco import COCODetection
-from detres.data.loader import (DetectionBatch, aspect_group_ids, build_detection_loader,
-                                collate_detection)
+from detres.data.loader import aspect_group_ids, build_detection_loader
 from detres.data.samplers import TrainingSampler
 from detres.data.transforms import train_transform
 from detres.structures import ImageBatch, Targets
@@ -22,24 +21,31 @@ def test_aspect_group_ids():
     assert aspect_group_ids(sizes).tolist() == [0, 1, 0]
 
 
-def test_collate_pads_to_multiple_of_32():
+def _two_images() -> list:
     a = torch.full((3, 40, 50), 7, dtype=torch.uint8)
     b = torch.full((3, 33, 70), 9, dtype=torch.uint8)
-    t = Targets(torch.zeros((0, 4)), torch.zeros(0, dtype=torch.int64), 1)
-    images, targets = collate_detection([(a, t), (b, t)])
+    return [(a, Targets(torch.zeros((0, 4)), torch.zeros(0, dtype=torch.int64), 1, scale=0.5)),
+            (b, Targets(torch.ones((1, 4)), torch.zeros(1, dtype=torch.int64), 2, scale=2.0))]
+
+
+def test_collate_pads_to_multiple_of_32():
+    items = _two_images()
+    loader = build_detection_loader(items, 2, training=False, rank=0, world_size=1)
+    (images, targets), = list(loader)
     assert isinstance(images, ImageBatch) and images.tensor.dtype == torch.float32
     assert images.tensor.shape == (2, 3, 64, 96) and images.sizes == [(40, 50), (33, 70)]
     assert images.tensor[0, :, :40, :50].eq(7).all() and images.tensor[0, :, 40:].eq(0).all()
     assert images.tensor[1, :, :33, :70].eq(9).all() and images.tensor[1, :, :, 70:].eq(0).all()
-    assert targets == [t, t]
+    assert images.scales == [0.5, 2.0] and targets == [t for _, t in items]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
-def test_pin_memory_keeps_types():
-    t = Targets(torch.zeros((1, 4)), torch.zeros(1, dtype=torch.int64), 1)
-    batch = collate_detection([(torch.zeros(3, 8, 8), t)])
-    images, targets = DetectionBatch(batch).pin_memory()
+def test_pin_memory_keeps_types_and_scales():
+    loader = build_detection_loader(_two_images(), 2, training=False, pin_memory=True,
+                                    rank=0, world_size=1)
+    (images, targets), = list(loader)
     assert images.tensor.is_pinned() and targets[0].boxes.is_pinned()
+    assert images.scales == [0.5, 2.0]
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ and capped, the R-CNN's training proposals stay in each rank's share on disk, an
 modules depend one way."""
 from __future__ import annotations
 
-import ast
 import os
 import socket
 from dataclasses import replace
@@ -16,13 +15,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import imported_modules
 
 from detres.config import ConfigError, load_config
 from detres.config import replace as replace_config
 from detres.data import loc_batches
 from detres.data.loc_batches import RCNNSamples
 from detres.engine.checkpoint import CheckpointError
-from detres.evaluation.localization_runner import loc_views
 from detres.models.anchors import AnchorGenerator
 from detres.models.classifier import Classifier
 from detres.models.loc_inference import (LocalizerEnsemble, LocTestSettings, localize,
@@ -31,6 +30,7 @@ from detres.models.localizer import Localizer, PerClassRPN, PerClassRPNHead, RCN
 from detres.models.resnet import ResNet
 from detres.tasks.localization.build import loc_test_settings
 from detres.tasks.localization.config import LocalizationConfig
+from detres.tasks.localization.inference import loc_views
 from detres.tasks.localization.proposals import (ProposalStore, cached_training_proposals,
                                                  shard_path, slice_bounds, training_proposals)
 
@@ -85,13 +85,7 @@ def test_models_modules_depend_one_way():
     """No cycle among detres/models/* imports (``TYPE_CHECKING`` imports count too)."""
     graph = {}
     for path in MODELS.glob("*.py"):
-        names = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names.add(node.module)
-            elif isinstance(node, ast.Import):
-                names.update(a.name for a in node.names)
-        graph[path.stem] = {n.split(".")[2] for n in names
+        graph[path.stem] = {n.split(".")[2] for n in imported_modules(path)
                             if n.startswith("detres.models.") and n.count(".") >= 2}
 
     def reaches(start: str, goal: str, seen: set[str]) -> bool:

@@ -9,7 +9,6 @@ from torch import nn
 
 from detres.config import ConfigError
 from detres.data.loc_transforms import centre_crop_batch
-from detres.evaluation.localization_runner import loc_views
 from detres.models.loc_inference import (LocalizerEnsemble, LocTestSettings, LocViews,
                                          average_refinements, dense_proposals, localize,
                                          to_original, union_proposals)
@@ -19,6 +18,7 @@ from detres.models.resnet import ResNet
 from detres.structures import ImageBatch
 from detres.tasks.localization.build import build_rcnn_refiner
 from detres.tasks.localization.config import LocalizationConfig
+from detres.tasks.localization.inference import loc_views
 
 
 class BrightBoxRPN(nn.Module):

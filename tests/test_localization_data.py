@@ -9,13 +9,14 @@ import pytest
 import torch
 from helpers import write_jpeg
 
-from detres.data.builtin_loc import (LOC_CLASSES, builtin_loc_split, ensure_builtin_loc,
-                                     ilsvrc_xml)
+from detres.data.builtin_loc import LOC_CLASSES, ensure_builtin_loc, ilsvrc_xml
 from detres.data.classification import DatasetNotFoundError
 from detres.data.io import DatasetError
 from detres.data.loc_batches import collate_classifier, collate_rpn
-from detres.data.loc_transforms import LocTestTransform, LocTrainTransform
-from detres.data.localization import LocalizationDataset, parse_ilsvrc_xml
+from detres.data.loc_transforms import LocTrainTransform
+from detres.data.localization import BOX_TOLERANCE, LocalizationDataset, loc_split_dirs
+from detres.data.transforms import resize
+from detres.data.voc import read_pascal_xml
 
 A, B, C = "n01440764", "n01443537", "n01484850"
 SMALL = {"num_train_per_class": 4, "num_val_per_class": 2, "image_size": 64}
@@ -41,6 +42,21 @@ def _xml(path: Path, objects: list[tuple], size: tuple[int, int] | None = (60, 4
 
 def _img(path: Path, size: tuple[int, int] = (60, 40)) -> None:
     write_jpeg(path, size, (90, 120, 30))
+
+
+def split(root: Path, name: str, **kwargs) -> LocalizationDataset:
+    """A split of a root as ``tasks/localization/build.py`` makes it."""
+    return LocalizationDataset(*loc_split_dirs(root, name), **kwargs)
+
+
+def read_ilsvrc_xml(xml: Path, label_of: dict[str, int]):
+    """(h, w), boxes (M, 4), labels, dropped: one XML as the dataset reads it."""
+    h, w, b, labels, _, dropped = read_pascal_xml(str(xml), label_of, tolerance=BOX_TOLERANCE)
+    return (h, w), np.asarray(b, np.float32).reshape(-1, 4), labels, dropped
+
+
+def doubled(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray):  # a test transform
+    return (*resize(image, boxes, 2.0), labels, 2.0)
 
 
 @pytest.fixture
@@ -74,26 +90,24 @@ def test_ilsvrc_layout_boxes_labels_and_val_class_list(ilsvrc):
     np.testing.assert_array_equal(train.image_sizes, [[40, 60], [40, 60]])
 
     # val lacks class A: with the train list, B keeps label 1
-    val = LocalizationDataset.from_root(ilsvrc, "val", class_names=train.class_names,
-                                        missing_boxes="error")
+    val = split(ilsvrc, "val", class_names=train.class_names, missing_boxes="error")
     assert val.class_names == [A, B] and len(val) == 1 and val.image_labels.tolist() == [1]
     boxes, labels = (val.get_annotations(0)[k] for k in ("boxes", "labels"))
     np.testing.assert_array_equal(boxes, [[1, 1, 2, 2]])
     assert labels.tolist() == [1]
-    alone = LocalizationDataset.from_root(ilsvrc, "val")
+    alone = split(ilsvrc, "val")
     assert alone.class_names == [B] and alone.get_annotations(0)["labels"].tolist() == [0]
 
 
 def test_val_accepts_nested_xml_folders(ilsvrc):
     (ilsvrc / "bbox" / "val" / "ILSVRC2012_val_00000001.xml").unlink()
     _xml(ilsvrc / "bbox" / "val" / B / "ILSVRC2012_val_00000001.xml", [(B, 3, 4, 30, 40)])
-    val = LocalizationDataset.from_root(ilsvrc, "val", class_names=[A, B],
-                                        missing_boxes="error")
+    val = split(ilsvrc, "val", class_names=[A, B], missing_boxes="error")
     np.testing.assert_array_equal(val.get_annotations(0)["boxes"], [[2, 3, 30, 40]])
 
 
 def test_getitem_returns_the_sample_in_original_pixels(ilsvrc):
-    ds = LocalizationDataset.from_root(ilsvrc, "train")
+    ds = split(ilsvrc, "train")
     s = ds[1]
     assert s.image.shape == (40, 60, 3) and s.image.dtype == np.uint8
     assert s.image_label == 1 and s.index == 1 and s.scale == 1.0 and s.orig_size == (40, 60)
@@ -101,36 +115,35 @@ def test_getitem_returns_the_sample_in_original_pixels(ilsvrc):
     assert s.labels.dtype == np.int64 and s.labels.tolist() == [1]
 
 
-def test_parse_ilsvrc_xml_reads_the_builtin_writer_back(tmp_path):
+def test_the_builtin_xml_writer_reads_back(tmp_path):
     boxes = np.array([[0, 0, 5, 7], [10, 3, 64, 48]], np.float32)
     (tmp_path / "a.xml").write_text(ilsvrc_xml("val", "a", (48, 64), "ring", boxes))
-    size, b, labels, dropped = parse_ilsvrc_xml(tmp_path / "a.xml", {"ring": 4})
-    assert size == (48, 64) and dropped == 0 and labels.tolist() == [4, 4]
+    size, b, labels, dropped = read_ilsvrc_xml(tmp_path / "a.xml", {"ring": 4})
+    assert size == (48, 64) and dropped == 0 and labels == [4, 4]
     np.testing.assert_array_equal(b, boxes)
 
 
 # ----------------------------------------------------------------------------- bad input
 def test_missing_split_folder_says_where_and_how(tmp_path):
     with pytest.raises(DatasetNotFoundError) as e:
-        LocalizationDataset.from_root(tmp_path / "nowhere", "train")
+        split(tmp_path / "nowhere", "train")
     assert isinstance(e.value, DatasetError)
     msg = str(e.value)
     assert str(tmp_path / "nowhere" / "train") in msg and "ILSVRC2012_bbox_train_v2" in msg
     assert "built-in" in msg
     (tmp_path / "r" / "train" / A).mkdir(parents=True)
     with pytest.raises(DatasetNotFoundError, match="bbox"):  # images but no bbox folder
-        LocalizationDataset.from_root(tmp_path / "r", "train")
+        split(tmp_path / "r", "train")
 
 
 def test_missing_xml_is_an_error_or_counted(ilsvrc, caplog):
     with pytest.raises(DatasetError, match=f"{A}_2.xml.*not found"):
-        LocalizationDataset.from_root(ilsvrc, "train", missing_boxes="error")
-    ds = LocalizationDataset.from_root(ilsvrc, "train", missing_boxes="skip")
+        split(ilsvrc, "train", missing_boxes="error")
     with caplog.at_level(logging.INFO):
-        counts = ds.report_skipped()
-    assert counts["images_without_boxes"] == 1 and "1 images without boxes" in caplog.text
+        ds = split(ilsvrc, "train", missing_boxes="skip")
+    assert ds.num_images_without_boxes == 1 and "1 of 3 images without boxes" in caplog.text
     with pytest.raises(ValueError, match="missing_boxes"):
-        LocalizationDataset.from_root(ilsvrc, "train", missing_boxes="ignore")
+        split(ilsvrc, "train", missing_boxes="ignore")
 
 
 BAD_XML = {
@@ -154,59 +167,57 @@ def test_bad_xml_raises_naming_the_file(ilsvrc, case):
     xml = ilsvrc / "bbox" / "train" / A / f"{A}_1.xml"
     _xml(xml, **{"objects": [], **kwargs})
     with pytest.raises(DatasetError) as e:
-        LocalizationDataset.from_root(ilsvrc, "train")
+        split(ilsvrc, "train")
     assert str(xml) in str(e.value) and message in str(e.value)
 
 
 def test_box_within_one_pixel_outside_is_clipped(tmp_path):
     xml = tmp_path / "a.xml"
     _xml(xml, [(A, 0, 0, 61, 41)])
-    size, boxes, _, _ = parse_ilsvrc_xml(xml, {A: 0})
+    size, boxes, _, _ = read_ilsvrc_xml(xml, {A: 0})
     np.testing.assert_array_equal(boxes, [[0, 0, 60, 40]])
     _xml(xml, [(A, -1, 0, 5, 5)])   # x1 = -2: more than 1 px out
     with pytest.raises(DatasetError, match="outside"):
-        parse_ilsvrc_xml(xml, {A: 0})
+        read_ilsvrc_xml(xml, {A: 0})
 
 
 def test_unannotated_class_is_an_error_unless_skipped(ilsvrc, caplog):
     _img(ilsvrc / "train" / C / f"{C}_1.JPEG")
     with pytest.raises(DatasetError) as e:
-        LocalizationDataset.from_root(ilsvrc, "train")
+        split(ilsvrc, "train")
     assert str(ilsvrc / "train" / C) in str(e.value) and "skip_unannotated_classes" in str(e.value)
-    ds = LocalizationDataset.from_root(ilsvrc, "train", skip_unannotated_classes=True)
-    assert ds.class_names == [A, B, C] and len(ds) == 2 and ds.skipped_classes == [C]
     with caplog.at_level(logging.INFO):
-        assert ds.report_skipped()["unannotated_classes"] == 1
-    assert C in caplog.text
+        ds = split(ilsvrc, "train", skip_unannotated_classes=True)
+    assert ds.class_names == [A, B, C] and len(ds) == 2 and ds.skipped_classes == [C]
+    assert f"1 classes have no boxes and are left out: {C}" in caplog.text
 
 
 def test_folder_outside_the_class_list_and_empty_class(ilsvrc):
     with pytest.raises(DatasetError, match=f"{B}.*not one of the 1 classes"):
-        LocalizationDataset.from_root(ilsvrc, "train", class_names=[A])
+        split(ilsvrc, "train", class_names=[A])
     (ilsvrc / "train" / C).mkdir()
     with pytest.raises(DatasetError, match="holds no images"):
-        LocalizationDataset.from_root(ilsvrc, "train")
+        split(ilsvrc, "train")
 
 
 def test_size_mismatch_names_both_files_or_is_skipped(ilsvrc):
     _img(ilsvrc / "train" / A / f"{A}_1.JPEG", size=(50, 40))
-    ds = LocalizationDataset.from_root(ilsvrc, "train")
+    ds = split(ilsvrc, "train")
     with pytest.raises(DatasetError) as e:
         ds[0]
     assert f"{A}_1.JPEG" in str(e.value) and f"{A}_1.xml" in str(e.value)
     assert "50x40" in str(e.value) and "60x40" in str(e.value)
-    ds = LocalizationDataset.from_root(ilsvrc, "train", skip_bad_images=True)
+    ds = split(ilsvrc, "train", skip_bad_images=True)
     s = ds[0]
     assert s.index == 1 and s.image_label == 1 and ds.num_skipped_images == 1
-    assert ds.report_skipped()["bad_images"] == 1
 
 
 def test_unreadable_image_is_replaced_by_the_next_and_counted(ilsvrc):
     (ilsvrc / "train" / B / f"{B}_7.png").write_bytes(b"\x89PNG broken")
-    ds = LocalizationDataset.from_root(ilsvrc, "train", skip_bad_images=True)
+    ds = split(ilsvrc, "train", skip_bad_images=True)
     assert ds[1].index == 0 and ds.num_skipped_images == 1
     with pytest.raises(DatasetError, match=f"{B}_7.png"):
-        LocalizationDataset.from_root(ilsvrc, "train")[1]
+        split(ilsvrc, "train")[1]
 
 
 # ----------------------------------------------------------------------------- built-in set
@@ -237,10 +248,9 @@ def test_builtin_layout_round_trip_and_promised_sizes(tmp_path):
     assert sorted(p.name for p in (root / "train").iterdir()) == sorted(LOC_CLASSES)
     assert sorted(p.name for p in (root / "bbox" / "train").iterdir()) == sorted(LOC_CLASSES)
     assert all(p.suffix == ".xml" for p in (root / "bbox" / "val").iterdir())  # flat
-    assert builtin_loc_split(root, "val") == (root / "val", root / "bbox" / "val")
-    train = LocalizationDataset.from_root(root, "train", missing_boxes="error")
-    val = LocalizationDataset.from_root(root, "val", class_names=train.class_names,
-                                        missing_boxes="error")
+    assert loc_split_dirs(root, "val") == (root / "val", root / "bbox" / "val")
+    train = split(root, "train", missing_boxes="error")
+    val = split(root, "val", class_names=train.class_names, missing_boxes="error")
     assert train.class_names == sorted(LOC_CLASSES) and len(train) == 60 and len(val) == 30
     assert set(train.image_labels.tolist()) == set(range(10)) == set(val.image_labels.tolist())
     counts = np.diff(train.index.offsets)
@@ -269,7 +279,7 @@ def test_builtin_boxes_round_trip_exactly(tmp_path):
     from detres.data.builtin_loc import render_loc_image
     root = ensure_builtin_loc(tmp_path, num_train_per_class=3, num_val_per_class=1,
                               image_size=64, seed=5)
-    ds = LocalizationDataset.from_root(root, "train", missing_boxes="error")
+    ds = split(root, "train", missing_boxes="error")
     for i in range(len(ds)):
         label, k = int(ds.image_labels[i]), int(ds.path(i).stem.rsplit("_", 1)[1]) - 1
         rng = np.random.default_rng([5, 0, LOC_CLASSES.index(ds.class_names[label]), k])
@@ -281,11 +291,11 @@ def test_builtin_boxes_round_trip_exactly(tmp_path):
 def test_builtin_partial_train_boxes_are_skipped_and_counted(tmp_path):
     root = ensure_builtin_loc(tmp_path, num_train_per_class=8, num_val_per_class=1,
                               image_size=48, train_box_fraction=0.4)
-    ds = LocalizationDataset.from_root(root, "train")
+    ds = split(root, "train")
     assert 10 <= len(ds) < 80 and ds.num_images_without_boxes == 80 - len(ds)
     assert set(ds.image_labels.tolist()) == set(range(10))  # the first image of each has boxes
     with pytest.raises(DatasetError, match="not found"):
-        LocalizationDataset.from_root(root, "train", missing_boxes="error")
+        split(root, "train", missing_boxes="error")
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -362,44 +372,28 @@ def test_boxes_mostly_outside_the_crop_are_dropped():
     assert seen_drop
 
 
-def test_test_transform_scale_is_exact():
-    image, boxes = _rect_image(120, 160, (30, 20, 110, 90))
-    out, b, labels, scale = LocTestTransform(96)(image, boxes, np.array([3]))
-    assert scale == 96 / 120 and out.shape == (96, 128, 3) and labels.tolist() == [3]
-    np.testing.assert_allclose(b, boxes * (96 / 120), rtol=1e-6)
-    out, b, _, scale = LocTestTransform(96, max_size=100)(image, boxes, np.array([3]))
-    assert scale == 100 / 160 and out.shape == (75, 100, 3)
-    np.testing.assert_allclose(b / scale, boxes, rtol=1e-6)
-
-
-def test_dataset_applies_the_transform(ilsvrc):
-    ds = LocalizationDataset.from_root(ilsvrc, "train", transform=LocTestTransform(80))
-    s = ds[0]
-    assert s.image.shape == (80, 120, 3) and s.scale == 2.0 and s.orig_size == (40, 60)
-    np.testing.assert_array_equal(s.boxes, [[0, 0, 20, 40], [8, 10, 120, 80]])
-
-
 # ----------------------------------------------------------------------------- collate
 def test_collate_pads_to_a_multiple_of_32(ilsvrc):
-    ds = LocalizationDataset.from_root(ilsvrc, "train", transform=LocTestTransform(50))
+    ds = split(ilsvrc, "train", transform=doubled)
     loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_rpn)
     images, targets = next(iter(loader))
-    assert images.tensor.shape == (2, 3, 64, 96) and images.tensor.dtype == torch.float32
-    assert images.sizes == [(50, 75), (50, 75)]
-    assert (images.tensor[:, :, 50:] == 0).all() and (images.tensor[:, :, :, 75:] == 0).all()
-    assert images.tensor[0, :, :50, :75].max() > 0
+    assert images.tensor.shape == (2, 3, 96, 128) and images.tensor.dtype == torch.float32
+    assert images.sizes == [(80, 120), (80, 120)]
+    assert (images.tensor[:, :, 80:] == 0).all() and (images.tensor[:, :, :, 120:] == 0).all()
+    assert images.tensor[0, :, :80, :120].max() > 0
     t = targets[1]
-    assert t.image_id == 1 and t.scale == 1.25 and t.orig_size == (40, 60)
+    assert t.image_id == 1 and t.scale == 2.0 and t.orig_size == (40, 60)
     assert t.boxes.dtype == torch.float32 and t.labels.tolist() == [1]
     assert len(targets[0].boxes) == 2
     crops, image_labels = collate_classifier([ds[0], ds[1]])
-    assert crops.shape == (2, 3, 50, 75) and image_labels.tolist() == [0, 1]
+    assert crops.shape == (2, 3, 80, 120) and image_labels.tolist() == [0, 1]
 
 
 def test_with_transform_shares_the_index_and_leaves_the_original_alone(ilsvrc):
-    ds = LocalizationDataset.from_root(ilsvrc, "train")
-    scaled = ds.with_transform(LocTestTransform(80))
+    ds = split(ilsvrc, "train")
+    scaled = ds.with_transform(doubled)
     assert scaled.index is ds.index and scaled.skipper is ds.skipper
     assert ds[0].scale == 1.0 and ds[0].image.shape == (40, 60, 3)
-    assert scaled[0].scale == 2.0 and scaled[0].image.shape == (80, 120, 3)
-    np.testing.assert_array_equal(scaled[0].boxes, ds[0].boxes * 2)
+    s = scaled[0]         # the transform applied
+    assert s.image.shape == (80, 120, 3) and s.scale == 2.0 and s.orig_size == (40, 60)
+    np.testing.assert_array_equal(s.boxes, [[0, 0, 20, 40], [8, 10, 120, 80]])

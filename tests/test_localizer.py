@@ -197,10 +197,10 @@ def test_refinement_improves_or_keeps_the_rpn_error_on_a_fixed_case():
     """Two images, a briefly trained RPN (rough proposals), an R-CNN trained on those
     proposals: RPN+R-CNN's errors are at most the RPN's (Table 13's comparison)."""
     from detres.evaluation.localization import LocalizationResult, localization_errors
-    from detres.evaluation.localization_runner import localize_batch
     from detres.models.classifier import Classifier
     from detres.models.loc_inference import LocTestSettings
     from detres.models.localizer import Localizer
+    from detres.tasks.localization.inference import localize_batch
 
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(3)

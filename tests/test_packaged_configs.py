@@ -1,5 +1,6 @@
 """The presets are package data: a non-editable install runs them by name from any folder,
 and the checkout's configs/ path keeps working."""
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -33,9 +34,15 @@ def test_the_checkout_configs_folder_is_the_package_presets():
 
 @pytest.mark.timeout(300)
 def test_a_non_editable_install_runs_the_default_config(tmp_path):
-    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    wheels, site, source = tmp_path / "wheels", tmp_path / "site", tmp_path / "source"
+    # a copy of the sources: the build writes its build/ folder beside them
+    source.mkdir()
+    for name in ("setup.cfg", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    shutil.copytree(ROOT / "detres", source / "detres",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
-                            "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+                            "--no-build-isolation", "-q", "-w", str(wheels), str(source)],
                            capture_output=True, text=True, timeout=240)
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next(wheels.glob("detres-*.whl"))

@@ -15,7 +15,7 @@ from detres.data.classification import DatasetNotFoundError
 from detres.engine.checkpoint import CheckpointError, atomic_save
 from detres.engine.logging import read_metrics
 from detres.models.resnet import ResNet
-from detres.models.weights import load_weights
+from detres.weights_io import load_backbone_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 pretrain_cls = load_tool("pretrain_cls")
@@ -50,7 +50,7 @@ def test_run_writes_the_output_directory(tiny_cls_set, tmp_path):
     assert ckpt["task"] == "classification" and ckpt["class_names"] == sorted(CLASS_NAMES[:3])
     assert ckpt["config"]["model"]["backbone"]["depth"] == 8
     backbone = ResNet(8, stem="cifar", num_classes=None, width=4, shortcut="A")
-    load_weights(backbone, str(out / "backbone.pth"))                    # the detector's path
+    load_backbone_weights(backbone, str(out / "backbone.pth"))                    # the detector's path
     assert len(losses(out)) == 4
 
 

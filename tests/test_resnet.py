@@ -13,8 +13,8 @@ from torch import nn
 
 from detres.models.norm import FrozenBatchNorm2d
 from detres.models.resnet import ResNet, ZeroPadShortcut
-from detres.models.weights import (BackboneArchError, WeightsMismatchError, WeightsNotFoundError,
-                                   backbone_file, load_weights, read_weights)
+from detres.weights_io import (BackboneArchError, WeightsMismatchError, WeightsNotFoundError,
+                               backbone_file, load_backbone_weights, read_torch_file)
 
 # Table 1 blocks per stage; torchvision counts with 1000 classes.
 BLOCKS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3),
@@ -301,14 +301,14 @@ def test_torchvision_spec_reads_hub_cache(tmp_path, monkeypatch):
     _cache_torchvision(tmp_path, monkeypatch, torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
                        ref)
     ours = ResNet(18)
-    load_weights(ours, "torchvision://resnet18")
+    load_backbone_weights(ours, "torchvision://resnet18")
     for k, v in ref.state_dict().items():
         assert torch.equal(ours.state_dict()[k], v), k
     backbone = ResNet(18, num_classes=None, freeze_at=2)
-    load_weights(backbone, "torchvision://resnet18.IMAGENET1K_V1", ignore_prefixes=("fc.",))
+    load_backbone_weights(backbone, "torchvision://resnet18.IMAGENET1K_V1", ignore_prefixes=("fc.",))
     assert torch.equal(backbone.bn1.running_var, ref.bn1.running_var)
     with pytest.raises(WeightsMismatchError, match="ignore_prefixes=\\('fc.',\\)"):
-        load_weights(backbone, "torchvision://resnet18")
+        load_backbone_weights(backbone, "torchvision://resnet18")
 
 
 def test_torchvision_weights_imply_their_stride_placement(tmp_path, monkeypatch):
@@ -317,8 +317,8 @@ def test_torchvision_weights_imply_their_stride_placement(tmp_path, monkeypatch)
     _cache_torchvision(tmp_path, monkeypatch, torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
                        torchvision.models.resnet50(weights=None))
     with pytest.raises(BackboneArchError, match="stride_in_1x1: file False, model True"):
-        load_weights(ResNet(50, stride_in_1x1=True), "torchvision://resnet50")
-    load_weights(ResNet(50), "torchvision://resnet50")
+        load_backbone_weights(ResNet(50, stride_in_1x1=True), "torchvision://resnet50")
+    load_backbone_weights(ResNet(50), "torchvision://resnet50")
 
 
 def test_backbone_file_records_its_arch(tmp_path):
@@ -326,18 +326,18 @@ def test_backbone_file_records_its_arch(tmp_path):
     randomize_norms(source)
     path = tmp_path / "backbone.pth"
     torch.save(backbone_file(source.state_dict(), source.arch()), path)
-    assert read_weights(str(path))[1]["stride_in_1x1"] is True
+    assert read_torch_file(path, "file")["arch"]["stride_in_1x1"] is True
     target = ResNet(50, width=8, num_classes=None, stride_in_1x1=True)
-    load_weights(target, str(path))
+    load_backbone_weights(target, str(path))
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(target.eval().forward_features(x)["res5"],
                        source.eval().forward_features(x)["res5"])
     with pytest.raises(BackboneArchError, match="stride_in_1x1") as info:   # same shapes
-        load_weights(ResNet(50, width=8, num_classes=None), str(path))
+        load_backbone_weights(ResNet(50, width=8, num_classes=None), str(path))
     assert "model.backbone" in str(info.value)
     plain = ResNet(50, width=8, num_classes=None, stride_in_1x1=True, residual=False)
     with pytest.raises(BackboneArchError, match="residual: file True, model False"):
-        load_weights(plain, str(path))
+        load_backbone_weights(plain, str(path))
     with pytest.raises(ValueError, match="unknown backbone arch keys"):
         backbone_file(source.state_dict(), {"depth": 50, "dilation": 2})
 
@@ -347,12 +347,12 @@ def test_torchvision_spec_missing_from_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
     v2 = os.path.basename(torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url)
     with pytest.raises(WeightsNotFoundError, match="hub cache") as info:
-        load_weights(ResNet(50, width=8), "torchvision://resnet50.IMAGENET1K_V2")
+        load_backbone_weights(ResNet(50, width=8), "torchvision://resnet50.IMAGENET1K_V2")
     assert str(tmp_path / "hub" / "checkpoints" / v2) in str(info.value)
     with pytest.raises(ValueError, match="valid: IMAGENET1K_V1, IMAGENET1K_V2"):
-        load_weights(ResNet(50, width=8), "torchvision://resnet50.IMAGENET1K_V9")
+        load_backbone_weights(ResNet(50, width=8), "torchvision://resnet50.IMAGENET1K_V9")
     with pytest.raises(ValueError, match="no model 'resnet42'"):
-        load_weights(ResNet(50, width=8), "torchvision://resnet42")
+        load_backbone_weights(ResNet(50, width=8), "torchvision://resnet42")
 
 
 def test_local_path_state_dict_or_checkpoint(tmp_path):
@@ -363,11 +363,11 @@ def test_local_path_state_dict_or_checkpoint(tmp_path):
     torch.save({"model": source.state_dict(), "iteration": 7}, ckpt)
     for path in (raw, ckpt):
         target = ResNet(34, width=8, num_classes=3, norm="frozen_bn")
-        load_weights(target, str(path))
+        load_backbone_weights(target, str(path))
         for k, v in source.state_dict().items():
             assert torch.equal(target.state_dict()[k], v), k
     with pytest.raises(WeightsNotFoundError, match="not found"):
-        load_weights(ResNet(34, width=8), str(tmp_path / "absent.pth"))
+        load_backbone_weights(ResNet(34, width=8), str(tmp_path / "absent.pth"))
 
 
 def test_weights_for_another_depth_are_a_clear_error(tmp_path):
@@ -375,7 +375,7 @@ def test_weights_for_another_depth_are_a_clear_error(tmp_path):
     torch.save(ResNet(50, width=8, num_classes=3).state_dict(), r50)
     torch.save(ResNet(34, width=8, num_classes=3).state_dict(), r34)
     with pytest.raises(WeightsMismatchError) as info:
-        load_weights(ResNet(18, width=8, num_classes=3), str(r50))
+        load_backbone_weights(ResNet(18, width=8, num_classes=3), str(r50))
     message = str(info.value)
     assert str(r50) in message and "another depth" in message
     assert "unexpected keys: layer1.0.conv3.weight" in message
@@ -383,4 +383,4 @@ def test_weights_for_another_depth_are_a_clear_error(tmp_path):
         in message
     assert "... and" in message  # long lists are truncated
     with pytest.raises(WeightsMismatchError, match="missing keys: layer1.0.conv3.weight"):
-        load_weights(ResNet(50, width=8, num_classes=3), str(r34))
+        load_backbone_weights(ResNet(50, width=8, num_classes=3), str(r34))

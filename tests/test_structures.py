@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from detres.structures import Detections, DetectorOutput, ImageBatch, Targets
+from detres.structures import Detections, DetectorOutput, ImageBatch, Targets, pad_images
 
 
 def test_image_batch_pads_to_multiple_of_32_and_keeps_sizes():
@@ -15,6 +15,13 @@ def test_image_batch_pads_to_multiple_of_32_and_keeps_sizes():
     assert batch.tensor[0, :, 50:].abs().sum() == 0 and batch.tensor[0, :, :, 70:].abs().sum() == 0
     assert batch.tensor[1, :, :, 33:].abs().sum() == 0
     assert len(batch) == 2 and batch.to("cpu").sizes == batch.sizes
+
+
+def test_pad_images_keeps_the_dtype_asked_for():
+    a = torch.full((3, 5, 9), 200, dtype=torch.uint8)
+    batch, sizes = pad_images([a], size_divisibility=8, dtype=torch.uint8)
+    assert batch.dtype == torch.uint8 and batch.shape == (1, 3, 8, 16) and sizes == [(5, 9)]
+    assert batch[0, :, :5, :9].eq(200).all() and batch.sum() == 200 * a.numel()
 
 
 def test_image_batch_rejects_bad_shapes():

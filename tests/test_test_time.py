@@ -14,8 +14,9 @@ from detres.config import to_dict
 from detres.engine.checkpoint import CheckpointError
 from detres.models.test_time import TestTimeDetector, _Views, flip_batch, select_scale_pairs
 from detres.structures import ImageBatch, Targets
-from detres.tasks.detection.build import build_test_detector, detector_for_checkpoint
+from detres.tasks.detection.build import build_test_detector
 from detres.tasks.detection.config import DetectionConfig, DetTestConfig
+from detres.tasks.detection.load import load_detector
 
 
 def _images(seed: int = 0, sizes=((96, 128), (128, 96))) -> ImageBatch:
@@ -202,7 +203,7 @@ def test_ensemble_proposals_are_the_nms_of_the_union_and_scores_the_mean():
         for i in range(len(images)):
             union = torch.cat([props[i] for props, _ in per_model])
             objectness = torch.cat([logits[i].sigmoid() for _, logits in per_model])
-            keep = nms(union, objectness, a.rpn.nms_threshold)[: a.rpn.post_nms_topk[False]]
+            keep = nms(union, objectness, a.rpn.nms_threshold)[: a.rpn.post_nms_topk_test]
             torch.testing.assert_close(got[i], union[keep])
             from_a = (got[i][:, None, :] == per_model[0][0][i][None]).all(-1).any(1)
             assert from_a.any() and (~from_a).any()          # both networks contributed
@@ -261,16 +262,16 @@ def test_context_and_plain_checkpoints_refuse_each_other(tmp_path, trained_with)
     path = tmp_path / "model_final.pth"
     torch.save({"task": "detection", "model": model.state_dict(), "config": to_dict(cfg),
                 "class_names": ["a", "b", "c"]}, path)
-    loaded, _ = detector_for_checkpoint(cfg.model, path)          # its own config loads
+    (loaded,) = load_detector(path, cfg).detectors                # its own config loads
     assert loaded.roi_head.global_context is trained_with
     other = dataclasses.replace(cfg.model, roi_head=dataclasses.replace(
         cfg.model.roi_head, global_context=not trained_with))
     with pytest.raises(CheckpointError, match=f"model.roi_head.global_context={trained_with}"):
-        detector_for_checkpoint(other, path)
+        load_detector(path, dataclasses.replace(cfg, model=other))
 
 
 def test_predictor_takes_the_switches_and_ensembles(tmp_path):
-    from detres.predictor import Predictor
+    from detres import Predictor
     cfg = DetectionConfig(model=NARROW_DETECTOR)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, min_size_test=96,
                                                             max_size_test=128))

@@ -16,10 +16,10 @@ from helpers import free_port, load_tool
 from detres.config import ConfigError
 from detres.data.builtin import ensure_builtin_shapes, shapes_split
 from detres.data.classification import DatasetNotFoundError
-from detres.engine.checkpoint import CheckpointError, load_checkpoint
+from detres.engine.checkpoint import CheckpointError, read_checkpoint
 from detres.engine.logging import read_metrics
 from detres.evaluation.coco_eval import evaluate_coco
-from detres.predictor import Predictor
+from detres.tasks.detection.predictor import Predictor
 
 ROOT = Path(__file__).resolve().parent.parent
 eval_det = load_tool("eval_det")
@@ -90,7 +90,7 @@ def test_run_writes_every_output_file(finished_run):
     records = read_metrics(out)
     assert [r["iteration"] for r in records if r["phase"] == "train"] == [1, 2, 3, 4]
     assert any(r["phase"] == "eval" for r in records)
-    ckpt = load_checkpoint(out / "model_final.pth")   # weights_only=True inside
+    ckpt = read_checkpoint(out / "model_final.pth")   # weights_only=True inside
     assert ckpt["task"] == "detection" and ckpt["iteration"] == 4
     assert ckpt["class_names"] == ["circle", "square", "triangle", "star", "ring"]
 
@@ -140,7 +140,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path):
     run(tmp_path, "train.max_iter=4", "train.checkpoint_period=2", "--resume")
     iterations = [r["iteration"] for r in read_metrics(tmp_path) if r["phase"] == "train"]
     assert iterations == [1, 2, 3, 4]
-    assert load_checkpoint(tmp_path / "model_final.pth")["iteration"] == 4
+    assert read_checkpoint(tmp_path / "model_final.pth")["iteration"] == 4
 
 
 def test_eval_det_model_mode(finished_run, tmp_path):

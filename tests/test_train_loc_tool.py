@@ -58,6 +58,10 @@ def test_run_writes_every_output(trained):
                  "eval/predictions.json", "classifier/model_final.pth", "rpn/model_final.pth",
                  "rcnn/model_final.pth", "rcnn/proposals.pth", "rpn/metrics.jsonl"):
         assert (out / name).is_file(), name
+    # what a later train.overwrite may remove: the stages and this task's own files
+    run = json.loads((out / "env.json").read_text())["run"]
+    assert run["stages"] == ["classifier", "rpn", "rcnn"]
+    assert run["records"] == ["rcnn/proposals.pth", "rcnn/proposals.rank[0-9]*.npy"]
     stored = json.loads((out / "eval" / "metrics.json").read_text())
     assert set(stored) == {"RPN", "RPN+R-CNN"} and stored == metrics
     for method in stored.values():

@@ -11,7 +11,7 @@ from torch import nn
 from detres.data.classification import collate
 from detres.data.loader import make_loader
 from detres.data.samplers import TrainingSampler
-from detres.engine import Trainer, WarmupMultiStepSchedule, loop
+from detres.engine import Trainer, WarmupMultiStepSchedule, precision
 from detres.engine.logging import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -77,8 +77,8 @@ def test_console_line_is_short_and_names_the_stage_while_the_jsonl_keeps_all(tmp
 
 def test_amp_on_a_cpu_without_bf16_arithmetic_trains_fp32_and_says_so_once(
         tmp_path, log_lines, monkeypatch):
-    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: False)
-    monkeypatch.setattr(loop, "_notices", set())
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "_notices", set())
     first = train(tmp_path / "a", amp="bf16")
     train(tmp_path / "b", amp="bf16")            # a second stage of the same process
     assert first.dtypes == [torch.float32, torch.float32]
@@ -87,7 +87,7 @@ def test_amp_on_a_cpu_without_bf16_arithmetic_trains_fp32_and_says_so_once(
 
 
 def test_amp_bf16_autocasts_training_on_a_cpu_with_bf16_arithmetic(tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     model = train(tmp_path, amp="bf16")
     assert model.dtypes == [torch.bfloat16, torch.bfloat16]
     assert all(p.dtype == torch.float32 for p in model.parameters())   # master weights fp32

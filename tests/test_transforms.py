@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from detres.data.builtin import render_shapes_image
-from detres.data.transforms import (DetectionTransform, eval_transform, resize_scale,
-                                    train_transform)
+from detres.data.transforms import (DetectionTransform, PerProcessRng, eval_transform,
+                                    resize_scale, train_transform)
 
 BOXES = np.array([[10, 20, 50, 60], [0, 0, 200, 100]], np.float32)
 LABELS = np.array([3, 1], np.int64)
@@ -93,3 +94,34 @@ def test_boxes_enclose_their_objects_after_augmentation(seed):
             assert abs(xs.min() - x1) <= 2 * out.scale and abs(ys.max() + 1 - y2) <= 2 * out.scale
             flips += bool(abs(x1 - boxes[k, 0] * out.scale) > 1)
     assert flips > 0  # some were flipped
+
+
+class _Draws(torch.utils.data.Dataset):
+    """Each item: which worker drew it and the draw, from one shared ``PerProcessRng``."""
+
+    def __init__(self) -> None:
+        self.rng = PerProcessRng(seed=0)
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> tuple[int, int]:
+        rng, _ = self.rng.get()
+        return torch.utils.data.get_worker_info().id, int(rng.integers(2**62))
+
+
+def test_per_process_rng_gives_each_worker_its_own_repeatable_stream():
+    def draws() -> dict[int, list[int]]:
+        loader = torch.utils.data.DataLoader(_Draws(), batch_size=None, num_workers=2,
+                                             generator=torch.Generator().manual_seed(3))
+        out: dict[int, list[int]] = {}
+        for worker, value in loader:
+            out.setdefault(int(worker), []).append(int(value))
+        return out
+    first = draws()
+    assert sorted(first) == [0, 1] and first[0] != first[1]      # no worker repeats another
+    assert draws() == first                                      # the loader's seed fixes them
+    rng = PerProcessRng(seed=0)
+    a, fresh = rng.get(sample_seed=5)
+    assert fresh and a.integers(2**62) == np.random.default_rng(5).integers(2**62)
+

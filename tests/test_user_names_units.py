@@ -17,7 +17,7 @@ from detres.data.io import DatasetError
 from detres.engine.best import BestTracker, flatten_metrics
 from detres.engine.logging import MetricsWriter
 from detres.evaluation.analysis import Analysis
-from detres.predictor import Predictor
+from detres.tasks.detection.predictor import Predictor
 
 plot_curves = load_tool("plot_curves")
 analyze_det = load_tool("analyze_det")
@@ -156,7 +156,7 @@ def test_confusion_matrix_keeps_the_classes_that_occur_and_a_readable_size(tmp_p
 def predictor(monkeypatch):
     model = narrow_detector(num_classes=3, seed=0)
     p = Predictor(model, ["a", "b", "c"], min_size=64, max_size=96, category_ids=[7, 8, 9])
-    monkeypatch.setattr(infer, "make_predictor", lambda args: p)
+    monkeypatch.setattr(Predictor, "from_checkpoint", lambda *args, **kwargs: p)
     return p
 
 

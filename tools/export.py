@@ -29,8 +29,8 @@ from detres.cli import check_output_path, run_main
 from detres.config import load_config
 from detres.engine.logging import write_json
 from detres.export import ExportError, compare_exported, export_detector, load_exported
-from detres.tasks.detection.build import detector_for_checkpoint, detector_from_checkpoint
 from detres.tasks.detection.config import DetectionConfig
+from detres.tasks.detection.load import load_detector
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,12 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     check_output_path(args.out, folder=False)
-    if args.config is None:
-        model, cfg, meta = detector_from_checkpoint(args.weights, args.overrides)
-    else:
-        cfg = load_config(args.config, args.overrides, schema=DetectionConfig)
-        model, meta = detector_for_checkpoint(cfg.model, args.weights)
-    model = model.cpu().eval()
+    cfg = load_config(args.config, schema=DetectionConfig) if args.config else None
+    loaded = load_detector(args.weights, cfg, args.overrides)
+    cfg, model = loaded.cfg, loaded.detectors[0]      # the graph of the detector itself
     tta = [k for k in ("box_refinement", "scales", "flip") if getattr(cfg.test, k, None)]
     if tta:
         print(f"note: test.{', test.'.join(tta)} (test-time steps around the detector) are not "
@@ -69,9 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
                        "scale": "() float32, resized / original"},
             "outputs": {"boxes": "(D, 4) xyxy in the input's pixels", "scores": "(D,)",
                         "labels": "(D,) int64, index into class_names"},
-            "class_names": list(meta["class_names"]),
-            "category_ids": list(meta.get("category_ids") or
-                                 range(1, len(meta["class_names"]) + 1)),
+            "class_names": list(loaded.class_names),
+            "category_ids": list(loaded.category_ids or range(1, len(loaded.class_names) + 1)),
             "min_size_test": lo, "max_size_test": hi}
     write_json(f"{args.out}.json", info)
     print(f"wrote {args.out} ({args.format}) and {args.out}.json")

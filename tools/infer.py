@@ -11,12 +11,17 @@ for an image given itself, suffix kept: imgs/a/1.jpg -> DIR/a/1.jpg.png, so a/1.
 1.png never share a drawing. Two inputs that would (x/1.jpg and y/1.jpg given as files) are an
 error before any work. Writes DIR/results.json: COCO results format (original pixels, the
 training set's category ids) plus "file_name" (the image's path as found from the input given);
-the image id is the image's position in the input list (folders sorted). An unreadable image is
-skipped with a warning and named at the end; the run fails only if no image could be read.
-Without CONFIG the config stored in the checkpoint is used; key=value overrides apply either
-way, e.g. ``model.roi_head.score_threshold=0.5``. The detector runs in its fast inference form
-(frozen BN folded, channels-last; ``test.fast_path=false`` runs it as trained) and, on CPUs with
-native bf16 (AVX-512 BF16 or AMX), under bf16 autocast (``test.cpu_amp=none`` for fp32).
+the image id is the image's position in the input list (folders sorted). With --gt
+ANNOTATIONS.json the results carry that file's ids instead, so that tools/eval_det.py and
+tools/analyze_det.py score them against it: each image is matched to its image by file name
+(the last part of "file_name"; a name it lacks or holds twice is an error before any work),
+each class to its category by name. An unreadable image is skipped with a warning and named at
+the end; the run fails only if no image could be read. Without CONFIG the config stored in the
+checkpoint is used; key=value overrides apply either way, e.g.
+``model.roi_head.score_threshold=0.5`` or Appendix B's ``test.flip=true``. The detector runs in
+its fast inference form (frozen BN folded, channels-last; ``test.fast_path=false`` runs it as
+trained) and, on CPUs with native bf16 (AVX-512 BF16 or AMX), under bf16 autocast
+(``test.cpu_amp=none`` for fp32).
 
 A video file given as an input (.mp4, .avi, .mov, .mkv, .webm, ...; videos are not searched
 for in folders) gives DIR/<stem>.mp4 (clip.avi -> DIR/clip.mp4), its frames with the
@@ -38,11 +43,9 @@ from detres.cli import check_output_path, is_override, run_main
 from detres.config import load_config
 from detres.data.image_files import drawing_paths, list_images
 from detres.data.io import DatasetError, read_image
-from detres.engine.distributed import resolve_device
 from detres.engine.logging import write_json
-from detres.predictor import Predictor
-from detres.tasks.detection.build import detector_for_checkpoint
 from detres.tasks.detection.config import DetectionConfig
+from detres.tasks.detection.predictor import Predictor, ids_in_annotations
 from detres.video import VIDEO_SUFFIXES, annotate_video, output_paths
 from detres.visualize import save_detections
 
@@ -62,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="draw detections at or above this score (results.json keeps all)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--gt", type=Path, metavar="ANNOTATIONS.json",
+                        help="COCO-format annotations whose image and category ids the results "
+                             "carry (images matched by file name, classes by name)")
     parser.add_argument("--webcam", type=int, default=None, metavar="N",
                         help="read camera N (0 is the first) until Ctrl-C or --max-frames")
     parser.add_argument("--max-frames", type=int, default=None, metavar="N",
@@ -78,19 +84,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def make_predictor(args: argparse.Namespace) -> Predictor:
-    device = resolve_device(args.device)
-    if args.config is None:
-        return Predictor.from_checkpoint(args.weights, str(device), args.overrides,
-                                         args.batch_size)
-    cfg = load_config(args.config, args.overrides, schema=DetectionConfig)
-    model, meta = detector_for_checkpoint(cfg.model, args.weights)
-    return Predictor(model, meta["class_names"], cfg.data.min_size_test, cfg.data.max_size_test,
-                     device, meta.get("category_ids"), args.batch_size,
-                     fast_path=cfg.test.fast_path, cpu_amp=cfg.test.cpu_amp,
-                     compile=cfg.test.compile)
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     out = check_output_path(args.out, folder=True)
@@ -100,8 +93,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.webcam is not None:
         videos.append((args.webcam, f"webcam{args.webcam}"))
     outputs = output_paths(videos, out)          # names unique, inside out: before any work
-    predictor = make_predictor(args)
-    results = infer_images(args, predictor, images, drawings) if images else []
+    cfg = load_config(args.config, schema=DetectionConfig) if args.config else None
+    predictor = Predictor.from_checkpoint(args.weights, args.device, args.overrides,
+                                          args.batch_size, cfg=cfg)
+    image_ids = list(range(len(images)))
+    if args.gt is not None:
+        image_ids, predictor.category_ids = ids_in_annotations(
+            [path for path, _ in images], args.gt, predictor.class_names)
+    results = infer_images(args, predictor, images, drawings, image_ids) if images else []
     for (source, _), (video_out, jsonl_out) in zip(videos, outputs):
         stats = annotate_video(predictor, source, video_out, jsonl_out, args.min_score,
                                args.max_frames)
@@ -112,8 +111,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def infer_images(args: argparse.Namespace, predictor: Predictor,
-                 images: list[tuple[Path, str]], drawings: list[Path]) -> list[dict]:
-    """Draws and writes the detections of every image; returns the COCO results."""
+                 images: list[tuple[Path, str]], drawings: list[Path],
+                 image_ids: list[int]) -> list[dict]:
+    """Draws and writes the detections of every image (``image_ids``: their ids in the
+    results); returns the COCO results."""
     out = Path(args.out)
     results: list[dict] = []
     failed: list[Path] = []
@@ -128,8 +129,8 @@ def infer_images(args: argparse.Namespace, predictor: Predictor,
                 failed.append(images[k][0])
         detections = predictor([image for _, image in chunk]) if chunk else []
         for (k, image), d in zip(chunk, detections):
-            results.extend({"image_id": k, "file_name": str(images[k][0]), **r}
-                           for r in predictor.to_coco_results(d, k))
+            results.extend({**r, "file_name": str(images[k][0])}
+                           for r in predictor.to_coco_results(d, image_ids[k]))
             save_detections(drawings[k], image, d.boxes.numpy(), d.scores.numpy(),
                             d.labels.numpy(), predictor.class_names, args.min_score)
         bar.update(min(args.batch_size, len(images) - start))

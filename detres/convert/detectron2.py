@@ -39,13 +39,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from detres.boxes import centre_size
 from detres.config import from_dict, to_dict
 from detres.convert.categories import class_list
 from detres.convert.pickles import ConversionError
 from detres.models.anchors import cell_anchors
 from detres.models.resnet import IMAGENET_DEPTHS
 from detres.models.roi_head import BOX_WEIGHTS
-from detres.models.weights import WeightsMismatchError, check_state_dict
+from detres.weights_io import WeightsMismatchError, check_state_dict
 from detres.tasks.detection.build import build_detector, describe_detector
 from detres.tasks.detection.config import DetectionConfig
 
@@ -140,11 +141,6 @@ def d2_cell_anchors(sizes: Sequence[float], aspect_ratios: Sequence[float]) -> T
     return torch.tensor(boxes, dtype=torch.float64)
 
 
-def _centre_size(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    return boxes[:, 0] + w / 2, boxes[:, 1] + h / 2, w, h
-
-
 def adapt_rpn(state: dict[str, Tensor], sizes: Sequence[float], aspect_ratios: Sequence[float],
               offset: float = 0.0) -> float:
     """Reorders the RPN's per-anchor outputs to detres's anchor order and folds the difference
@@ -163,8 +159,8 @@ def adapt_rpn(state: dict[str, Tensor], sizes: Sequence[float], aspect_ratios: S
     ours = cell_anchors(sizes, aspect_ratios).double()
     if (ours - theirs).abs().max() > 0.5 + 1e-4 + offset * STRIDE:   # rounding only
         raise RuntimeError("detres's anchor order is not the documented ratio-major one")
-    tx, ty, tw, th = _centre_size(theirs)
-    ox, oy, ow, oh = _centre_size(ours)
+    tx, ty, tw, th = centre_size(theirs)
+    ox, oy, ow, oh = centre_size(ours)
     for param in ("weight", "bias"):
         key = f"rpn.head.cls_logits.{param}"
         state[key] = state[key][src]

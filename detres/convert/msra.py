@@ -31,7 +31,7 @@ from torch import Tensor
 from detres.convert.pickles import ConversionError
 from detres.models.norm import FrozenBatchNorm2d
 from detres.models.resnet import IMAGENET_DEPTHS, ResNet
-from detres.models.weights import WeightsMismatchError, backbone_file, check_state_dict
+from detres.weights_io import WeightsMismatchError, backbone_file, check_state_dict
 
 # detectron2's PIXEL_MEAN for these models (BGR, 0..255); their std is folded into conv1
 MSRA_PIXEL_MEAN_BGR = (103.530, 116.280, 123.675)

@@ -5,7 +5,8 @@ A pickle names the functions that rebuild its objects, and plain ``pickle.load``
 a downloaded ``.pkl`` could run any code, and even numpy's own rebuild functions crash on a
 forged dtype. ``.pkl`` files are read with :func:`detres.safe_pickle.load_arrays`, which
 builds plain numeric arrays itself and refuses anything else before it is called or built.
-``.pth`` files are read with ``torch.load(weights_only=True)``, which refuses pickled code.
+``.pth`` files are read with ``weights_io.read_torch_file`` (``torch.load(weights_only=True)``),
+which refuses pickled code.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from detres.safe_pickle import RefusedPickleError, load_arrays, torch_load_reason
+from detres.safe_pickle import RefusedPickleError, load_arrays
+from detres.weights_io import read_torch_file
 
 
 class ConversionError(ValueError):
@@ -43,16 +45,6 @@ def load_pickle(path: str | Path) -> Any:
                               f"({type(e).__name__}: {reason})") from None
 
 
-def _torch_file(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ConversionError(f"{path}: no such file") from None
-    except Exception as e:  # truncated, another format, or pickled code that must not run
-        raise ConversionError(f"{path}: cannot read as a weights-only torch file "
-                              f"({torch_load_reason(e)})") from None
-
-
 def read_arrays(path: str | Path) -> dict[str, Tensor]:
     """The named arrays of a weights file as tensors (floating point as float32).
 
@@ -63,7 +55,8 @@ def read_arrays(path: str | Path) -> dict[str, Tensor]:
     left out.
     """
     path = Path(path)
-    obj = load_pickle(path) if path.suffix == ".pkl" else _torch_file(path)
+    obj = load_pickle(path) if path.suffix == ".pkl" else read_torch_file(path, "file",
+                                                                          ConversionError)
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     elif isinstance(obj, dict) and isinstance(obj.get("blobs"), dict):

@@ -7,7 +7,7 @@ from detres.data.builtin import (SHAPE_CLASSES, default_cache_root, ensure_built
 from detres.data.coco import COCODetection
 from detres.data.io import (AnnotationIndex, DatasetError, DetectionDataset, ImageDecodeError,
                             read_image)
-from detres.data.loader import build_detection_loader, collate_detection
+from detres.data.loader import build_detection_loader
 from detres.data.samplers import InferenceSampler, TrainingSampler
 from detres.data.transforms import (DetectionTransform, TransformOutput, eval_transform,
                                     resize_scale, train_transform)
@@ -17,7 +17,7 @@ __all__ = [
     "AnnotationIndex", "COCODetection", "DatasetError", "DetectionDataset", "DetectionTransform",
     "ImageDecodeError", "InferenceSampler", "SHAPE_CLASSES", "TrainingSampler",
     "TransformOutput", "VOCDetection", "VOC_CLASSES", "build_detection_loader",
-    "collate_detection", "default_cache_root", "ensure_builtin_shapes", "ensure_generated",
+    "default_cache_root", "ensure_builtin_shapes", "ensure_generated",
     "eval_transform", "read_image", "render_shapes_image", "resize_scale", "shapes_split",
     "train_transform",
 ]

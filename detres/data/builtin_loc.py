@@ -58,8 +58,8 @@ ASPECT = (0.75, 1.0)         # shorter image side / longer
 def ensure_builtin_loc(root: str | os.PathLike | None = None, *, num_train_per_class: int = 120,
                        num_val_per_class: int = 30, image_size: int = 96, seed: int = 0,
                        train_box_fraction: float = 1.0) -> Path:
-    """The built-in localization set, generated on first use; returns its folder (the
-    ``root`` of ``LocalizationDataset.from_root(folder, "train")``).
+    """The built-in localization set, generated on first use; returns its folder, laid out
+    as ImageNet's (``loc_split_dirs(folder, split)``: each split's images and box XMLs).
 
     Args:
         root: cache folder (default ``$DETRES_CACHE`` or ``~/.cache/detres``).
@@ -77,11 +77,6 @@ def ensure_builtin_loc(root: str | os.PathLike | None = None, *, num_train_per_c
               "num_val_per_class": num_val_per_class, "image_size": image_size, "seed": seed,
               "train_box_fraction": train_box_fraction, "classes": list(LOC_CLASSES)}
     return ensure_generated("loc", params, _generate, root)
-
-
-def builtin_loc_split(folder: str | os.PathLike, split: str) -> tuple[Path, Path]:
-    """(image folder, XML folder) of a split (``"train"`` or ``"val"``) of the built-in set."""
-    return loc_split_dirs(folder, split)
 
 
 def _generate(out: Path, *, version: int, num_train_per_class: int, num_val_per_class: int,

@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from detres.structures import Targets
+from detres.structures import SkippedImageTargets, Targets
 
 logger = logging.getLogger(__name__)
 
@@ -219,13 +219,6 @@ def _concat(parts: list[np.ndarray], empty_shape: tuple[int, ...], dtype) -> np.
     return np.concatenate(parts) if parts else np.zeros(empty_shape, dtype)
 
 
-@dataclass(frozen=True)
-class SkippedImageTargets(Targets):
-    """The ``Targets`` of a test image that could not be read (``skip_bad_images`` without
-    substitution): its own image id, no boxes. Evaluation gives it no detections, so its ground
-    truth counts as missed and no other image is counted twice."""
-
-
 class BadImageSkipper:
     """``skip_bad_images`` for any dataset: an image that cannot be read is logged, counted and
     replaced by the next readable one (training), or reported as missing (``substitute=False``,
@@ -317,7 +310,7 @@ class DetectionDataset(Dataset):
             ``num_skipped_images`` and ``report_skipped_images()`` tell how many at the end.
         source: what to name in messages (the annotation file or dataset folder).
         substitute_bad_images: with ``skip_bad_images``, replace a bad image by the next good
-            one (training). False (evaluation; ``evaluate_detector`` sets it): a bad image
+            one (training). False (a test set, as ``build_det_dataset`` builds it): a bad image
             gives a black placeholder of its annotated size (transformed) with
             ``SkippedImageTargets`` under its own id, which evaluation scores as "no detections".
     """

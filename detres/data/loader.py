@@ -24,7 +24,7 @@ from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, S
 
 from detres.data.io import DetectionDataset
 from detres.data.samplers import DropSeed, InferenceSampler, TrainingSampler
-from detres.structures import SIZE_DIVISIBILITY, ImageBatch, Targets
+from detres.structures import SIZE_DIVISIBILITY, ImageBatch, Targets, pad_images
 
 
 def image_sizes_of(dataset: Dataset) -> np.ndarray:
@@ -46,49 +46,14 @@ def aspect_group_ids(image_sizes: np.ndarray) -> np.ndarray:
     return (image_sizes[:, 1] < image_sizes[:, 0]).astype(np.int64)
 
 
-class DetectionBatch(tuple):
-    """``(ImageBatch, list[Targets])``; a tuple that the DataLoader knows how to pin."""
-
-    def pin_memory(self) -> tuple[ImageBatch, list[Targets]]:
-        images, targets = self
-        return (ImageBatch(images.tensor.pin_memory(), list(images.sizes)), _pin(targets))
-
-
-def _pin(targets: list[Targets]) -> list[Targets]:
-    return [replace(t, boxes=t.boxes.pin_memory(), labels=t.labels.pin_memory())
-            for t in targets]
-
-
-def _pad(images: Sequence[Tensor], size_divisibility: int, dtype: torch.dtype
-         ) -> tuple[Tensor, list[tuple[int, int]]]:
-    """As ``ImageBatch.from_tensors``, in any dtype."""
-    if not images:
-        raise ValueError("cannot collate an empty batch")
-    sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-    d = size_divisibility
-    h = (max(s[0] for s in sizes) + d - 1) // d * d
-    w = (max(s[1] for s in sizes) + d - 1) // d * d
-    out = torch.zeros((len(images), 3, h, w), dtype=dtype)
-    for i, im in enumerate(images):
-        out[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
-    return out, sizes
-
-
-def collate_detection(batch: Sequence[tuple[Tensor, Targets]],
-                      size_divisibility: int = SIZE_DIVISIBILITY) -> DetectionBatch:
-    """[(image (3, h, w), Targets)] -> (ImageBatch, float32, zero-padded to a multiple of 32,
-    list[Targets])."""
-    images = ImageBatch.from_tensors([im for im, _ in batch], size_divisibility,
-                                     [t.scale for _, t in batch])
-    return DetectionBatch((images, [t for _, t in batch]))
-
-
 class _PackedBatch(tuple):
     """(uint8 (N, 3, H, W) padded images, sizes, targets): what a worker sends."""
 
     def pin_memory(self) -> _PackedBatch:
         tensor, sizes, targets = self
-        return _PackedBatch((tensor.pin_memory(), sizes, _pin(targets)))
+        return _PackedBatch((tensor.pin_memory(), sizes,
+                             [replace(t, boxes=t.boxes.pin_memory(), labels=t.labels.pin_memory())
+                              for t in targets]))
 
     def unpack(self) -> tuple[ImageBatch, list[Targets]]:
         tensor, sizes, targets = self
@@ -99,7 +64,7 @@ class _PackedBatch(tuple):
 def _collate_packed(batch: Sequence[tuple[Tensor, Targets]]) -> _PackedBatch:
     images = [im for im, _ in batch]
     dtype = torch.uint8 if all(im.dtype == torch.uint8 for im in images) else torch.float32
-    tensor, sizes = _pad(images, SIZE_DIVISIBILITY, dtype)
+    tensor, sizes = pad_images(images, SIZE_DIVISIBILITY, dtype)
     return _PackedBatch((tensor, sizes, [t for _, t in batch]))
 
 

@@ -1,8 +1,7 @@
 """Localization transforms and test-time views (He et al. 2015, Appendix C).
 
 ``LocTrainTransform`` is the paper's classification augmentation (Sec. 3.4, Appendix C:
-shorter side drawn from [256, 480], random 224x224 crop, flip) carrying the boxes along;
-``LocTestTransform`` resizes the whole image (dense fully-convolutional testing).
+shorter side drawn from [256, 480], random 224x224 crop, flip) carrying the boxes along.
 
 Test-time views: the localizer sees each original image several ways (the classifier's
 centre crop, ten crops or scales, the RPN's test scales or its one centre crop, the R-CNN's
@@ -11,7 +10,6 @@ here, on the data side, so the models never resize numpy images.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,26 +17,8 @@ import torch
 
 from detres.data.classification import ten_crop
 from detres.data.io import image_to_tensor
-from detres.data.transforms import TransformOutput, resize, resize_scale
+from detres.data.transforms import PerProcessRng, TransformOutput, resize, resize_scale
 from detres.structures import ImageBatch
-
-
-class _PerProcessRng:
-    """A numpy generator re-seeded once per process from ``seed`` and the DataLoader worker's
-    seed (as ``DetectionTransform``), so workers do not repeat each other's draws."""
-
-    def __init__(self, seed: int | None) -> None:
-        self.seed = seed
-        self._pid: int | None = None
-        self._rng = np.random.default_rng(seed)
-
-    def get(self) -> np.random.Generator:
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            info = torch.utils.data.get_worker_info()
-            entropy = self.seed if info is None else [self.seed or 0, info.seed % 2**63]
-            self._rng = np.random.default_rng(entropy)
-        return self._rng
 
 
 class LocTrainTransform:
@@ -67,22 +47,18 @@ class LocTrainTransform:
         self.flip_prob = float(flip_prob)
         self.min_visible = float(min_visible)
         self.seed = seed
-        self._rng = _PerProcessRng(seed)
+        self._rng = PerProcessRng(seed)
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
                  ) -> TransformOutput:
-        rng = self._rng.get()
+        rng, _ = self._rng.get()
         labels = np.asarray(labels, np.int64)
         h, w = image.shape[:2]
         short = int(rng.integers(self.scale_range[0], self.scale_range[1] + 1))
         scale = resize_scale(h, w, short, None)
         image, boxes = resize(image, boxes, scale)
         c = self.crop_size
-        h, w = image.shape[:2]
-        if h < c or w < c:
-            padded = np.zeros((max(h, c), max(w, c), 3), np.uint8)
-            padded[:h, :w] = image
-            image = padded
+        image = _pad_to_at_least(image, c)
         top = int(rng.integers(image.shape[0] - c + 1))
         left = int(rng.integers(image.shape[1] - c + 1))
         image = image[top:top + c, left:left + c]
@@ -100,22 +76,14 @@ class LocTrainTransform:
                                labels, float(scale))
 
 
-class LocTestTransform:
-    """Deterministic shorter-side resize of the whole image (for dense testing); the longer
-    side is capped at ``max_size`` if given. Returns ``(image, boxes, labels, scale)``."""
-
-    def __init__(self, short_side: int, max_size: int | None = None) -> None:
-        if short_side <= 0:
-            raise ValueError(f"short_side must be positive, got {short_side}")
-        self.short_side = int(short_side)
-        self.max_size = max_size
-
-    def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray
-                 ) -> TransformOutput:
-        scale = resize_scale(image.shape[0], image.shape[1], self.short_side, self.max_size)
-        image, boxes = resize(image, boxes, scale)
-        return TransformOutput(np.ascontiguousarray(image), boxes,
-                               np.asarray(labels, np.int64), float(scale))
+def _pad_to_at_least(image: np.ndarray, size: int) -> np.ndarray:
+    """(h, w, 3) zero-padded at the bottom/right to at least ``size`` x ``size``."""
+    h, w = image.shape[:2]
+    if h >= size and w >= size:
+        return image
+    padded = np.zeros((max(h, size), max(w, size), 3), image.dtype)
+    padded[:h, :w] = image
+    return padded
 
 
 def resized(image: np.ndarray, short_side: int, max_size: int | None
@@ -153,12 +121,7 @@ def classifier_views(image: np.ndarray, mode: str, test_size: int, crop: int | N
         if crop is None:
             raise ValueError("ten_crop testing needs a crop size")
         image, _ = resized(image, test_size, None)
-        h, w = image.shape[:2]
-        if h < crop or w < crop:
-            padded = np.zeros((max(h, crop), max(w, crop), 3), np.uint8)
-            padded[:h, :w] = image
-            image = padded
-        return [image_to_tensor(c) for c in ten_crop(image, crop)]
+        return [image_to_tensor(c) for c in ten_crop(_pad_to_at_least(image, crop), crop)]
     if mode == "multiscale":
         return [image_to_tensor(resized(image, s, None)[0]) for s in scales]
     raise ValueError(f"unknown classifier test mode {mode!r}; valid: single, ten_crop, "

@@ -90,25 +90,6 @@ def loc_split_dirs(root: str | os.PathLike, split: str) -> tuple[Path, Path]:
     return root / split, root / "bbox" / split
 
 
-def parse_ilsvrc_xml(xml: str | os.PathLike, label_of: dict[str, int]
-                     ) -> tuple[tuple[int, int], np.ndarray, np.ndarray, int]:
-    """Reads one ILSVRC bounding-box file (``detres.data.voc.read_pascal_xml`` with the 1 px
-    tolerance).
-
-    Returns:
-        (h, w) from ``<size>``; boxes (M, 4) float32 0-based xyxy, clipped to the image;
-        labels (M,) int64 (``label_of[<name>]``); the number of boxes dropped as narrower or
-        shorter than 1 px after clipping.
-
-    Raises:
-        DatasetError: naming the file, for the cases listed in the module docstring.
-    """
-    h, w, boxes, labels, _, dropped = read_pascal_xml(os.fspath(xml), label_of,
-                                                      tolerance=BOX_TOLERANCE)
-    return ((h, w), np.asarray(boxes, np.float32).reshape(-1, 4),
-            np.asarray(labels, np.int64), dropped)
-
-
 class LocSample(NamedTuple):
     """One item of ``LocalizationDataset``."""
 
@@ -130,7 +111,8 @@ class LocalizationDataset(DetectionDataset):
         image_root: the split's class-folder directory (``<root>/train``).
         box_root: the split's XML directory (``<root>/bbox/train``), nested per class or flat.
         transform: ``(image, boxes, labels) -> (image, boxes, labels, scale)``
-            (``LocTrainTransform``, ``LocTestTransform``); None keeps the original image.
+            (``LocTrainTransform``); None keeps the original image (the test pipeline
+            makes its own views of it, ``detres.data.loc_transforms``).
         class_names: the classes in label order; default the sorted class folders of
             ``image_root``. Build val with the train split's list so the labels agree; a class
             missing from the folder is allowed, a folder not in the list is an error.
@@ -357,30 +339,6 @@ class LocalizationDataset(DetectionDataset):
         return LocSample(np.ascontiguousarray(image), np.asarray(boxes, np.float32).reshape(-1, 4),
                          np.asarray(labels, np.int64), int(self.image_labels[i]), i,
                          float(scale), orig_size)
-
-    def report_skipped(self, log: logging.Logger | None = None) -> dict[str, int]:
-        """Logs every count of left-out data (end of a run); returns the counts."""
-        log = log or logger
-        counts = {"images_without_boxes": self.num_images_without_boxes,
-                  "unannotated_classes": len(self.skipped_classes),
-                  "dropped_boxes": self.num_dropped_boxes,
-                  "bad_annotations": len(self.bad_annotation_files),
-                  "bad_images": self.num_skipped_images}
-        if any(counts.values()):
-            log.info("%s: left out %d images without boxes, %d classes without boxes%s, "
-                     "%d boxes < 1 px, %d malformed box files; skipped %d unreadable images",
-                     self.image_root, counts["images_without_boxes"],
-                     counts["unannotated_classes"],
-                     f" ({', '.join(self.skipped_classes[:10])})" if self.skipped_classes
-                     else "", counts["dropped_boxes"], counts["bad_annotations"],
-                     counts["bad_images"])
-        return counts
-
-    @classmethod
-    def from_root(cls, root: str | os.PathLike, split: str, **kwargs) -> LocalizationDataset:
-        """The ``split`` ("train"/"val") of a localization root (see ``loc_split_dirs``)."""
-        image_root, box_root = loc_split_dirs(root, split)
-        return cls(image_root, box_root, **kwargs)
 
 
 def _bytes(items: Sequence[str]) -> np.ndarray:

@@ -69,6 +69,31 @@ def resize(image: np.ndarray, boxes: np.ndarray, scale: float) -> tuple[np.ndarr
     return image, boxes
 
 
+class PerProcessRng:
+    """A numpy generator seeded once per process from ``seed`` and the DataLoader worker's
+    seed, so workers do not repeat each other's draws; or, for one sample, from that sample's
+    seed alone."""
+
+    def __init__(self, seed: int | None) -> None:
+        self.seed = seed
+        self._pid: int | None = None
+        self._rng = np.random.default_rng(seed)
+
+    def get(self, sample_seed: int | None = None) -> tuple[np.random.Generator, bool]:
+        """The generator to draw from, and whether it is a new one (seeded by this call)."""
+        if sample_seed is not None:
+            self._rng = np.random.default_rng(sample_seed)
+            self._pid = None      # the next unseeded call starts its process stream afresh
+            return self._rng, True
+        if self._pid == os.getpid():
+            return self._rng, False
+        self._pid = os.getpid()
+        info = torch.utils.data.get_worker_info()
+        entropy = self.seed if info is None else [self.seed or 0, info.seed % 2**63]
+        self._rng = np.random.default_rng(entropy)
+        return self._rng, True
+
+
 def _compose(flip_prob: float, color_jitter: float, extra: Sequence[A.BasicTransform],
              seed: int | None) -> A.Compose:
     # albumentations is imported only when augmenting (it takes seconds to import), and
@@ -113,30 +138,15 @@ class DetectionTransform:
         self.seed = seed
         self.augment = (_compose(flip_prob, color_jitter, extra, seed)
                         if flip_prob > 0 or color_jitter > 0 or extra else None)
-        self._pid: int | None = None
-        self._rng = np.random.default_rng(seed)  # replaced per process
-
-    def _reseed_if_new_process(self) -> None:
-        if self._pid == os.getpid():
-            return
-        self._pid = os.getpid()
-        info = torch.utils.data.get_worker_info()
-        entropy = self.seed if info is None else [self.seed or 0, info.seed % 2**63]
-        self._rng = np.random.default_rng(entropy)
-        if self.augment is not None:
-            self.augment.set_random_seed(int(self._rng.integers(2**31)))
+        self._rng = PerProcessRng(seed)
 
     def __call__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray,
                  seed: int | None = None) -> TransformOutput:
         """(h, w, 3) uint8, (M, 4) float32 xyxy original pixels, (M,) int64 -> TransformOutput;
         with ``seed`` the sample's augmentation is a function of it alone."""
-        if seed is not None:
-            self._rng = np.random.default_rng(seed)
-            self._pid = None      # the next unseeded call starts its process stream afresh
-            if self.augment is not None:
-                self.augment.set_random_seed(int(self._rng.integers(2**31)))
-        else:
-            self._reseed_if_new_process()
+        rng, fresh = self._rng.get(seed)
+        if fresh and self.augment is not None:
+            self.augment.set_random_seed(int(rng.integers(2**31)))
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         labels = np.asarray(labels, np.int64)
         if self.augment is not None:
@@ -146,7 +156,7 @@ class DetectionTransform:
             boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
             labels = labels[np.asarray(out["box_index"], np.int64)]
         h, w = image.shape[:2]
-        k = int(self._rng.integers(len(self.short_sides))) if len(self.short_sides) > 1 else 0
+        k = int(rng.integers(len(self.short_sides))) if len(self.short_sides) > 1 else 0
         scale = resize_scale(h, w, self.short_sides[k], self.max_size)
         image, boxes = resize(image, boxes, scale)
         return TransformOutput(np.ascontiguousarray(image), boxes, labels, scale)
@@ -163,3 +173,15 @@ def train_transform(short_sides: Sequence[int] | int = (600,), max_size: int | N
 def eval_transform(short_side: int = 600, max_size: int | None = 1000) -> DetectionTransform:
     """Evaluation and inference: the deterministic resize alone."""
     return DetectionTransform((short_side,), max_size)
+
+
+def pyramid_resize(min_size: int, max_size: int | None, scales: Sequence[int]
+                   ) -> tuple[int, float | None]:
+    """(shorter side, longer-side cap) of the test resize: with multi-scale testing
+    (``scales``, Appendix B) the pyramid's top level, shorter side max(scales, min_size) and
+    longer side at most ``max_size * top / min_size`` (the cap of every level,
+    models/test_time.py), from which each level is shrunk; without, (min_size, max_size)."""
+    if not scales:
+        return min_size, max_size
+    top = max(max(scales), min_size)
+    return top, max_size * top / min_size if max_size else None

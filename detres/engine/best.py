@@ -22,9 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from detres.config import ConfigError
+from detres.weights_io import UnreadableWeightsError, read_torch_file
 
 BEST_CHECKPOINT = "model_best.pth"
 BEST_RECORD = "model_best.json"
@@ -123,9 +122,8 @@ def read_best_entry(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # unreadable: the next better evaluation replaces it
-        logger.warning(f"{path} cannot be read ({type(e).__name__}); the next evaluation "
-                       f"replaces it")
+        ckpt = read_torch_file(path, "checkpoint", mmap=True)
+    except UnreadableWeightsError as e:  # the next better evaluation replaces it
+        logger.warning(f"{e}; the next evaluation replaces it")
         return None
     return ckpt.get("best") if isinstance(ckpt, dict) else None

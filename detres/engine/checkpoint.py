@@ -11,7 +11,8 @@ A checkpoint is a dict of tensors and plain Python values, readable by
     config, class_names                   the resolved config (plain dict) and the label names
 
 Files are written to a temporary name in the same folder and renamed, so a crash (or a NaN
-stop) never leaves a half-written ``model_*.pth`` or ``last_checkpoint``.
+stop) never leaves a half-written ``model_*.pth`` or ``last_checkpoint``. ``read_checkpoint``
+reads one; ``load_checkpoint_weights`` puts its weights into a model of its task.
 """
 from __future__ import annotations
 
@@ -25,8 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from detres.atomic import atomic_write_bytes
-from detres.models.weights import WeightsMismatchError, check_state_dict
-from detres.safe_pickle import torch_load_reason
+from detres.weights_io import WeightsMismatchError, check_state_dict, read_torch_file
 
 LAST_CHECKPOINT = "last_checkpoint"  # a text file naming the newest checkpoint in the folder
 
@@ -102,16 +102,10 @@ def periodic_name(iteration: int) -> str:
     return f"model_{iteration - 1:07d}"
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Reads a checkpoint with ``weights_only=True``; errors name the file and the cause."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, pickled code, not a torch file at all
-        raise CheckpointError(f"{path}: cannot read as a weights-only torch checkpoint "
-                              f"({torch_load_reason(e)})") from None
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict in ``path`` (``weights_io.read_torch_file``: no pickled code runs);
+    errors name the file and the cause."""
+    obj = read_torch_file(path, "checkpoint", CheckpointError)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(obj).__name__}")
     return obj
@@ -132,16 +126,6 @@ def check_task(ckpt: dict[str, Any], path: str | Path, task: str) -> None:
                               f"{', '.join(sorted(map(str, ckpt))[:6])})")
 
 
-def load_model_state(model: nn.Module, ckpt: dict[str, Any], path: str | Path) -> None:
-    """Loads ``ckpt["model"]`` strictly; a mismatch names the checkpoint's arch, not all keys."""
-    try:
-        check_state_dict(model, ckpt["model"], str(path))
-    except WeightsMismatchError as e:
-        raise CheckpointError(f"{path} was written for another model ({describe(ckpt)}).\n{e}") \
-            from None
-    model.load_state_dict(ckpt["model"], strict=True)
-
-
 def check_resume(ckpt: dict[str, Any], path: str | Path, model: nn.Module, task: str,
                  class_names: Sequence[str] | None = None,
                  config: dict[str, Any] | None = None) -> None:
@@ -155,7 +139,7 @@ def check_resume(ckpt: dict[str, Any], path: str | Path, model: nn.Module, task:
         stored = list(stored) if isinstance(stored, (list, tuple)) else [str(stored)]
         raise CheckpointError(
             f"{path} was trained on other classes than this run's data: "
-            f"{_class_difference(stored, list(class_names))}; resume with the data it was "
+            f"{class_difference(stored, list(class_names))}; resume with the data it was "
             f"trained on, or train on this data with train.output_dir=NEW_FOLDER")
     try:
         check_state_dict(model, ckpt["model"], str(path))
@@ -167,9 +151,11 @@ def check_resume(ckpt: dict[str, Any], path: str | Path, model: nn.Module, task:
                               f"with train.output_dir=NEW_FOLDER") from None
 
 
-def _class_difference(stored: list[Any], current: list[Any]) -> str:
-    """``from class 1 on: ['circle', ...] (3 classes) in the checkpoint, ['person', ...] (3)
-    in the data``."""
+def class_difference(stored: list[Any], current: list[Any], where: str = "in the checkpoint",
+                     here: str = "here") -> str:
+    """``from class 1 on, ['circle', ...] (3 classes) in the checkpoint, ['person', ...] (3
+    classes) here``: the first differences of two class lists, each shown with ``where`` and
+    ``here``."""
     first = next((i for i, (a, b) in enumerate(zip(stored, current)) if a != b),
                  min(len(stored), len(current)))
 
@@ -177,7 +163,7 @@ def _class_difference(stored: list[Any], current: list[Any]) -> str:
         part = [repr(str(n)[:40]) for n in names[first:first + 3]]
         more = ["..."] if len(names) > first + 3 else []
         return "[" + ", ".join(["..."] * (first > 0) + part + more) + f"] ({len(names)} classes)"
-    return f"from class {first} on, {shown(stored)} in the checkpoint, {shown(current)} here"
+    return f"from class {first} on, {shown(stored)} {where}, {shown(current)} {here}"
 
 
 # config sections and keys that do not shape the network
@@ -207,20 +193,20 @@ def _flat(tree: dict[Any, Any], prefix: str = "", depth: int = 0
             yield name, value
 
 
-def load_task_weights(model: nn.Module, path: str | Path, task: str, *,
-                      ckpt: dict[str, Any] | None = None,
-                      class_layers: tuple[str, ...] = (),
-                      reinit_class_layers: bool = False) -> dict[str, Any]:
+def load_checkpoint_weights(model: nn.Module, path: str | Path, task: str, *,
+                            ckpt: dict[str, Any] | None = None,
+                            class_layers: tuple[str, ...] = (),
+                            reinit_class_layers: bool = False) -> dict[str, Any]:
     """Loads the weights of a detres checkpoint written by a ``task`` run into ``model``;
-    returns the checkpoint (its metadata: ``class_names``, ``config``, ...).
+    returns the checkpoint (its metadata: ``class_names``, ``config``, ...). ``ckpt``: the
+    checkpoint at ``path``, when the caller has read it already (it is then not read again).
 
-    The state dict must fit the model exactly (the architecture check: a mismatch names the
-    checkpoint's ``arch`` and the differing keys). Parameters under ``class_layers`` (e.g. the
-    box predictor) of another shape mean another class set: an error, unless
-    ``reinit_class_layers``, when they keep the model's fresh initialisation. ``ckpt`` is the
-    already-read checkpoint, if the caller needed it first.
+    The state dict must fit the model exactly: a mismatch names the checkpoint's ``arch`` and
+    summarises the differing keys. Parameters under ``class_layers`` (e.g. the box predictor)
+    of another shape mean another class set: an error, unless ``reinit_class_layers``, when
+    they keep the model's fresh initialisation.
     """
-    ckpt = load_checkpoint(path) if ckpt is None else ckpt
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     check_task(ckpt, path, task)
     state, own = dict(ckpt["model"]), model.state_dict()
     class_keys = [k for k in state if class_layers and k.startswith(class_layers)]
@@ -233,7 +219,12 @@ def load_task_weights(model: nn.Module, path: str | Path, task: str, *,
                 f"{getattr(model, 'num_classes', 'another number')}; set "
                 f"model.reinit_class_layers=true to start its class layers afresh")
         state.update({k: v for k, v in own.items() if k.startswith(class_layers)})
-    load_model_state(model, {**ckpt, "model": state}, path)
+    try:
+        check_state_dict(model, state, str(path))
+    except WeightsMismatchError as e:
+        raise CheckpointError(f"{path} was written for another model ({describe(ckpt)}).\n{e}") \
+            from None
+    model.load_state_dict(state, strict=True)
     return ckpt
 
 
@@ -241,8 +232,8 @@ def extract_backbone(model_state: dict[str, Tensor], prefix: str) -> dict[str, T
     """The ResNet part of a classifier's state dict, renamed to torchvision names minus ``fc``.
 
     ``extract_backbone(classifier.state_dict(), "net.")`` gives what
-    ``weights.load_weights(ResNet(..., num_classes=None), file)`` accepts (the detector's
-    initial weights, Appendix A).
+    ``weights_io.load_backbone_weights(ResNet(..., num_classes=None), file)`` accepts (the
+    detector's initial weights, Appendix A).
     """
     out = {k[len(prefix):]: v for k, v in model_state.items()
            if k.startswith(prefix) and not k[len(prefix):].startswith("fc.")}

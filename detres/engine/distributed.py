@@ -88,10 +88,6 @@ def wrap_model(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def backend_device(backend: str) -> torch.device:
     """The device whose tensors ``backend``'s collectives take: NCCL rejects CPU tensors and
     works on the GPU that :func:`init_distributed` made current; gloo works on CPU tensors."""
@@ -130,3 +126,13 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` (picklable) on every rank; ``obj`` itself in a single process.
+    As for :func:`all_gather_objects`, torch puts the pickled bytes on the backend's device."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

@@ -13,6 +13,7 @@ resumed run writes nothing there until the task has checked that the checkpoints
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import functools
 import itertools
 import logging
@@ -21,7 +22,7 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -35,8 +36,8 @@ from detres.engine.run_folder import (ENV_FILE, EVAL_ONLY, LOCK_FILE, check_loca
                                       check_resume_folder, clear_for_fresh_run, make_folder,
                                       run_records)
 
-__all__ = ["EVAL_ONLY", "LOCK_FILE", "acquire_run_lock", "begin_resumed_run", "release_run_lock",
-           "releases_run_lock", "run_records", "seed_all", "setup_run"]
+__all__ = ["EVAL_ONLY", "LOCK_FILE", "acquire_run_lock", "begin_resumed_run", "beside_weights",
+           "release_run_lock", "releases_run_lock", "run_records", "seed_all", "setup_run"]
 
 Mode = Literal["train", "resume", "eval"]
 _held_lock: Path | None = None    # the run.lock this process holds (main rank, training)
@@ -134,7 +135,18 @@ def _new_eval_folder(output_dir: Path) -> Path:
     raise AssertionError("unreachable")
 
 
-def _prepare_folder(cfg: Any, mode: Mode, stages: tuple[str, ...]
+def beside_weights(cfg: T, weights: str | os.PathLike, typed: Collection[str]) -> T:
+    """``cfg`` with ``train.output_dir`` set to the folder of checkpoint ``weights``, unless the
+    user gave ``train.output_dir`` (``typed``: the keys set on the command line): an
+    evaluation-only run's records (``eval_only/<time>/``) go beside the checkpoint it scores,
+    not into a config's training folder under the working directory."""
+    if "train.output_dir" in typed:
+        return cfg
+    folder = str(Path(weights).parent)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=folder))
+
+
+def _prepare_folder(cfg: Any, mode: Mode, stages: tuple[str, ...], records: tuple[str, ...]
                     ) -> tuple[Path, dict[str, Any] | None]:
     """The folder the run writes its records into, and its env.json (main rank only): written
     at once but for a resumed run, whose records wait for ``begin_resumed_run``."""
@@ -142,13 +154,13 @@ def _prepare_folder(cfg: Any, mode: Mode, stages: tuple[str, ...]
     check_location(output_dir)
     if mode == "eval":
         run_dir = _new_eval_folder(output_dir)
-        return run_dir, _write_env(run_dir, mode, ())
+        return run_dir, _write_env(run_dir, mode)
     make_folder(output_dir)
     acquire_run_lock(output_dir)
     try:
         if mode == "train":
-            clear_for_fresh_run(output_dir, cfg.train.overwrite, stages)
-            return output_dir, _write_env(output_dir, mode, stages)
+            clear_for_fresh_run(output_dir, cfg.train.overwrite, stages, records)
+            return output_dir, _write_env(output_dir, mode, stages, records)
         check_resume_folder(output_dir)
         return output_dir, None
     except BaseException:
@@ -156,10 +168,13 @@ def _prepare_folder(cfg: Any, mode: Mode, stages: tuple[str, ...]
         raise
 
 
-def _write_env(run_dir: Path, mode: Mode, stages: Sequence[str]) -> dict[str, Any]:
+def _write_env(run_dir: Path, mode: Mode, stages: Sequence[str] = (),
+               records: Sequence[str] = ()) -> dict[str, Any]:
     """env.json: the environment, and what marks the folder as a detres run's (with the stage
-    folders it makes: what a later train.overwrite may empty, engine/run_folder.py)."""
-    env = {**collect_env(), "run": {"mode": mode, "stages": list(stages)}}
+    folders it makes and its task's records: what a later train.overwrite may remove,
+    engine/run_folder.py)."""
+    env = {**collect_env(), "run": {"mode": mode, "stages": list(stages),
+                                    "records": list(records)}}
     write_json(run_dir / ENV_FILE, env)
     return env
 
@@ -191,15 +206,13 @@ def _on_main(dist: du.DistInfo, fn: Callable[[], T]) -> T:
         except ConfigError as e:
             error = str(e)
     if dist.world_size > 1:
-        box = [(result, error)]
-        torch.distributed.broadcast_object_list(box, src=0)
-        result, error = box[0]
+        result, error = du.broadcast_object((result, error), src=0)
     if error is not None:
         raise ConfigError(error)
     return result
 
 
-def setup_run(cfg: Any, mode: Mode, stages: Sequence[str] = ()
+def setup_run(cfg: Any, mode: Mode, stages: Sequence[str] = (), records: Sequence[str] = ()
               ) -> tuple[torch.device, du.DistInfo, Path, logging.Logger]:
     """Device, distributed state, the run's folder and logger from ``cfg.train``; the main rank
     writes env.json, config.yaml and log.txt into that folder, which is returned.
@@ -210,7 +223,10 @@ def setup_run(cfg: Any, mode: Mode, stages: Sequence[str] = ()
     ``begin_resumed_run`` (both hold its run.lock: release with ``releases_run_lock``); "eval",
     an evaluation-only run whose folder is a new
     ``train.output_dir/eval_only/<YYYYmmdd-HHMMSS>[-N]/``. ``stages``: the sub-folders the run
-    makes (a localization run's networks), recorded in env.json.
+    makes (a localization run's networks); ``records``: the files its task writes besides every
+    run's checkpoints, metrics and evaluation (``/``-separated, fnmatch patterns, e.g.
+    ``backbone.pth``), which a later ``train.overwrite`` may remove. A training run records
+    both in env.json (engine/run_folder.py).
     """
     if mode not in ("train", "resume", "eval"):
         raise ValueError(f"mode must be train, resume or eval, not {mode!r}")
@@ -218,7 +234,8 @@ def setup_run(cfg: Any, mode: Mode, stages: Sequence[str] = ()
     dist = du.init_distributed(device)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
-    run_dir, env = _on_main(dist, functools.partial(_prepare_folder, cfg, mode, tuple(stages)))
+    run_dir, env = _on_main(dist, functools.partial(_prepare_folder, cfg, mode, tuple(stages),
+                                                    tuple(records)))
     if mode == "resume":            # log.txt waits for begin_resumed_run: keep the lines
         logger = setup_logger(None, dist.rank)
         if dist.is_main:
@@ -233,13 +250,14 @@ def setup_run(cfg: Any, mode: Mode, stages: Sequence[str] = ()
 
 
 def begin_resumed_run(cfg: Any, run_dir: Path, device: torch.device, dist: du.DistInfo,
-                      stages: Sequence[str] = ()) -> logging.Logger:
+                      stages: Sequence[str] = (), records: Sequence[str] = ()
+                      ) -> logging.Logger:
     """Writes a resumed run's env.json and config.yaml and opens its log.txt, with the lines
     logged since ``setup_run``. A task calls it once it has checked that the run's checkpoints
     fit this config and data (``checkpoint.check_resume``), so that a refused resume leaves
-    the folder as it was."""
+    the folder as it was. ``stages``, ``records``: as given to ``setup_run``."""
     earlier = [record for handler in logging.getLogger(LOGGER_NAME).handlers
                if isinstance(handler, logging.handlers.BufferingHandler)
                for record in handler.buffer]
-    env = _write_env(run_dir, "resume", stages) if dist.is_main else None
+    env = _write_env(run_dir, "resume", stages, records) if dist.is_main else None
     return _start_records(cfg, run_dir, device, dist, "resume", env, earlier)

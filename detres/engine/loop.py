@@ -40,39 +40,17 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from detres.config import ConfigError
-from detres.cpu import cpu_has_native_bf16
 from detres.engine import distributed as du
 from detres.engine.best import BEST_CHECKPOINT, BEST_RECORD, BestTracker, read_best_entry
 from detres.engine.checkpoint import (CheckpointError, Checkpointer, atomic_save, check_resume,
-                                      get_rng_state, load_checkpoint, load_task_weights,
+                                      get_rng_state, load_checkpoint_weights, read_checkpoint,
                                       periodic_name, set_rng_state)
 from detres.engine.interrupt import StopOnInterrupt, TrainingInterrupted
 from detres.engine.logging import MetricsWriter, format_record, write_json
+from detres.engine.precision import training_amp_dtype
 from detres.engine.schedule import WarmupMultiStepSchedule
 
 logger = logging.getLogger("detres")
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_notices: set[str] = set()       # said once per process, not once per stage
-
-
-def training_amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of training, None for float32: ``amp`` on CUDA; on a CPU bf16 only
-    where it computes bf16 natively (``detres.cpu``): elsewhere oneDNN emulates it, slower
-    than float32, and fp16 has no CPU kernels worth using."""
-    if amp not in ("none", *AMP_DTYPES):
-        raise ValueError(f"unknown amp {amp!r}; valid: none, bf16, fp16")
-    if amp == "none" or device.type == "cuda":
-        return AMP_DTYPES.get(amp)
-    if amp == "bf16" and device.type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    notice = (f"train.amp={amp} applies on CUDA and on CPUs with bf16 arithmetic "
-              f"(avx512_bf16, amx_bf16); training in float32 on {device}")
-    if notice not in _notices:
-        _notices.add(notice)
-        logger.info(notice)
-    return None
-
-
 class NonFiniteLossError(FloatingPointError):
     """A loss became NaN or Inf; the message names the iteration and every loss value."""
 
@@ -191,7 +169,7 @@ class Trainer:
     def load_state_dict(self, ckpt: dict[str, Any], path: str | Path = "checkpoint") -> None:
         check_resume(ckpt, path, self.module, self.task, self.meta.get("class_names"),
                      self.meta.get("config"))
-        load_task_weights(self.module, path, self.task, ckpt=ckpt)
+        load_checkpoint_weights(self.module, path, self.task, ckpt=ckpt)
         try:
             self.optimizer.load_state_dict(ckpt["optimizer"])
         except (KeyError, ValueError) as e:
@@ -217,7 +195,7 @@ class Trainer:
             if path is None:
                 logger.info("no checkpoint to resume from; starting at iteration 0")
                 return False
-        self.load_state_dict(load_checkpoint(path), path)
+        self.load_state_dict(read_checkpoint(path), path)
         if self.best is not None and self.output_dir is not None:
             best_file = self.output_dir / BEST_CHECKPOINT
             self.best.load_state_dict(read_best_entry(best_file), str(best_file))

@@ -2,12 +2,15 @@
 folder).
 
 A run's ``env.json`` is written first and says that detres made the folder; its ``"run"`` entry
-names the stage sub-folders the run makes (``{"mode": "train", "stages": ["classifier", "rpn",
-"rcnn"]}``). A fresh run removes only the records of such a run: the exact names below, in the
-folder, in the recorded stages, in ``eval/``, ``tensorboard/`` and the evaluation-only runs of
-``eval_only/``. Nothing else is removed: no file of another name, no folder that still holds
-one, no symbolic link, and nothing a link points to (a link among the records refuses the run).
-A folder that no detres run wrote, and that holds anything, is refused whole.
+names the stage sub-folders the run makes and the files its task writes besides the records
+every run has (``{"mode": "train", "stages": ["classifier", "rpn", "rcnn"], "records":
+["rcnn/proposals.pth", "rcnn/proposals.rank[0-9]*.npy"]}``; the task passes both to
+``engine/launch.py::setup_run``). A fresh run removes only the records of such a run: the
+exact names below, in the folder, in the recorded stages, in ``eval/``, ``tensorboard/`` and
+the evaluation-only runs of ``eval_only/``, and the task's recorded names (with the names the
+new run writes itself). Nothing else is removed: no file of another name, no folder that still
+holds one, no symbolic link, and nothing a link points to (a link among the records refuses
+the run). A folder that no detres run wrote, and that holds anything, is refused whole.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import os
 from collections.abc import Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import NamedTuple
 
 from detres.config import ConfigError
 
@@ -28,24 +32,42 @@ _CHECKPOINTS = ("metrics.jsonl", "last_checkpoint", "model_final.pth", "model_be
 _EVAL = ("eval/metrics.json", "eval/coco_results.json", "eval/predictions.json",
          "eval/results/VOC*/Main/comp4_det_*.txt")
 _TENSORBOARD = ("tensorboard/events.out.tfevents.*",)
-RUN_RECORDS = (*SETUP_RECORDS, *_CHECKPOINTS, "backbone.pth", *_EVAL, *_TENSORBOARD)
-STAGE_RECORDS = (*_CHECKPOINTS, "proposals.pth", "proposals.rank[0-9]*.npy", *_EVAL,
-                 *_TENSORBOARD)
+RUN_RECORDS = (*SETUP_RECORDS, *_CHECKPOINTS, *_EVAL, *_TENSORBOARD)
+STAGE_RECORDS = (*_CHECKPOINTS, *_EVAL, *_TENSORBOARD)
 EVAL_RUN_RECORDS = (*SETUP_RECORDS, *_EVAL)
 # names that make a folder look like a run's when no env.json says whose it is: such a folder
 # is refused, never emptied, so the net is wide (any model_*.pth)
 _LOOKALIKES = frozenset({"metrics.jsonl", "last_checkpoint", "model_final.pth", "model_best.pth",
-                         "model_best.json", "backbone.pth", "proposals.pth", "eval",
-                         "tensorboard"})
+                         "model_best.json", "eval", "tensorboard"})
 _LEGACY_ENV_KEYS = {"git_revision", "torch", "argv"}   # env.json before it named the stages
 _MAX_ENV_BYTES = 1 << 20
+_MAX_TASK_RECORDS = 64
 
 
-def record_patterns(stages: Sequence[str]) -> tuple[str, ...]:
+class RecordedRun(NamedTuple):
+    """What the env.json of a detres run says it makes: stage folders and task records."""
+
+    stages: tuple[str, ...] = ()
+    records: tuple[str, ...] = ()
+
+
+def record_patterns(stages: Sequence[str], records: Sequence[str] = ()) -> tuple[str, ...]:
     """Relative paths (``/``-separated, fnmatch per part) of every record of a run with
-    ``stages`` (an evaluation-only run's time-stamped folder is ``[0-9]*``)."""
-    return (*RUN_RECORDS, *(f"{s}/{p}" for s in stages for p in STAGE_RECORDS),
+    ``stages`` and its task's ``records`` (an evaluation-only run's time-stamped folder is
+    ``[0-9]*``)."""
+    return (*RUN_RECORDS, *records, *(f"{s}/{p}" for s in stages for p in STAGE_RECORDS),
             *(f"{EVAL_ONLY}/[0-9]*/{p}" for p in EVAL_RUN_RECORDS))
+
+
+def _plain_name(part: str) -> bool:
+    return part not in ("", ".", "..") and "/" not in part and "\\" not in part
+
+
+def _valid_record(pattern: object) -> bool:
+    """A task record: a relative path inside the run's folder whose every part starts with a
+    plain character (``proposals.rank[0-9]*.npy``, never ``*`` or ``..``)."""
+    return (isinstance(pattern, str) and 0 < len(pattern) <= 200
+            and all(_plain_name(p) and p[0] not in "*?[" for p in pattern.split("/")))
 
 
 def _matches(parts: tuple[str, ...], pattern: str) -> bool:
@@ -86,9 +108,10 @@ def find_records(folder: Path, patterns: Sequence[str]
     return files, sorted(folders, key=lambda p: len(p.parts), reverse=True), links
 
 
-def recorded_stages(folder: Path) -> tuple[str, ...] | None:
-    """The stage folders that the detres run of ``folder`` records in its env.json (``()`` for
-    a run written before env.json named them), or None when no detres run wrote one there."""
+def recorded_run(folder: Path) -> RecordedRun | None:
+    """The stage folders and task records that the detres run of ``folder`` records in its
+    env.json (none for a run written before env.json named them), or None when no detres run
+    wrote one there."""
     path = folder / ENV_FILE
     try:
         if path.is_symlink() or not path.is_file() or path.stat().st_size > _MAX_ENV_BYTES:
@@ -99,11 +122,15 @@ def recorded_stages(folder: Path) -> tuple[str, ...] | None:
     if not isinstance(env, dict):
         return None
     run = env.get("run")
+    if run is None:
+        return RecordedRun() if _LEGACY_ENV_KEYS <= env.keys() else None
     stages = run.get("stages") if isinstance(run, dict) else None
-    if isinstance(stages, list) and all(isinstance(s, str) and s not in ("", ".", "..")
-                                        and "/" not in s and "\\" not in s for s in stages):
-        return tuple(stages)
-    return () if run is None and _LEGACY_ENV_KEYS <= env.keys() else None
+    records = run.get("records", []) if isinstance(run, dict) else None
+    if (isinstance(stages, list) and all(isinstance(s, str) and _plain_name(s) for s in stages)
+            and isinstance(records, list) and len(records) <= _MAX_TASK_RECORDS
+            and all(_valid_record(r) for r in records)):
+        return RecordedRun(tuple(stages), tuple(records))
+    return None
 
 
 def _real_dir(path: Path) -> bool:
@@ -149,7 +176,7 @@ def _unrecorded(folder: Path) -> list[Path]:
 
 def _refusal(folder: Path, entries: list[Path], resume: bool) -> str:
     """Why a folder that no detres run wrote, but that holds ``entries``, is refused."""
-    runs = [p for p in entries if _real_dir(p) and recorded_stages(p) is not None]
+    runs = [p for p in entries if _real_dir(p) and recorded_run(p) is not None]
     if runs:
         return (f"{folder} holds runs in its sub-folders ({_listed(runs)}); give this run a "
                 f"folder of its own with train.output_dir=NEW_FOLDER")
@@ -172,23 +199,27 @@ def check_resume_folder(folder: Path) -> None:
     """A resumed run rewrites config.yaml and env.json and appends to log.txt: refuses a
     folder that no detres run wrote when it holds those, other runs, or no run at all."""
     entries = _unrecorded(folder)
-    if recorded_stages(folder) is not None or not entries:
+    if recorded_run(folder) is not None or not entries:
         return
-    runs = [p for p in entries if _real_dir(p) and recorded_stages(p) is not None]
+    runs = [p for p in entries if _real_dir(p) and recorded_run(p) is not None]
     setup = [p for p in entries if p.name in SETUP_RECORDS]
     if runs or setup or not run_records(folder):   # else e.g. stage folders copied from a run
         raise ConfigError(_refusal(folder, entries, resume=True))
 
 
-def clear_for_fresh_run(folder: Path, overwrite: bool, stages: Sequence[str]) -> None:
-    """Makes ``folder`` ready for a fresh run with ``stages``, or raises ConfigError (one line
-    naming it) before anything is removed. A run's records refuse it unless ``overwrite``; a run
-    stopped before its first step (only config.yaml, env.json, log.txt) is replaced."""
-    recorded = recorded_stages(folder)
+def clear_for_fresh_run(folder: Path, overwrite: bool, stages: Sequence[str],
+                        records: Sequence[str] = ()) -> None:
+    """Makes ``folder`` ready for a fresh run with ``stages`` and task ``records``, or raises
+    ConfigError (one line naming it) before anything is removed. A run's records refuse it
+    unless ``overwrite``; a run stopped before its first step (only config.yaml, env.json,
+    log.txt) is replaced."""
+    recorded = recorded_run(folder)
     entries = _unrecorded(folder)
     if recorded is None and entries:
         raise ConfigError(_refusal(folder, entries, resume=False))
-    files, folders, links = find_records(folder, record_patterns(recorded or ()))
+    recorded = recorded or RecordedRun()
+    files, folders, links = find_records(
+        folder, record_patterns(recorded.stages, (*recorded.records, *records)))
     if links:
         raise ConfigError(f"{links[0]} is a symbolic link among the run's records in {folder}; "
                           f"detres neither follows nor removes links: remove it yourself or "
@@ -202,7 +233,7 @@ def clear_for_fresh_run(folder: Path, overwrite: bool, stages: Sequence[str]) ->
     for stage in stages:        # this run writes there: never beside another run's files
         path = folder / stage
         taken = path.is_symlink() or (path.exists() and (not path.is_dir() or _names(path)))
-        if taken and stage not in (recorded or ()):
+        if taken and stage not in recorded.stages:
             raise ConfigError(f"{path} was not made by the run recorded in {folder}, and this "
                               f"run writes its {stage!r} stage there; move it or train "
                               f"elsewhere with train.output_dir=NEW_FOLDER")

@@ -1,19 +1,20 @@
 """Top-1 / top-5 error, in percent, as the paper reports (Tables 3-6).
 
 An image counts as a top-k error when its label is not among the k highest scores. With
-10-crop or multi-scale testing (Sec 3.4) the softmax scores of the views are averaged first.
-Under torchrun each rank evaluates its shard and the counts are summed over ranks.
+10-crop or multi-scale testing (Sec 3.4) the softmax scores of the views are averaged first,
+by the model the task hands in (``tasks/classification/run.py::ClassifierScores``). Under
+torchrun each rank evaluates its shard and the counts are summed over ranks.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from detres.engine.distributed import all_reduce_tensor
-from detres.evaluation.inference import run_inference
-from detres.models.classifier import mean_softmax
+from detres.evaluation.inference import DatasetEvaluator
 
 
 def count_topk_errors(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 5)
@@ -30,14 +31,23 @@ def count_topk_errors(scores: Tensor, labels: Tensor, ks: tuple[int, ...] = (1, 
     return {k: int((~hit[:, :k].any(dim=1)).sum()) for k in ks}
 
 
-class ClassificationEvaluator:
-    """Accumulates top-1/top-5 error counts over batches (and ranks)."""
+class ClassificationEvaluator(DatasetEvaluator):
+    """Accumulates top-1/top-5 error counts over batches (and ranks).
+
+    ``process(inputs, outputs)``: ``inputs`` the loader's ``(images, labels)`` batch,
+    ``outputs`` the (N, K) class scores the task's model gives for it (with several views
+    per image, their mean softmax, Sec. 3.4).
+    """
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.wrong1 = self.wrong5 = self.total = 0
 
-    def process(self, scores: Tensor, labels: Tensor) -> None:
-        counts = count_topk_errors(scores, labels, (1, 5))
+    def process(self, inputs: Sequence[Any], outputs: Tensor) -> None:
+        labels = inputs[1].to(outputs.device)
+        counts = count_topk_errors(outputs, labels, (1, 5))
         self.wrong1 += counts[1]
         self.wrong5 += counts[5]
         self.total += len(labels)
@@ -51,27 +61,3 @@ class ClassificationEvaluator:
             raise ValueError("no images were evaluated")
         return {"top1_err": 100.0 * wrong1 / total, "top5_err": 100.0 * wrong5 / total,
                 "num_images": int(total)}
-
-
-def evaluate_classifier(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]],
-                        device: torch.device | str = "cpu") -> dict[str, float]:
-    """Runs ``model`` (returning ``.logits``) over ``loader``'s (images, labels) batches;
-    top-1/top-5 error over all ranks (see ``ClassificationEvaluator.evaluate``).
-
-    images (N, 3, H, W); (N, C, 3, H, W) for multi-crop testing (C = 10); or per image a list
-    of views of different sizes (multi-scale testing). With several views the softmax scores
-    are averaged over them (``models.classifier.mean_softmax``).
-    """
-    evaluator = ClassificationEvaluator()
-
-    def step(batch: tuple[Tensor | list[list[Tensor]], Tensor]) -> list:
-        images, labels = batch[0], batch[1].to(device)
-        if isinstance(images, Tensor) and images.dim() == 4:
-            scores = model(images.to(device, non_blocking=True)).logits.float()
-        else:                                   # (N, C, 3, H, W) crops or lists of views
-            scores = mean_softmax(model, [list(v) for v in images], device)
-        evaluator.process(scores, labels)
-        return []                                              # counted, nothing to keep
-
-    run_inference(model, loader, step, desc="eval")
-    return evaluator.evaluate()

@@ -1,9 +1,11 @@
-"""Runs a detector over a dataset and scores it: COCO mAP (COCO-format sets) or VOC AP.
+"""Box evaluators: a detector's detections on a test set -> COCO mAP (``COCOEvaluator``), VOC
+or ILSVRC DET AP (``VOCEvaluator``), or an evaluation server's results files, unscored
+(``FormatOnlyEvaluator``); each runs in :func:`~detres.evaluation.inference.inference_on_dataset`.
 
-Each rank runs its slice of the test set; the results are gathered on every rank (in any order:
-the scores do not depend on it) and the main rank evaluates and writes ``eval/metrics.json``
-(``{"bbox": {...}}``, percent) and ``eval/coco_results.json`` (COCO results format: original
-pixels, dataset category ids).
+Each rank processes the images its loader gives it; ``evaluate`` gathers their detections on
+the main rank, which scores them, logs the table and writes ``eval/metrics.json``
+(``{"bbox": {...}}``, percent) and, for COCO, ``eval/coco_results.json`` (COCO results format:
+original pixels, dataset category ids). Every rank returns the metrics.
 
 With ``data.skip_bad_images`` an unreadable test image is never replaced by another one (that
 image's detections would count twice): it arrives as ``SkippedImageTargets`` under its own id,
@@ -13,173 +15,223 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import torch
-from torch import nn
+import numpy as np
 
 from detres.atomic import atomic_write_bytes
-from detres.data.io import SkippedImageTargets
-from detres.engine import distributed as du
 from detres.engine.logging import write_json
 from detres.evaluation.coco_eval import (detections_to_coco_results, evaluate_coco,
-                                         format_metrics_table, load_ground_truth, load_results,
-                                         merge_results)
+                                         format_metrics_table, load_ground_truth, load_results)
 from detres.evaluation.ilsvrc_det_eval import evaluate_imagenet_det
-from detres.evaluation.inference import run_inference
+from detres.evaluation.inference import DatasetEvaluator, score_on_main
 from detres.evaluation.voc_eval import coco_to_voc_inputs, evaluate_voc
-from detres.models.fast import autocast, inference_amp_dtype, prepare_for_inference
-from detres.structures import Detections, ImageBatch, Targets
+from detres.structures import Detections, ImageBatch, SkippedImageTargets, Targets
 
 logger = logging.getLogger("detres")
 
 
-def run_detector(model: nn.Module, loader: Iterable[tuple[ImageBatch, list[Targets]]],
-                 device: torch.device, amp_dtype: torch.dtype | None = None,
-                 progress: bool = True, fast_path: bool = True, cpu_amp: str = "auto",
-                 compile: bool = False) -> list[tuple[Targets, Detections]]:
-    """(targets, detections on the CPU) of every image this rank sees, in loader order; an
-    image that could not be read (``SkippedImageTargets``) has empty detections.
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the box evaluators read of a test set; the task fills it from its dataset
+    (``tasks/detection/inference.py::dataset_info``).
 
-    The model runs in its inference form (:func:`detres.models.fast.prepare_for_inference`,
-    on a copy: ``model`` and its checkpoints keep their form) unless ``fast_path`` is False,
-    under autocast to ``amp_dtype`` on CUDA and as ``cpu_amp`` says on the CPU
-    (``test.fast_path``, ``test.cpu_amp``, ``test.compile``)."""
-    if fast_path or compile:
-        model = prepare_for_inference(model, fuse=fast_path, channels_last=fast_path,
-                                      compile=compile)
-    if amp_dtype is None:
-        amp_dtype = inference_amp_dtype(device, cpu_amp)
-
-    def step(batch: tuple[ImageBatch, list[Targets]]) -> list[tuple[Targets, Detections]]:
-        images, targets = batch
-        skipped = [isinstance(t, SkippedImageTargets) for t in targets]
-        detections = [Detections.empty()] * len(targets)
-        if not all(skipped):
-            with autocast(device, amp_dtype):
-                detections = model(images.to(device, non_blocking=True)).detections
-        return [(t, Detections.empty() if s else d.to("cpu"))
-                for t, s, d in zip(targets, skipped, detections)]
-
-    return run_inference(model, loader, step, desc="eval", progress=progress)
-
-
-def coco_results(pairs: Sequence[tuple[Targets, Detections]],
-                 label_to_category_id: Sequence[int]) -> list[dict]:
-    """Every rank's detections in COCO results format, gathered on every rank."""
-    return merge_results(du.all_gather_objects(detections_to_coco_results(
-        [d for _, d in pairs], [t for t, _ in pairs], label_to_category_id)))
-
-
-def voc_inputs(dataset: Any, pairs: Sequence[tuple[Targets, Detections]]
-               ) -> tuple[list[dict], list[dict]]:
-    """Ground truth (with difficult flags) and detections, both in original pixels."""
-    index_of = {int(i): k for k, i in enumerate(dataset.image_ids)}
-    gts, dets = [], []
-    for targets, d in pairs:
-        ann = dataset.get_annotations(index_of[targets.image_id])
-        gts.append({"boxes": ann["boxes"], "labels": ann["labels"], "difficult": ann["ignore"]})
-        dets.append({"boxes": d.boxes.numpy() / targets.scale, "scores": d.scores.numpy(),
-                     "labels": d.labels.numpy()})
-    return gts, dets
-
-
-def evaluate_detector(model: nn.Module, loader: Iterable, dataset: Any, device: torch.device,
-                      metric: str = "coco", output_dir: str | Path | None = None,
-                      amp_dtype: torch.dtype | None = None, summary_only: bool = True,
-                      engine: str = "faster", format_only: bool = False,
-                      voc_split: tuple[str, str] = ("2012", "test"), fast_path: bool = True,
-                      cpu_amp: str = "auto", compile: bool = False) -> dict[str, Any]:
-    """Scores ``model`` on ``dataset`` (whose test loader is ``loader``) on every rank.
-
-    Args:
-        amp_dtype, fast_path, cpu_amp, compile: how the model runs (:func:`run_detector`).
-        metric: ``coco`` for COCO-format datasets (``dataset.annotation_file`` is the ground
-            truth, crowd regions included), ``voc07`` or ``voc12`` for any dataset with
-            ``get_annotations`` (difficult boxes ignored), ``imagenet_det`` likewise with
-            ILSVRC DET's matching (evaluation/ilsvrc_det_eval.py).
-        engine: the COCO engine, ``faster`` (faster-coco-eval) or ``pycocotools``.
-        output_dir: the run's folder; the main rank writes ``eval/`` there.
-        format_only: no scoring (a test set without public ground truth): write the results
-            for the evaluation server, ``eval/coco_results.json`` (metric ``coco``: dataset
-            image and category ids) or the VOC submission files ``eval/results/VOC<year>/Main/
-            comp4_det_<split>_<class>.txt`` (``voc07``/``voc12``: image names, 1-based boxes;
-            year and split from ``voc_split``), and return the counts written.
-
-    Returns:
-        The metrics, the same on every rank: the summary numbers, plus ``per_class`` unless
-        ``summary_only`` (the training log takes the summary).
+    Attributes:
+        class_names: K names, by label.
+        image_ids: every image of the set (what COCO scores over; the count in messages).
+        annotation_file: its COCO-format ground truth (``COCOEvaluator``), crowd regions
+            included.
+        label_to_category_id: label k -> the dataset's category id (COCO results).
+        annotations: image id -> ``boxes`` (M, 4) xyxy in original pixels, ``labels`` (M,),
+            ``ignore`` (M,) bool (difficult / crowd): the ground truth of ``VOCEvaluator``.
+        file_stem: image id -> its file name without extension (the VOC results files).
     """
-    for d in (dataset, getattr(loader, "dataset", None)):
-        if hasattr(d, "substitute_bad_images"):
-            d.substitute_bad_images = False   # a bad test image must not stand in for another
-    pairs = run_detector(model, loader, device, amp_dtype, fast_path=fast_path, cpu_amp=cpu_amp,
-                         compile=compile)
-    _report_skipped(pairs, len(dataset))
-    if format_only:
-        return write_results_only(pairs, dataset, metric, output_dir, voc_split)
-    if metric == "coco":
-        results = coco_results(pairs, dataset.label_to_category_id)
-        metrics = {}
-        if du.get_dist_info().is_main:
-            metrics = evaluate_coco(dataset.annotation_file, results, engine=engine,
-                                    class_names=list(dataset.class_names),
-                                    image_ids=[int(i) for i in dataset.image_ids])
-    else:
-        gathered = du.all_gather_objects(voc_inputs(dataset, pairs))
-        gts = [g for rank_gts, _ in gathered for g in rank_gts]
-        dets = [d for _, rank_dets in gathered for d in rank_dets]
-        results, metrics = None, {}
-        if du.get_dist_info().is_main:
-            metrics = evaluate_box_ap(gts, dets, list(dataset.class_names), metric)
-    metrics = du.all_gather_objects(metrics)[0]
-    if du.get_dist_info().is_main:
-        logger.info(f"{metric} box evaluation on {len(dataset)} images:\n"
+
+    class_names: Sequence[str]
+    image_ids: Sequence[int]
+    annotation_file: str | os.PathLike | None = None
+    label_to_category_id: Sequence[int] = ()
+    annotations: Callable[[int], Mapping[str, np.ndarray]] | None = None
+    file_stem: Callable[[int], str] | None = None
+
+
+class ImageResult(NamedTuple):
+    """One test image's detections, as the box evaluators keep and gather them."""
+
+    image_id: int
+    scale: float                 # resized / original: boxes are divided by it
+    skipped: bool                # unreadable (SkippedImageTargets): no detections
+    detections: Detections       # on the CPU, pixels of the resized image
+
+
+class BoxEvaluator(DatasetEvaluator):
+    """Keeps the detections of every image this rank processes; ``evaluate`` gathers them on
+    the main rank, which warns about unreadable images and calls ``score`` once. Every rank
+    returns the result, without ``per_class`` when ``summary_only`` (the training log takes
+    the summary; the files have everything)."""
+
+    def __init__(self, info: DatasetInfo, output_dir: str | Path | None = None,
+                 summary_only: bool = True) -> None:
+        self.info = info
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.summary_only = summary_only
+        self._results: list[ImageResult] = []
+
+    def reset(self) -> None:
+        self._results = []
+
+    def process(self, inputs: tuple[ImageBatch, Sequence[Targets]],
+                outputs: Sequence[Detections]) -> None:
+        """``inputs``: the loader's (images, targets); ``outputs``: one ``Detections`` per
+        image, in the resized image's pixels."""
+        _, targets = inputs
+        if len(outputs) != len(targets):
+            raise ValueError(f"{len(outputs)} Detections for {len(targets)} images")
+        for t, d in zip(targets, outputs):
+            skipped = isinstance(t, SkippedImageTargets)
+            self._results.append(ImageResult(int(t.image_id), float(t.scale), skipped,
+                                             Detections.empty() if skipped else d.to("cpu")))
+
+    def evaluate(self) -> dict[str, Any]:
+        metrics = score_on_main(self._results, self._score_all)
+        return {k: v for k, v in metrics.items() if not (self.summary_only and k == "per_class")}
+
+    def _score_all(self, results: list[ImageResult]) -> dict[str, Any]:
+        results = first_per_image(results)
+        report_skipped(results, len(self.info.image_ids))
+        return self.score(results)
+
+    def score(self, results: list[ImageResult]) -> dict[str, Any]:
+        """The metrics of every rank's images (main rank only); writes the files."""
+        raise NotImplementedError
+
+    def _write_metrics(self, name: str, metrics: dict[str, Any]) -> None:
+        logger.info(f"{name} box evaluation on {len(self.info.image_ids)} images:\n"
                     + format_metrics_table(metrics))
-        if output_dir is not None:
-            write_eval(Path(output_dir) / "eval" / "metrics.json", metrics)
-            if results is not None:
-                write_json(Path(output_dir) / "eval" / "coco_results.json", results, indent=None)
-    return {k: v for k, v in metrics.items() if not (summary_only and k == "per_class")}
+        if self.output_dir is not None:
+            write_eval(self.output_dir / "eval" / "metrics.json", metrics)
 
 
-def write_results_only(pairs: Sequence[tuple[Targets, Detections]], dataset: Any, metric: str,
-                       output_dir: str | Path | None,
-                       voc_split: tuple[str, str] = ("2012", "test")) -> dict[str, Any]:
-    """The format-only branch of :func:`evaluate_detector`: gathers every rank's detections
-    and writes the server's files under ``output_dir/eval`` (main rank)."""
-    if output_dir is None:
-        raise ValueError("test.format_only needs an output folder for the results files")
-    if metric == "coco":
-        results = coco_results(pairs, dataset.label_to_category_id)
-        path = Path(output_dir) / "eval" / "coco_results.json"
-        if du.get_dist_info().is_main:
-            write_json(path, results, indent=None)
-    else:
-        lines = du.all_gather_objects(voc_result_lines(dataset, pairs))
-        results = [line for rank in lines for line in rank]
-        path = Path(output_dir) / "eval" / "results"
-        if du.get_dist_info().is_main:
-            write_voc_results(path, dataset.class_names, results, voc_split)
-    summary = {"format_only": str(path), "num_images": len(dataset),
-               "num_detections": len(results)}
-    if du.get_dist_info().is_main:
-        logger.info(f"format only: {len(results)} detections on {len(dataset)} images written "
+class COCOEvaluator(BoxEvaluator):
+    """COCO box AP/AR against ``info.annotation_file`` (:func:`evaluate_coco`; ``engine``:
+    ``faster`` (faster-coco-eval) or ``pycocotools``); also writes the detections as
+    ``eval/coco_results.json``."""
+
+    def __init__(self, info: DatasetInfo, output_dir: str | Path | None = None,
+                 engine: str = "faster", summary_only: bool = True) -> None:
+        if info.annotation_file is None:
+            raise ValueError("COCO evaluation needs the test set's COCO-format annotation file; "
+                             "score other sets with voc07, voc12 or imagenet_det")
+        super().__init__(info, output_dir, summary_only)
+        self.engine = engine
+
+    def score(self, results: list[ImageResult]) -> dict[str, Any]:
+        coco = coco_results(results, self.info.label_to_category_id)
+        metrics = evaluate_coco(self.info.annotation_file, coco, engine=self.engine,
+                                class_names=list(self.info.class_names),
+                                image_ids=[int(i) for i in self.info.image_ids])
+        self._write_metrics("coco", metrics)
+        if self.output_dir is not None:
+            write_json(self.output_dir / "eval" / "coco_results.json", coco, indent=None)
+        return metrics
+
+
+class VOCEvaluator(BoxEvaluator):
+    """Box AP per class and its mean against ``info.annotations`` (difficult boxes ignored):
+    ``metric`` ``voc07`` (11-point) or ``voc12`` (area), VOC's matching at IoU 0.5, or
+    ``imagenet_det`` (ILSVRC DET's matching, evaluation/ilsvrc_det_eval.py)."""
+
+    def __init__(self, info: DatasetInfo, metric: str = "voc07",
+                 output_dir: str | Path | None = None, summary_only: bool = True) -> None:
+        if metric not in ("voc07", "voc12", "imagenet_det"):
+            raise ValueError(f"metric must be voc07, voc12 or imagenet_det, got {metric!r}")
+        if info.annotations is None:
+            raise ValueError("VOCEvaluator needs the test set's annotations")
+        super().__init__(info, output_dir, summary_only)
+        self.metric = metric
+
+    def score(self, results: list[ImageResult]) -> dict[str, Any]:
+        gts, dets = [], []
+        for r in results:
+            ann = self.info.annotations(r.image_id)
+            gts.append({"boxes": ann["boxes"], "labels": ann["labels"],
+                        "difficult": ann["ignore"]})
+            d = r.detections
+            dets.append({"boxes": d.boxes.numpy() / r.scale, "scores": d.scores.numpy(),
+                         "labels": d.labels.numpy()})
+        metrics = evaluate_box_ap(gts, dets, list(self.info.class_names), self.metric)
+        self._write_metrics(self.metric, metrics)
+        return metrics
+
+
+class FormatOnlyEvaluator(BoxEvaluator):
+    """No scoring (a test set without public ground truth): writes the results for the
+    evaluation server under ``output_dir/eval`` and returns the counts written.
+
+    ``style`` ``coco``: ``eval/coco_results.json`` (dataset image and category ids); ``voc``:
+    the devkit's ``eval/results/VOC<year>/Main/comp4_det_<split>_<class>.txt`` (image names,
+    1-based boxes), year and split from ``voc_split``.
+    """
+
+    def __init__(self, info: DatasetInfo, output_dir: str | Path | None, style: str = "coco",
+                 voc_split: tuple[str, str] = ("2012", "test")) -> None:
+        if output_dir is None:
+            raise ValueError("test.format_only needs an output folder for the results files")
+        if style not in ("coco", "voc"):
+            raise ValueError(f"style must be coco or voc, got {style!r}")
+        if style == "voc" and info.file_stem is None:
+            raise ValueError("the VOC results files need the test set's file names")
+        super().__init__(info, output_dir)
+        self.style, self.voc_split = style, voc_split
+
+    def score(self, results: list[ImageResult]) -> dict[str, Any]:
+        if self.style == "coco":
+            written = coco_results(results, self.info.label_to_category_id)
+            path = self.output_dir / "eval" / "coco_results.json"
+            write_json(path, written, indent=None)
+        else:
+            written = voc_result_lines(results, self.info.file_stem)
+            path = self.output_dir / "eval" / "results"
+            write_voc_results(path, self.info.class_names, written, self.voc_split)
+        num_images = len(self.info.image_ids)
+        logger.info(f"format only: {len(written)} detections on {num_images} images written "
                     f"to {path} (no ground truth scored)")
-    return summary
+        return {"format_only": str(path), "num_images": num_images,
+                "num_detections": len(written)}
 
 
-def voc_result_lines(dataset: Any, pairs: Sequence[tuple[Targets, Detections]]
+def first_per_image(results: Sequence[ImageResult]) -> list[ImageResult]:
+    """``results`` without the repeats of an image id (a padded distributed sampler repeats a
+    few images so that every rank gets as many): the first one of each image is kept."""
+    seen: set[int] = set()
+    out = []
+    for r in results:
+        if r.image_id not in seen:
+            seen.add(r.image_id)
+            out.append(r)
+    return out
+
+
+def coco_results(results: Sequence[ImageResult], label_to_category_id: Sequence[int]
+                 ) -> list[dict]:
+    """The detections in COCO results format (original pixels, dataset category ids)."""
+    return detections_to_coco_results([r.detections for r in results],
+                                      [(r.image_id, r.scale) for r in results],
+                                      label_to_category_id)
+
+
+def voc_result_lines(results: Sequence[ImageResult], file_stem: Callable[[int], str]
                      ) -> list[tuple[int, str]]:
     """(label, line) per detection in the VOC devkit's results format: ``name score xmin
     ymin xmax ymax`` with VOC's 1-based inclusive pixels (the inverse of data/voc.py)."""
-    index_of = {int(i): k for k, i in enumerate(dataset.image_ids)}
     out = []
-    for targets, d in pairs:
-        name = dataset.path(index_of[targets.image_id]).stem
-        boxes = d.boxes.double().numpy() / targets.scale
+    for r in results:
+        name = file_stem(r.image_id)
+        d = r.detections
+        boxes = d.boxes.double().numpy() / r.scale
         for (x1, y1, x2, y2), score, label in zip(boxes, d.scores.tolist(), d.labels.tolist()):
             out.append((label, f"{name} {score:.6f} {x1 + 1:.1f} {y1 + 1:.1f} {x2:.1f} {y2:.1f}"))
     return out
@@ -197,11 +249,10 @@ def write_voc_results(folder: Path, class_names: Sequence[str], lines: Sequence[
         atomic_write_bytes(main / f"comp4_det_{split}_{name}.txt", lambda f: f.write(data))
 
 
-def _report_skipped(pairs: Sequence[tuple[Targets, Detections]], num_images: int) -> None:
-    """Warns (main rank) about the test images, of all ranks, that could not be read."""
-    ids = [t.image_id for t, _ in pairs if isinstance(t, SkippedImageTargets)]
-    ids = sorted(i for rank_ids in du.all_gather_objects(ids) for i in rank_ids)
-    if ids and du.get_dist_info().is_main:
+def report_skipped(results: Sequence[ImageResult], num_images: int) -> None:
+    """Warns about the test images, of all ranks, that could not be read."""
+    ids = sorted(r.image_id for r in results if r.skipped)
+    if ids:
         logger.warning(f"{len(ids)} of {num_images} test images could not be read and count as "
                        f"having no detections (image ids {ids[:20]}"
                        f"{' ...' if len(ids) > 20 else ''})")

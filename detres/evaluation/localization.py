@@ -102,9 +102,7 @@ def _ground_truth(gt_labels: Any, gt_boxes: Any) -> tuple[np.ndarray, np.ndarray
     return labels, boxes
 
 
-def _check_params(k: int | None, iou_threshold: float) -> None:
-    if k is not None and k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+def _check_threshold(iou_threshold: float) -> None:
     if not 0 < iou_threshold <= 1:
         raise ValueError(f"iou_threshold must be in (0, 1], got {iou_threshold}")
 
@@ -140,48 +138,6 @@ def _oracle_boxes(gt_class_boxes: Mapping[int, Any], classes: np.ndarray) -> np.
             raise ValueError(f"gt_class_boxes[{int(c)}] must have shape (4,), got {box.shape}")
         rows.append(box)
     return _boxes(np.stack(rows), "gt_class_boxes")
-
-
-def image_localization_error(guess_labels: Any, guess_boxes: Any, gt_labels: Any, gt_boxes: Any,
-                             k: int, iou_threshold: float = 0.5) -> float:
-    """Top-k localization error of one image, in [0, 1] (see the module docstring).
-
-    Args:
-        guess_labels, guess_boxes: (G,) classes ranked best first and their (G, 4) boxes.
-        gt_labels, gt_boxes: (M,) classes and (M, 4) boxes of the ground truth, M >= 1.
-        k: guesses considered; more than G means all of them.
-    """
-    _check_params(k, iou_threshold)
-    labels, boxes = _guesses(guess_labels, guess_boxes)
-    gt_labels, gt_boxes = _ground_truth(gt_labels, gt_boxes)
-    hits = _class_hits(labels[:k], boxes[:k], gt_labels, gt_boxes, iou_threshold)
-    return float((~hits.any(axis=0)).mean())
-
-
-def image_classification_error(guess_labels: Any, gt_labels: Any, k: int) -> float:
-    """Top-k classification error of one image, in [0, 1]: share of its classes not guessed."""
-    _check_params(k, 0.5)
-    labels = _labels(guess_labels, "guess_labels")
-    classes = np.unique(_labels(gt_labels, "gt_labels"))
-    if len(classes) == 0:
-        raise ValueError("no ground-truth labels (the error would be 0/0)")
-    return float((~_found(classes, labels[:k])).mean())
-
-
-def image_gt_class_error(gt_class_boxes: Mapping[int, Any], gt_labels: Any, gt_boxes: Any,
-                         iou_threshold: float = 0.5) -> float:
-    """Localization error of one image given the ground-truth classes (oracle), in [0, 1].
-
-    Args:
-        gt_class_boxes: ``{class: (4,) box}``, the box for each ground-truth class.
-        gt_labels, gt_boxes: (M,) classes and (M, 4) boxes of the ground truth, M >= 1.
-    """
-    _check_params(None, iou_threshold)
-    gt_labels, gt_boxes = _ground_truth(gt_labels, gt_boxes)
-    classes = np.unique(gt_labels)
-    hits = _class_hits(classes, _oracle_boxes(gt_class_boxes, classes), gt_labels, gt_boxes,
-                       iou_threshold)                                                 # (n, n)
-    return float((~np.diag(hits)).mean())
 
 
 def _image_errors(result: Any, gt_labels: Any, gt_boxes: Any, iou_threshold: float,
@@ -222,7 +178,7 @@ def localization_errors(results: Sequence[LocalizationResult], gt_labels: Sequen
     Raises:
         ValueError naming the image (position, and id when given) on malformed input.
     """
-    _check_params(None, iou_threshold)
+    _check_threshold(iou_threshold)
     if not len(results) == len(gt_labels) == len(gt_boxes):
         raise ValueError(f"{len(results)} results but {len(gt_labels)} gt_labels and "
                          f"{len(gt_boxes)} gt_boxes")

@@ -1,72 +1,81 @@
-"""Runs the localizer of Appendix C over a dataset and scores it (Table 13).
+"""The localizer's evaluation over a dataset (Table 13): gathers the pipeline's records of
+every rank, scores them with ``evaluation/localization.py`` and writes ``eval/metrics.json``
+and ``eval/predictions.json``.
 
-The loader yields lists of samples with untransformed images (the dataset is built with
-``transform=None``); :func:`localize_batch` makes their test-time views on the data side
-(``detres.data.loc_transforms``) and runs ``Localizer.predict``. Each rank runs its shard; the
-predictions are gathered and the main rank scores them with ``evaluation/localization.py`` and
-writes ``eval/metrics.json`` and ``eval/predictions.json``.
+The records come from the model the task hands to
+:func:`~detres.evaluation.inference.inference_on_dataset`
+(``tasks/localization/inference.py::BatchLocalizer``: the test views and ``Localizer.predict``);
+this module reads them, never the networks.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
-import torch
 
-from detres.data.loc_transforms import (centre_crop_batch, classifier_views, original_batch,
-                                        scaled_batch)
-from detres.engine import distributed as du
 from detres.engine.logging import write_json
-from detres.evaluation.inference import run_inference
+from detres.evaluation.inference import DatasetEvaluator, score_on_main
 from detres.evaluation.localization import LocalizationResult, format_table, localization_errors
-from detres.models.loc_inference import LocalizerEnsemble, LocTestSettings, LocViews
-from detres.models.localizer import Localizer
 
 logger = logging.getLogger("detres")
 METHODS = ("RPN", "RPN+R-CNN")
 
-
-def loc_views(images: Sequence[np.ndarray], settings: LocTestSettings, originals: bool
-              ) -> LocViews:
-    """The views of original images that ``Localizer.predict`` needs (``originals``: for
-    an R-CNN): the classifier's (``settings.cls_mode``), the RPN's (``settings.rpn_mode``:
-    every test scale, or the one centre crop at the first)."""
-    if settings.rpn_mode == "one_crop":
-        rpn_views = [centre_crop_batch(images, settings.scales[0], settings.rpn_crop)]
-    elif settings.rpn_mode == "dense":
-        rpn_views = [scaled_batch(images, s, settings.max_size) for s in settings.scales]
-    else:
-        raise ValueError(f"unknown RPN test mode {settings.rpn_mode!r}; valid: dense, one_crop")
-    return LocViews([classifier_views(im, settings.cls_mode, settings.cls_test_size,
-                                      settings.cls_crop, settings.cls_scales) for im in images],
-                    rpn_views, original_batch(images) if originals else None)
+Record = tuple[int, dict[str, Any]]     # (dataset index, the pipeline's record of that image)
 
 
-def localize_batch(model: Localizer | LocalizerEnsemble, images: Sequence[np.ndarray],
-                   gt_classes: Sequence[Sequence[int]], settings: LocTestSettings,
-                   device: torch.device) -> list[dict[str, Any]]:
-    """The pipeline on a few original images; per image ``guesses`` (k,), ``guess_scores``
-    (k,) and, per method, ``boxes`` (k, 4) and ``box_scores`` (k,) for the guesses and
-    ``gt_boxes`` {class: (4,)} for the oracle (numpy, original pixels)."""
-    views = loc_views(images, settings, model.has_rcnn)
-    out = []
-    for record in model.predict(views, gt_classes, settings, device):
-        item: dict[str, Any] = {"guesses": record["guesses"].numpy(),
-                                "guess_scores": record["guess_scores"].numpy()}
-        for method in METHODS:
-            if method in record:
-                r = record[method]
-                item[method] = {"boxes": r["boxes"].numpy(), "box_scores": r["box_scores"].numpy(),
-                                "gt_boxes": {c: b.numpy() for c, b in r["gt_boxes"].items()}}
-        out.append(item)
-    return out
+class LocGroundTruth(Protocol):
+    """What the evaluator reads of the test set (``data/localization.py``'s dataset)."""
+
+    class_names: Sequence[str]
+
+    def __len__(self) -> int: ...
+
+    def get_annotations(self, index: int) -> Mapping[str, np.ndarray]: ...
+
+    def path(self, index: int) -> str | os.PathLike: ...
 
 
-def score(records: Sequence[tuple[int, dict[str, Any]]], dataset: Any
-          ) -> dict[str, dict[str, float]]:
+class LocalizationEvaluator(DatasetEvaluator):
+    """Top-1/top-5 LOC and CLS error and the error on the ground-truth class, per method.
+
+    ``process(inputs, outputs)``: ``inputs`` the loader's samples (each with its dataset
+    ``index``), ``outputs`` one record per sample: ``guesses`` (k,), ``guess_scores`` (k,) and
+    per method ``boxes`` (k, 4), ``box_scores`` (k,), ``gt_boxes`` {class: (4,)} (numpy,
+    original pixels). ``evaluate`` returns ``{method: {error: percent}}`` on every rank; the
+    main rank logs the table (``scales``: the test scales it names) and writes ``eval/`` under
+    ``output_dir``.
+    """
+
+    def __init__(self, dataset: LocGroundTruth, output_dir: str | Path | None = None,
+                 scales: Sequence[int] = ()) -> None:
+        self.dataset = dataset
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        self.scales = list(scales)
+        self._records: list[Record] = []
+
+    def reset(self) -> None:
+        self._records = []
+
+    def process(self, inputs: Sequence[Any], outputs: Sequence[dict[str, Any]]) -> None:
+        self._records.extend(zip((int(s.index) for s in inputs), outputs))
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        return score_on_main(self._records, self._score_and_write)
+
+    def _score_and_write(self, records: list[Record]) -> dict[str, dict[str, float]]:
+        metrics = score(records, self.dataset)
+        logger.info(f"localization on {len(self.dataset)} images (scales {self.scales}):\n"
+                    + format_table(metrics))
+        if self.output_dir is not None:
+            write_eval(self.output_dir, metrics, records, self.dataset)
+        return metrics
+
+
+def score(records: Sequence[Record], dataset: LocGroundTruth) -> dict[str, dict[str, float]]:
     """Errors (percent) per method, from records in any order (duplicates dropped)."""
     unique = dict(records)
     order = sorted(unique)
@@ -82,31 +91,10 @@ def score(records: Sequence[tuple[int, dict[str, Any]]], dataset: Any
     return metrics
 
 
-def evaluate_localizer(model: Localizer | LocalizerEnsemble, loader: Iterable, dataset: Any,
-                       settings: LocTestSettings, device: torch.device,
-                       output_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
-    """Runs and scores the pipeline on every rank; the main rank logs the Table-13-style table
-    and writes ``eval/metrics.json`` ({method: {error: percent}}) and ``eval/predictions.json``
-    (per image: file, guessed classes and each method's boxes, original pixels)."""
-    def step(samples: list[Any]) -> list[tuple[int, dict[str, Any]]]:
-        gt = [dataset.get_annotations(s.index)["labels"] for s in samples]
-        records = localize_batch(model, [s.image for s in samples], gt, settings, device)
-        return list(zip((s.index for s in samples), records))
-
-    records = run_inference(model, loader, step, desc="localize")
-    gathered = [r for part in du.all_gather_objects(records) for r in part]
-    metrics = score(gathered, dataset) if du.get_dist_info().is_main else {}
-    metrics = du.all_gather_objects(metrics)[0]
-    if du.get_dist_info().is_main:
-        logger.info(f"localization on {len(dataset)} images (scales {list(settings.scales)}):\n"
-                    + format_table(metrics))
-        if output_dir is not None:
-            write_eval(Path(output_dir), metrics, gathered, dataset)
-    return metrics
-
-
-def write_eval(output_dir: Path, metrics: dict, records: Sequence[tuple[int, dict]],
-               dataset: Any) -> None:
+def write_eval(output_dir: Path, metrics: dict, records: Sequence[Record],
+               dataset: LocGroundTruth) -> None:
+    """``eval/metrics.json`` and ``eval/predictions.json`` (per image: file, guessed classes
+    and each method's boxes, original pixels)."""
     names = list(dataset.class_names)
     preds = []
     for index, r in sorted(dict(records).items()):

@@ -6,8 +6,8 @@
 
 Shapes: N images, C = 1024 conv4_x channels (R-50/101), P_i proposals, K foreground classes,
 M ground-truth boxes, D detections. Parameter names: ``trunk.{conv1,bn1,layer1..3}`` and
-``roi_head.res5.layer4`` are the ResNet's own (torchvision) names under a prefix, so backbone
-weights move in and out with :func:`resnet_to_detector_keys` / :func:`detector_to_resnet_keys`.
+``roi_head.res5.layer4`` are the ResNet's own (torchvision) names under a prefix: the detector
+is built around a ResNet (``ResNet.c4_split``) that loads its weights first.
 The model never resizes (docs/architecture.md, Carriers): boxes in and out are in the pixels of
 ``ImageBatch.tensor``.
 """
@@ -24,9 +24,6 @@ from detres.models.norm import FrozenBatchNorm2d
 from detres.models.roi_head import C4RoIHead
 from detres.models.rpn import RPN
 from detres.structures import DetectorOutput, ImageBatch, Targets
-
-TRUNK_PREFIX, HEAD_PREFIX = "trunk.", "roi_head.res5."
-
 
 class FasterRCNN(nn.Module):
     """normalize -> trunk -> RPN -> RoI head.
@@ -179,24 +176,3 @@ def fuse_frozen_bn(module: nn.Module, batchnorm: bool = False) -> int:
                 count += 1
     return count
 
-
-def resnet_to_detector_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A ResNet state dict (torchvision names) -> the detector's backbone keys; drops fc."""
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith("layer4."):
-            out[HEAD_PREFIX + key] = value
-        elif not key.startswith("fc."):
-            out[TRUNK_PREFIX + key] = value
-    return out
-
-
-def detector_to_resnet_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The detector's backbone entries under ResNet names (RPN and box layers dropped)."""
-    out = {}
-    for key, value in state_dict.items():
-        if key.startswith(TRUNK_PREFIX):
-            out[key[len(TRUNK_PREFIX):]] = value
-        elif key.startswith(HEAD_PREFIX):
-            out[key[len(HEAD_PREFIX):]] = value
-    return out

@@ -19,6 +19,7 @@ layers (depth 6n + 2) with 16/32/64 filters, named res2..res4 at strides 1, 2, 4
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,9 +200,20 @@ def _make_stage(block: type[nn.Module], in_channels: int, channels: int, num_blo
     return nn.Sequential(*layers)
 
 
-def _stem(net: nn.Module, x: Tensor) -> Tensor:
-    """conv1 -> bn1 -> ReLU -> max pool (Identity for CIFAR) of a ResNet or its C4 trunk."""
-    return net.maxpool(net.relu(net.bn1(net.conv1(x))))
+def _stage_outputs(net: nn.Module, x: Tensor, stage_names: Sequence[str]) -> Iterator[Tensor]:
+    """The stem (conv1 -> bn1 -> ReLU -> max pool, Identity for CIFAR) of a ResNet or its C4
+    trunk, then its stages ``stage_names`` in order; yields each stage's output."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    for name in stage_names:
+        x = getattr(net, name)(x)
+        yield x
+
+
+def _last_stage_output(net: nn.Module, x: Tensor, stage_names: Sequence[str]) -> Tensor:
+    """What the last of ``stage_names`` gives; earlier outputs are not kept."""
+    for x in _stage_outputs(net, x, stage_names):
+        pass
+    return x
 
 
 class ResNet(nn.Module):
@@ -309,18 +321,11 @@ class ResNet(nn.Module):
 
         CIFAR nets give res2..res4 at strides 1, 2, 4. See ``feature_specs``.
         """
-        x = _stem(self, x)
-        features = {}
-        for stage_name, feature_name in zip(self.stage_names, self.feature_specs):
-            x = getattr(self, stage_name)(x)
-            features[feature_name] = x
-        return features
+        return dict(zip(self.feature_specs, _stage_outputs(self, x, self.stage_names)))
 
     def forward(self, x: Tensor) -> Tensor:
         """(N, 3, H, W) -> logits (N, num_classes); without fc, the last stage's features."""
-        x = _stem(self, x)
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
+        x = _last_stage_output(self, x, self.stage_names)
         if self.fc is None:
             return x
         return self.fc(torch.flatten(self.avgpool(x), 1))
@@ -353,12 +358,12 @@ class ResNetTrunk(nn.Module):
         self.conv1, self.bn1, self.relu = resnet.conv1, resnet.bn1, resnet.relu
         self.maxpool = resnet.maxpool
         self.layer1, self.layer2, self.layer3 = resnet.layer1, resnet.layer2, resnet.layer3
+        self.stage_names = resnet.stage_names[:3]
         self.out_channels = resnet.feature_specs["res4"].channels
         self.stride = resnet.feature_specs["res4"].stride
 
     def forward(self, x: Tensor) -> Tensor:
-        x = _stem(self, x)
-        return self.layer3(self.layer2(self.layer1(x)))
+        return _last_stage_output(self, x, self.stage_names)
 
 
 class ResNetHead(nn.Module):

@@ -123,26 +123,27 @@ def window_max_tables(x: Tensor, rows: int, cols: int, with_index: bool
     y*W + x0 holds max x[n, y:y+i+1, x0:x0+j+1] (where that window fits in the map) and whose
     last row is zeros (empty bins); with ``with_index``, int32 ``index`` of the same shape: the
     row n*H*W + y'*W + x' of the window's first maximum in row-major order (torchvision's tie
-    rule), N*H*W in the last row. A window grows by its last column or its last row, cells that
-    come later in row-major order: they take over only where strictly greater.
+    rule), N*H*W in the last row.
     """
     n, h, w, c = x.shape
     values = x.new_empty(rows * cols * n * h * w + 1, c)
     values[-1] = 0
     grid = values[:-1].view(rows, cols, n, h, w, c)
     grid[0, 0] = x
-    index = index_grid = None
+    index = index_grid = taken = None
     if with_index:
         index = torch.empty(values.shape, dtype=torch.int32, device=x.device)
         index[-1] = n * h * w
         index_grid = index[:-1].view(rows, cols, n, h, w, c)
         index_grid[0, 0] = torch.arange(n * h * w, dtype=torch.int32, device=x.device
                                         ).view(n, h, w, 1)
+        taken = torch.empty(x.shape, dtype=torch.bool, device=x.device)
     for i in range(rows):
         for j in range(cols):
             if i == j == 0:
                 continue
-            # the smaller window it grows from, and the window (a row or column) it adds
+            # A window grows from a smaller one by its last column (first row) or its last
+            # row: cells later in row-major order, which take over only where strictly greater.
             smaller, added = ((i - 1, j, 0, 0), (0, j, i, 0)) if i else ((0, j - 1, 0, 0),
                                                                         (0, 0, 0, j))
 
@@ -151,8 +152,12 @@ def window_max_tables(x: Tensor, rows: int, cols: int, with_index: bool
 
             old, new = part(grid, *smaller), part(grid, *added)
             if index_grid is not None:
-                torch.where(new > old, part(index_grid, *added), part(index_grid, *smaller),
-                            out=part(index_grid, i, j, 0, 0))
+                # the added cells' argmax is past the smaller window's, so where the added
+                # cells take over, the larger index is theirs (cheaper than torch.where)
+                greater = torch.gt(new, old, out=taken[:, : h - i, : w - j])
+                out = torch.mul(part(index_grid, *added), greater,
+                                out=part(index_grid, i, j, 0, 0))
+                torch.maximum(out, part(index_grid, *smaller), out=out)
             torch.maximum(old, new, out=part(grid, i, j, 0, 0))
     return values, index
 
@@ -213,9 +218,11 @@ class _RoIPoolGather(torch.autograd.Function):
         n, c, h, w = ctx.shape
         num_rois, size = grad.shape[0], grad.shape[-1]
         grad_table = grad.new_zeros(c, n * h * w + 1, dtype=torch.float32)   # + dump column
-        chunk = max(1, 2 ** 22 // (c * size * size))            # RoIs per ~16 MB of index
+        chunk = max(1, 2 ** 22 // (c * size * size))   # 16 MB of index: kept by malloc, unlike
+        # blocks past its 32 MB mmap threshold, which fault their pages in anew each time
         for start in range(0, num_rois, chunk):
             g = grad[start: start + chunk].float().permute(1, 0, 2, 3).reshape(c, -1)
+            g = g.contiguous()                  # from channels_last: a blocked transpose
             at = argmax[start * size * size: (start + chunk) * size * size].t().contiguous()
             grad_table.scatter_add_(1, at, g)
         grad_features = grad_table[:, :-1].view(c, n, h, w).permute(1, 0, 2, 3)
@@ -246,20 +253,29 @@ def roi_pool_gather(features: Tensor, rois: Tensor, output_size: int,
     return _RoIPoolGather.apply(features, rois, output_size, spatial_scale)
 
 
-# Per element, building the tables costs about what the gather costs per output element, and
-# torchvision's loop several times that (benchmarks/roi_pool_speed.py): the gather pays off while
-# its tables are at most this many times the output's size (which also bounds their memory);
-# training builds argmax tables as well and gets half of it.
+# A table element costs about what an output element of the gather costs (both mostly the
+# first touch of fresh pages), torchvision's loop 4-6 times that at the C4 head's sizes
+# (benchmarks/roi_pool_speed.py). On 1024 x 38 x 63 features the gather overtook it from ~40
+# RoIs (tables ~6x the output) in inference and from ~130 (~2x) with the backward, which adds
+# argmax tables: it runs where its tables are at most TABLE_RATIO times the output, half that
+# with gradients; this also bounds their memory.
 TABLE_RATIO = 4
 
 
 def roi_max_pool(features: Tensor, rois: Tensor, output_size: int,
                  spatial_scale: float) -> Tensor:
     """``torchvision.ops.roi_pool``'s values and gradients in the features' dtype (R, C, S, S):
-    :func:`roi_pool_gather` on the CPU where it is the faster, else torchvision's op, in
-    float32 (it has no bf16 kernel nor autocast rule)."""
+    :func:`roi_pool_gather` where it is the faster, else torchvision's op, in float32 (it has
+    no bf16 kernel nor autocast rule).
+
+    The gather runs on CPU features in channels_last layout (the detector's default), which its
+    result keeps; NCHW features want NCHW maps, and turning its result into those costs about
+    what it saves.
+    """
     n, _, h, w = features.shape
-    if features.device.type == "cpu":
+    nhwc = features.is_contiguous(memory_format=torch.channels_last) and not (
+        features.is_contiguous())
+    if features.device.type == "cpu" and nhwc:
         rows, cols = largest_bin(roi_pool_bins(rois, output_size, spatial_scale, h, w))
         training = features.requires_grad and torch.is_grad_enabled()
         ratio = TABLE_RATIO / 2 if training else TABLE_RATIO

@@ -89,8 +89,8 @@ class RPN(nn.Module):
             raise ValueError(f"box_loss must be 'smooth_l1' or 'l1', got {box_loss!r}")
         self.head = head
         self.anchor_generator = anchor_generator
-        self.pre_nms_topk = {True: pre_nms_topk_train, False: pre_nms_topk_test}
-        self.post_nms_topk = {True: post_nms_topk_train, False: post_nms_topk_test}
+        self.pre_nms_topk_train, self.pre_nms_topk_test = pre_nms_topk_train, pre_nms_topk_test
+        self.post_nms_topk_train, self.post_nms_topk_test = post_nms_topk_train, post_nms_topk_test
         self.nms_threshold = nms_threshold
         self.min_box_size = min_box_size
         self.matcher = Matcher(*iou_thresholds, allow_low_quality_matches=True)
@@ -143,11 +143,12 @@ class RPN(nn.Module):
         logits (P_i,), best first.
         """
         num_images, num_anchors = logits.shape
-        k = min(self.pre_nms_topk[self.training], num_anchors)
+        pre_k, post_k = ((self.pre_nms_topk_train, self.post_nms_topk_train) if self.training
+                         else (self.pre_nms_topk_test, self.post_nms_topk_test))
+        k = min(pre_k, num_anchors)
         top_logits, top_idx = logits.float().topk(k, dim=1)               # (N, k), sorted
         top_deltas = torch.gather(deltas, 1, top_idx.unsqueeze(-1).expand(-1, -1, 4))
         boxes = box_ops.decode(top_deltas, anchors[top_idx])            # (N, k, 4) float32
-        post_k = self.post_nms_topk[self.training]
         proposals, proposal_logits = [], []
         for i, size in enumerate(image_sizes):
             boxes_i = box_ops.clip(boxes[i], size)

@@ -1,5 +1,6 @@
-"""What every task shares: the backbone, solver and run sections of the schema, and the
-builders for them (ResNet, optimizer, LR schedule).
+"""What the tasks share: the backbone, solver, run and anchor sections of the schema, the
+builders for them (ResNet, optimizer, LR schedule), and the name a classification checkpoint
+records (localization starts from one).
 
 A task's own schema and build live in ``detres/tasks/<task>/``; this module is the part that
 classification, detection and localization have in common.
@@ -18,9 +19,12 @@ from detres.config_checks import (AT_LEAST_0, AT_LEAST_1, FRACTION, POSITIVE, SE
 from detres.config import replace as replace_config
 from detres.engine.schedule import WarmupMultiStepSchedule
 from detres.models.resnet import IMAGENET_DEPTHS, ResNet
-from detres.models.weights import load_weights
+from detres.weights_io import load_backbone_weights
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+CLASSIFICATION_TASK = "classification"   # a checkpoint's "task" (docs/architecture.md, Carriers)
+NON_EMPTY_POSITIVE = Range(0, lo_open=True, non_empty=True)
+IOU_PAIR = Range(0, 1, ascending=True)             # (negative below, positive at or above)
 
 
 # ----------------------------------------------------------------------------- schema
@@ -75,6 +79,13 @@ class BackboneConfig:
     weights: str | None = None
     # zero-init the last norm of each residual branch, so blocks start as identities
     zero_init_residual: bool = checked(False, _plain_net_zero_init)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AnchorConfig:
+    # paper VOC: 128, 256, 512; paper COCO adds 64 (Appendix A); modern: 32..512
+    sizes: tuple[float, ...] = checked((64.0, 128.0, 256.0, 512.0), NON_EMPTY_POSITIVE)
+    aspect_ratios: tuple[float, ...] = checked((0.5, 1.0, 2.0), NON_EMPTY_POSITIVE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -145,7 +156,7 @@ def build_backbone(cfg: BackboneConfig, num_classes: int | None = None) -> ResNe
                  norm=cfg.norm, gn_groups=cfg.gn_groups, freeze_at=cfg.freeze_at,
                  zero_init_residual=cfg.zero_init_residual)
     if cfg.weights:
-        load_weights(net, cfg.weights, ignore_prefixes=("fc.",))
+        load_backbone_weights(net, cfg.weights, ignore_prefixes=("fc.",))
     return net
 
 

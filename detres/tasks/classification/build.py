@@ -16,11 +16,11 @@ from detres.data.loader import make_loader
 from detres.data.samplers import InferenceSampler, TrainingSampler
 from detres.engine.distributed import DistInfo
 from detres.models.classifier import Classifier
-from detres.tasks.common import BackboneConfig, build_backbone
+from detres.tasks.common import CLASSIFICATION_TASK, BackboneConfig, build_backbone
 from detres.tasks.classification.config import (ClassificationConfig, ClsDataConfig,
                                                 ClsDatasetConfig)
 
-TASK = "classification"
+TASK = CLASSIFICATION_TASK
 
 
 def build_classifier(cfg: ClassificationConfig, num_classes: int,

@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from detres.config import to_dict
-from detres.engine.checkpoint import atomic_save, extract_backbone, load_task_weights
+from detres.engine.checkpoint import atomic_save, extract_backbone, load_checkpoint_weights
 from detres.engine.launch import begin_resumed_run, releases_run_lock, setup_run
 from detres.engine.logging import write_json
 from detres.engine.loop import Trainer
 from detres.engine.precise_bn import recompute_bn_stats
-from detres.evaluation.classification import evaluate_classifier
-from detres.models.weights import backbone_file
+from detres.evaluation.classification import ClassificationEvaluator
+from detres.evaluation.inference import inference_on_dataset
+from detres.models.classifier import mean_softmax
+from detres.weights_io import backbone_file
 from detres.tasks.classification.build import (TASK, build_classifier, build_cls_datasets,
                                                build_cls_test_loader, build_cls_train_loader,
                                                describe_classifier)
@@ -28,6 +31,32 @@ from detres.tasks.classification.config import ClassificationConfig
 from detres.tasks.common import build_lr_schedule, build_optimizer, scale_schedule
 
 logger = logging.getLogger("detres")
+BACKBONE_FILE = "backbone.pth"   # the trunk's weights: this task's own record of a run
+
+
+class ClassifierScores(nn.Module):
+    """The classifier as evaluation runs it: a test batch ``(images, labels)`` -> (N, K)
+    class scores. images (N, 3, H, W) give the logits; (N, C, 3, H, W) crops (C = 10) or per
+    image a list of views of different sizes (multi-scale testing) give the softmax scores
+    averaged over each image's views (Sec. 3.4, ``models.classifier.mean_softmax``)."""
+
+    def __init__(self, model: nn.Module, device: torch.device | str) -> None:
+        super().__init__()
+        self.model, self.device = model, torch.device(device)
+
+    def forward(self, batch: Sequence[Any]) -> Tensor:
+        images = batch[0]
+        if isinstance(images, Tensor) and images.dim() == 4:
+            return self.model(images.to(self.device, non_blocking=True)).logits.float()
+        return mean_softmax(self.model, [list(v) for v in images], self.device)
+
+
+def evaluate_classifier(model: nn.Module, loader: Iterable[Sequence[Any]],
+                        device: torch.device | str = "cpu") -> dict[str, float]:
+    """Top-1/top-5 error of ``model`` (returning ``.logits``) over ``loader``'s
+    (images, labels) batches, over all ranks (``ClassificationEvaluator.evaluate``)."""
+    return inference_on_dataset(ClassifierScores(model, device), loader,
+                                ClassificationEvaluator(), device)
 
 
 def _write_eval(output_dir: Path, results: dict[str, Any]) -> None:
@@ -36,7 +65,7 @@ def _write_eval(output_dir: Path, results: dict[str, Any]) -> None:
 
 
 def _setup(cfg: ClassificationConfig, mode: str, notes: Sequence[str] = ()):
-    device, dist, output_dir, log = setup_run(cfg, mode)
+    device, dist, output_dir, log = setup_run(cfg, mode, records=(BACKBONE_FILE,))
     for note in notes:
         log.info(note)
     train_set, val_set, mean_image = build_cls_datasets(cfg.data)
@@ -51,7 +80,7 @@ def _setup(cfg: ClassificationConfig, mode: str, notes: Sequence[str] = ()):
 def evaluate(cfg: ClassificationConfig, weights: str) -> dict[str, Any]:
     """Top-1/top-5 error of checkpoint ``weights`` on ``data.val``."""
     _, dist, output_dir, _, _, model, eval_fn = _setup(cfg, "eval")
-    load_task_weights(model, weights, TASK)
+    load_checkpoint_weights(model, weights, TASK)
     results = eval_fn(model)
     if dist.is_main:
         _write_eval(output_dir, results)
@@ -84,19 +113,19 @@ def train(cfg: ClassificationConfig, resume: bool = False, typed: Collection[str
                                     device=device) if cfg.precise_bn.num_batches else None)
     if resume:
         trainer.resume()        # refuses other classes or another network: nothing written yet
-        begin_resumed_run(cfg, output_dir, device, dist)
+        begin_resumed_run(cfg, output_dir, device, dist, records=(BACKBONE_FILE,))
     result = trainer.run()
     trainer.close()
     if dist.is_main:
         atomic_save(backbone_file(extract_backbone(model.state_dict(), "net."),
-                                  model.net.arch()), output_dir / "backbone.pth")
+                                  model.net.arch()), output_dir / BACKBONE_FILE)
         _write_eval(output_dir, result.eval_results)
     for dataset in (train_set, val_set):
         if hasattr(dataset, "report_skipped_images"):      # data.skip_bad_images
             dataset.report_skipped_images()
     logger.info(f"done: top-1 error {result.eval_results['top1_err']:.2f}%, top-5 error "
                 f"{result.eval_results['top5_err']:.2f}%; backbone weights in "
-                f"{output_dir / 'backbone.pth'}")
+                f"{output_dir / BACKBONE_FILE}")
     return result.eval_results
 
 

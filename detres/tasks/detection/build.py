@@ -1,10 +1,10 @@
-"""Detection: config -> detector, datasets and loaders, and checkpoint -> detector.
+"""Detection: config -> detector, datasets and loaders.
 
-The only place where a detection config becomes objects (the tools and ``run.py`` call these).
+The only place where a detection config becomes objects (the tools and ``run.py`` call these;
+a trained checkpoint becomes a detector through ``load.py::load_detector``).
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,8 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from detres.config import ConfigError, from_dict
-from detres.config import replace as replace_config
+from detres.config import ConfigError
 from detres.data.builtin import ensure_builtin_shapes, shapes_split
 from detres.data.classification import DatasetNotFoundError, datasets_root
 from detres.data.coco import COCODetection
@@ -22,10 +21,9 @@ from detres.data.coco_splits import MergedCOCODetection, coco_split_files, image
 from detres.data.ilsvrc_det import ILSVRCDetection
 from detres.data.io import DetectionDataset
 from detres.data.loader import build_detection_loader
-from detres.data.transforms import eval_transform, train_transform
+from detres.data.transforms import eval_transform, pyramid_resize, train_transform
 from detres.data.voc import VOC_CLASSES, VOCDetection
-from detres.engine.checkpoint import (CheckpointError, check_task, load_checkpoint,
-                                      load_task_weights)
+from detres.engine.checkpoint import CheckpointError, load_checkpoint_weights, read_checkpoint
 from detres.engine.distributed import DistInfo
 from detres.models.anchors import AnchorGenerator
 from detres.models.faster_rcnn import FasterRCNN
@@ -72,23 +70,13 @@ def build_detector(cfg: DetModelConfig, num_classes: int) -> FasterRCNN:
                          global_context=h.global_context)
     model = FasterRCNN(trunk, rpn, roi_head, cfg.pixel_mean, cfg.pixel_std,
                        channels_last=cfg.channels_last)
-    if cfg.weights:
-        load_detector_weights(model, cfg.weights, cfg.reinit_class_layers, cfg)
+    if cfg.weights:     # fine-tuning a detection checkpoint (e.g. COCO -> VOC, Sec. 4.3)
+        ckpt = read_checkpoint(cfg.weights)
+        check_structure(cfg, ckpt, cfg.weights)
+        load_checkpoint_weights(model, cfg.weights, TASK, ckpt=ckpt,
+                                class_layers=CLASS_LAYER_PREFIXES,
+                                reinit_class_layers=cfg.reinit_class_layers)
     return model
-
-
-def load_detector_weights(model: FasterRCNN, path: str, reinit_class_layers: bool = False,
-                          cfg: DetModelConfig | None = None,
-                          ckpt: dict[str, Any] | None = None) -> None:
-    """Loads a detection checkpoint (``ckpt``: it, already read); another class count is an
-    error unless ``reinit_class_layers`` (then the class-specific layers keep their fresh
-    init). With ``cfg``, a checkpoint trained with another structure
-    (:func:`check_structure`) is refused first."""
-    ckpt = load_checkpoint(path) if ckpt is None else ckpt
-    if cfg is not None:
-        check_structure(cfg, ckpt, path)
-    load_task_weights(model, path, TASK, ckpt=ckpt, class_layers=CLASS_LAYER_PREFIXES,
-                      reinit_class_layers=reinit_class_layers)
 
 
 # model keys that change the function or the head's input width, with their value in
@@ -115,41 +103,6 @@ def check_structure(cfg: DetModelConfig, ckpt: dict[str, Any], path: str | Path)
                 f"config)")
 
 
-def stored_config(ckpt: dict[str, Any], path: str | Path, overrides: Sequence[str] = ()
-                  ) -> DetectionConfig:
-    """The config a training checkpoint records, with ``key=value`` overrides applied."""
-    if "config" not in ckpt:
-        raise CheckpointError(f"{path} does not record its config; pass CONFIG explicitly")
-    cfg = from_dict(ckpt["config"], DetectionConfig, source=f"{path} (stored config)")
-    return replace_config(cfg, list(overrides))
-
-
-def member_config(ckpt: dict[str, Any], path: str | Path, default: DetModelConfig
-                  ) -> DetModelConfig:
-    """The model config an ensemble member was trained with (its checkpoint's stored config),
-    or ``default`` for a checkpoint without one: members may differ in depth, context, ..."""
-    return stored_config(ckpt, path).model if ckpt.get("config") else default
-
-
-def detectors_for_checkpoints(cfg: DetModelConfig, paths: Sequence[str | Path]
-                              ) -> tuple[list[FasterRCNN], dict[str, Any]]:
-    """One detector per checkpoint (an ensemble when several), all over one class list: the
-    first built by ``cfg``, the others by their own stored configs; returns the models and the
-    first checkpoint's metadata."""
-    models, metas = [], []
-    for i, path in enumerate(paths):
-        ckpt = load_checkpoint(path)
-        model, meta = detector_for_checkpoint(
-            cfg if i == 0 else member_config(ckpt, path, cfg), path, ckpt)
-        models.append(model)
-        metas.append(meta)
-    for path, meta in zip(paths[1:], metas[1:]):
-        if meta["class_names"] != metas[0]["class_names"]:
-            raise CheckpointError(f"{path} predicts other classes than {paths[0]}; an ensemble "
-                                  f"needs one class list")
-    return list(models), metas[0]
-
-
 def build_test_detector(cfg: DetectionConfig, models: Sequence[FasterRCNN]) -> nn.Module:
     """The model evaluation and the Predictor run: the detector itself, or, with any of
     Appendix B's test-time switches (``test.*``) or several models, a TestTimeDetector."""
@@ -157,7 +110,9 @@ def build_test_detector(cfg: DetectionConfig, models: Sequence[FasterRCNN]) -> n
     if len(models) == 1 and not (t.box_refinement or t.scales or t.flip):
         return models[0]
     return TestTimeDetector(models, box_refinement=t.box_refinement, voting_iou=t.voting_iou,
-                            scales=t.scales, base_size=cfg.data.min_size_test, flip=t.flip)
+                            scales=t.scales, base_size=cfg.data.min_size_test,
+                            max_size=cfg.data.max_size_test, scale_target=t.scale_target,
+                            flip=t.flip)
 
 
 def _require_file(path: Path, key: str, what: str, how: str) -> Path:
@@ -169,13 +124,24 @@ def _require_file(path: Path, key: str, what: str, how: str) -> Path:
 
 
 def build_det_dataset(cfg: DetDatasetConfig, data: DetDataConfig, train: bool,
-                      key: str) -> DetectionDataset:
-    """One split of ``data.train`` / ``data.val`` (``key`` names it in errors)."""
+                      key: str, test_scales: Sequence[int] = ()) -> DetectionDataset:
+    """One split of ``data.train`` / ``data.val`` (``key`` names it in errors); a test split
+    with ``test_scales`` (``test.scales``) comes at the pyramid's top level. With
+    ``data.skip_bad_images`` an unreadable test image never stands in for another (its
+    detections would count twice): it comes as ``SkippedImageTargets`` under its own id."""
+    dataset = _build_split(cfg, data, train, key, test_scales)
+    dataset.substitute_bad_images = train
+    return dataset
+
+
+def _build_split(cfg: DetDatasetConfig, data: DetDataConfig, train: bool,
+                 key: str, test_scales: Sequence[int]) -> DetectionDataset:
     if train:
         transform = train_transform(data.min_size_train, data.max_size_train,
                                     flip_prob=data.flip_prob, color_jitter=data.color_jitter)
     else:
-        transform = eval_transform(data.min_size_test, data.max_size_test)
+        transform = eval_transform(*pyramid_resize(data.min_size_test, data.max_size_test,
+                                                   test_scales))
     common = dict(transform=transform, filter_empty=train and data.filter_empty,
                   skip_bad_images=data.skip_bad_images, bad_annotations=cfg.bad_annotations)
     if cfg.type != "imagenet_det":  # ILSVRC's file names come from its own split files
@@ -279,33 +245,3 @@ def describe_detector(cfg: DetModelConfig, num_classes: int) -> str:
             f"roi_op={cfg.roi_head.roi_op!r}, pooled_size={cfg.roi_head.pooled_size}, "
             f"anchors={list(cfg.anchors.sizes)}x{list(cfg.anchors.aspect_ratios)}, "
             f"num_classes={num_classes})")
-
-
-def detector_for_checkpoint(cfg: DetModelConfig, path: str | Path,
-                            ckpt: dict[str, Any] | None = None
-                            ) -> tuple[FasterRCNN, dict[str, Any]]:
-    """The detector described by ``cfg`` with the weights of checkpoint ``path`` (its class
-    count taken from the checkpoint; ``ckpt``: the checkpoint, already read); returns (model,
-    the checkpoint's metadata)."""
-    ckpt = load_checkpoint(path) if ckpt is None else ckpt
-    check_task(ckpt, path, TASK)
-    names = ckpt.get("class_names")
-    if not names:
-        raise CheckpointError(f"{path} does not record its class_names; it was not written by "
-                              f"tools/train_det.py")
-    check_structure(cfg, ckpt, path)
-    plain = dataclasses.replace(cfg, weights=None,
-                                backbone=dataclasses.replace(cfg.backbone, weights=None))
-    model = build_detector(plain, len(names))
-    load_task_weights(model, path, TASK, ckpt=ckpt)
-    meta = {k: v for k, v in ckpt.items() if k in ("class_names", "category_ids", "config")}
-    return model.eval(), meta
-
-
-def detector_from_checkpoint(path: str | Path, overrides: Sequence[str] = ()
-                             ) -> tuple[FasterRCNN, DetectionConfig, dict[str, Any]]:
-    """The detector of a training checkpoint, rebuilt from the config stored in it."""
-    ckpt = load_checkpoint(path)
-    cfg = stored_config(ckpt, path, overrides)
-    model, meta = detector_for_checkpoint(cfg.model, path, ckpt)
-    return model, cfg, meta

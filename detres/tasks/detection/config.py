@@ -8,11 +8,8 @@ from typing import Literal
 from detres.config_checks import (AT_LEAST_0, AT_LEAST_1, FRACTION, PIXEL, POSITIVE,
                                   SEED, Range, checked)
 from detres.models.pixels import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
-from detres.tasks.common import BackboneConfig, SolverConfig, TrainConfig
-
-
-NON_EMPTY_POSITIVE = Range(0, lo_open=True, non_empty=True)
-IOU_PAIR = Range(0, 1, ascending=True)             # (negative below, positive at or above)
+from detres.tasks.common import (IOU_PAIR, AnchorConfig, BackboneConfig, SolverConfig,
+                                 TrainConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,13 +67,6 @@ class DetDataConfig:
     skip_bad_images: bool = False                  # skip undecodable images and count them
     aspect_grouping: bool = True                   # batches of landscape or of portrait images
     builtin: BuiltinShapesConfig = field(default_factory=BuiltinShapesConfig)
-
-
-@dataclass(frozen=True, kw_only=True)
-class AnchorConfig:
-    # paper VOC: 128, 256, 512; paper COCO adds 64 (Appendix A); modern: 32..512
-    sizes: tuple[float, ...] = checked((64.0, 128.0, 256.0, 512.0), NON_EMPTY_POSITIVE)
-    aspect_ratios: tuple[float, ...] = checked((0.5, 1.0, 2.0), NON_EMPTY_POSITIVE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,6 +141,10 @@ class DetTestConfig:
     # multi-scale testing: shorter sides of the pyramid, e.g. [200, 400, 600, 800, 1000];
     # each RoI on two adjacent scales merged by maxout (Ren et al. [33]); [] single-scale
     scales: tuple[int, ...] = checked((), AT_LEAST_1)
+    # the side of the square whose area each RoI's scale pair brackets: what the RoI head's
+    # conv5_x saw in training, the paper's 224 (ImageNet crops); a model pretrained or trained
+    # at other sizes takes its own (a preset's comment says how its value was derived)
+    scale_target: int = checked(224, AT_LEAST_1)
     flip: bool = False                             # also score each RoI on the mirrored image
     # write the results files only (COCO test-dev, VOC 2012 test): no ground truth needed
     format_only: bool = False

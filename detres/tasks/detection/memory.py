@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from detres.config import ConfigError
 from detres.engine.distributed import DistInfo
-from detres.engine.loop import training_amp_dtype
+from detres.engine.precision import training_amp_dtype
 from detres.models.roi_head import pool_rois, roi_align_gather
 from detres.structures import SIZE_DIVISIBILITY
 from detres.tasks.detection.build import build_detector

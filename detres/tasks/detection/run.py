@@ -1,74 +1,92 @@
 """Detection runs: ``train(cfg)`` trains and evaluates Faster R-CNN C4 (Appendix A);
 ``evaluate(cfg, weights)`` scores a checkpoint on ``data.val``. Both return the metrics and
 write into the run folder of docs/architecture.md: ``train`` into ``train.output_dir``,
-``evaluate`` into its own new ``train.output_dir/eval_only/<YYYYmmdd-HHMMSS>/``."""
+``evaluate`` into its own new ``train.output_dir/eval_only/<YYYYmmdd-HHMMSS>/`` (without a
+config: beside the checkpoint)."""
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Collection, Sequence
 from typing import Any
 
 from detres.config import ConfigError, to_dict
-from detres.engine.checkpoint import load_checkpoint
-from detres.engine.launch import begin_resumed_run, releases_run_lock, setup_run
-from detres.engine.loop import AMP_DTYPES, Trainer
-from detres.evaluation.detection import evaluate_detector
+from detres.engine.checkpoint import CheckpointError, class_difference
+from detres.engine.launch import (begin_resumed_run, beside_weights, releases_run_lock,
+                                  setup_run)
+from detres.engine.loop import Trainer
+from detres.engine.precision import AMP_DTYPES
+from detres.evaluation.detection import (BoxEvaluator, COCOEvaluator, FormatOnlyEvaluator,
+                                        VOCEvaluator)
+from detres.evaluation.inference import inference_on_dataset
+from detres.models.fast import inference_amp_dtype
 from detres.tasks.common import build_lr_schedule, build_optimizer, scale_schedule
 from detres.tasks.detection.build import (TASK, build_det_dataset, build_det_test_loader,
                                           build_det_train_loader, build_detector,
-                                          build_test_detector, member_config,
-                                          describe_detector, load_detector_weights)
+                                          build_test_detector, describe_detector)
 from detres.tasks.detection.config import DetectionConfig
+from detres.tasks.detection.inference import dataset_info, ready_detector
+from detres.tasks.detection.load import load_detector
 from detres.tasks.detection.memory import check_iteration_memory
 
 
 def _evaluator(cfg: DetectionConfig, device, dist, output_dir, metric: str | None = None,
                engine: str = "faster"):
     """(val set, ``models -> metrics``) for ``data.val`` with ``test.metric`` (or ``metric``);
-    the function takes a detector or a list (an ensemble) and applies the ``test.*``
-    switches (``build_test_detector``)."""
-    val_set = build_det_dataset(cfg.data.val, cfg.data, train=False, key="data.val")
+    the function takes a detector or a list (an ensemble), applies the ``test.*`` switches
+    (``build_test_detector``) and runs it in its inference form (``ready_detector``)."""
+    val_set = build_det_dataset(cfg.data.val, cfg.data, train=False, key="data.val",
+                                test_scales=cfg.test.scales)
     if not getattr(val_set, "has_annotations", True) and not cfg.test.format_only:
         raise ConfigError(f"data.val: {val_set.source} has no ground truth (image info only, "
                           f"as COCO test-dev); set test.format_only=true (tools/eval_det.py "
                           f"--format-only) to write the results for the evaluation server")
     val_loader = build_det_test_loader(cfg, val_set, dist, device)
-    voc_split = tuple(cfg.data.val.splits[0].split("/", 1)) if cfg.data.val.type == "voc" \
-        else ("2012", "test")
-    amp = AMP_DTYPES.get(cfg.train.amp) if device.type == "cuda" else None
+    info, metric = dataset_info(val_set), metric or cfg.test.metric
+    amp = inference_amp_dtype(device, cfg.test.cpu_amp, AMP_DTYPES.get(cfg.train.amp))
+
+    def box_evaluator(summary_only: bool) -> BoxEvaluator:
+        if cfg.test.format_only:
+            voc_split = tuple(cfg.data.val.splits[0].split("/", 1)) \
+                if cfg.data.val.type == "voc" else ("2012", "test")
+            return FormatOnlyEvaluator(info, output_dir, "coco" if metric == "coco" else "voc",
+                                       voc_split)
+        if metric == "coco":
+            return COCOEvaluator(info, output_dir, engine, summary_only)
+        return VOCEvaluator(info, metric, output_dir, summary_only)
 
     def evaluate_models(models, summary_only: bool = True) -> dict[str, Any]:
         models = models if isinstance(models, (list, tuple)) else [models]
-        return evaluate_detector(
-            build_test_detector(cfg, models), loader=val_loader, dataset=val_set,
-            device=device, metric=metric or cfg.test.metric, engine=engine,
-            output_dir=output_dir, amp_dtype=amp, summary_only=summary_only,
-            format_only=cfg.test.format_only, voc_split=voc_split,
-            fast_path=cfg.test.fast_path, cpu_amp=cfg.test.cpu_amp, compile=cfg.test.compile)
+        model = ready_detector(build_test_detector(cfg, models), device, cfg.test.fast_path,
+                               cfg.test.compile)
+        return inference_on_dataset(model, val_loader, box_evaluator(summary_only), device, amp)
     return val_set, evaluate_models
 
 
-def evaluate(cfg: DetectionConfig, weights: str | Sequence[str], metric: str | None = None,
-             engine: str = "faster", summary_only: bool = True) -> dict[str, Any]:
+def evaluate(cfg: DetectionConfig | None, weights: str | Sequence[str],
+             metric: str | None = None, engine: str = "faster", summary_only: bool = True,
+             overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Scores checkpoint ``weights`` (several: an ensemble, Appendix B) on ``data.val``
     (``metric`` overrides ``test.metric``, ``engine`` picks the COCO engine); per-class AP
     too when not ``summary_only`` (the training log and ``tools/train_det.py --eval-only``
-    return the summary, as training does)."""
+    return the summary, as training does).
+
+    ``cfg`` None: the config stored in the (first) checkpoint with ``overrides``, its records
+    beside that checkpoint unless the overrides set ``train.output_dir``. The checkpoints are
+    checked (``load_detector``) before any record is written."""
     paths = [weights] if isinstance(weights, (str, os.PathLike)) else list(weights)
-    device, dist, output_dir, _ = setup_run(cfg, "eval")
-    val_set, eval_fn = _evaluator(cfg, device, dist, output_dir, metric, engine)
-    models = []
-    for i, path in enumerate(paths):  # ensemble members after the first: their own configs
-        ckpt = load_checkpoint(path)
-        model_cfg = cfg.model if i == 0 else member_config(ckpt, path, cfg.model)
-        # the checkpoints hold every weight: no backbone file to read first
-        plain = dataclasses.replace(model_cfg, weights=None, backbone=dataclasses.replace(
-            model_cfg.backbone, weights=None))
-        model = build_detector(plain, val_set.num_classes).to(device)
-        load_detector_weights(model, path, cfg=model_cfg, ckpt=ckpt)
-        models.append(model)
-    return eval_fn(models, summary_only=summary_only)
+    loaded = load_detector(paths, cfg, overrides)
+    run_cfg = loaded.cfg if cfg is not None else beside_weights(
+        loaded.cfg, paths[0], {item.partition("=")[0].strip() for item in overrides})
+    device, dist, output_dir, logger = setup_run(run_cfg, "eval")
+    val_set, eval_fn = _evaluator(run_cfg, device, dist, output_dir, metric, engine)
+    trained, held = list(loaded.class_names), list(val_set.class_names)
+    if trained != held:     # the same count with other names would be scored label by label
+        raise CheckpointError(f"{paths[0]} was trained on other classes than data.val holds: "
+                              f"{class_difference(trained, held, here='in data.val')}; "
+                              f"evaluate it on the data it was trained on")
+    metrics = eval_fn([d.to(device) for d in loaded.detectors], summary_only=summary_only)
+    logger.info(f"records in {output_dir}")
+    return metrics
 
 
 def check_trainable(cfg: DetectionConfig) -> None:

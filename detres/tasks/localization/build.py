@@ -14,18 +14,17 @@ from detres.config import replace as replace_config
 from detres.data.builtin_loc import ensure_builtin_loc
 from detres.data.classification import DatasetNotFoundError, datasets_root
 from detres.data.loc_transforms import LocTrainTransform
-from detres.data.localization import LocalizationDataset
-from detres.engine.checkpoint import (CheckpointError, check_task, load_checkpoint,
-                                      load_task_weights)
-from detres.engine.loop import AMP_DTYPES
+from detres.data.localization import LocalizationDataset, loc_split_dirs
+from detres.engine.checkpoint import (CheckpointError, check_task, load_checkpoint_weights,
+                                      read_checkpoint)
+from detres.engine.precision import AMP_DTYPES
 from detres.models.anchors import AnchorGenerator
 from detres.models.classifier import Classifier
 from detres.models.loc_inference import LocalizerEnsemble, LocTestSettings
 from detres.models.localizer import Localizer, PerClassRPN, PerClassRPNHead, RCNNRefiner
-from detres.models.weights import load_weights
-from detres.tasks.classification.build import TASK as CLASSIFICATION_TASK
-from detres.tasks.common import BackboneConfig, build_backbone
+from detres.tasks.common import CLASSIFICATION_TASK, BackboneConfig, build_backbone
 from detres.tasks.localization.config import LocalizationConfig, LocDataConfig, LocDatasetConfig
+from detres.weights_io import load_backbone_weights
 
 TASK = "localization"
 LOC_BUILTIN_HINT = ("python tools/train_loc.py configs/loc_r18_builtin.yaml "
@@ -55,8 +54,8 @@ def build_loc_dataset(cfg: LocDatasetConfig, data: LocDataConfig, *, key: str,
                                   image_size=b.image_size, seed=b.seed)
     else:
         root = Path(cfg.root) if cfg.root else datasets_root() / "imagenet"
-    image_root = root / cfg.split
-    box_root = Path(cfg.boxes) if cfg.boxes else root / "bbox" / cfg.split
+    image_root, box_root = loc_split_dirs(root, cfg.split)
+    box_root = Path(cfg.boxes) if cfg.boxes else box_root
     for path, what in ((image_root, "image folder"), (box_root, "bounding-box XML folder")):
         if not path.is_dir():
             raise DatasetNotFoundError(
@@ -78,11 +77,11 @@ def build_loc_classifier(cfg: LocalizationConfig, num_classes: int) -> Classifie
     net = build_backbone(dataclasses.replace(c.backbone, weights=None), num_classes)
     model = Classifier(net, cfg.pixel_mean, cfg.pixel_std)
     if c.weights:
-        ckpt = None if c.weights.startswith("torchvision://") else load_checkpoint(c.weights)
+        ckpt = None if c.weights.startswith("torchvision://") else read_checkpoint(c.weights)
         if ckpt is not None and ckpt.get("task") == CLASSIFICATION_TASK:
-            load_task_weights(model, c.weights, CLASSIFICATION_TASK, ckpt=ckpt)
+            load_checkpoint_weights(model, c.weights, CLASSIFICATION_TASK, ckpt=ckpt)
         else:
-            load_weights(net, c.weights)
+            load_backbone_weights(net, c.weights)
     return model
 
 
@@ -162,7 +161,7 @@ def localizer_from_checkpoint(path: str | Path, overrides: Sequence[str] = ()
                               ) -> tuple[Localizer, LocalizationConfig, dict[str, Any]]:
     """The localizer of a tools/train_loc.py ``model_final.pth``, rebuilt from its stored
     config (``overrides`` may change test settings)."""
-    ckpt = load_checkpoint(path)
+    ckpt = read_checkpoint(path)
     check_task(ckpt, path, TASK)
     if "config" not in ckpt or not ckpt.get("class_names"):
         raise CheckpointError(f"{path} does not record its config and class_names; it was not "
@@ -175,7 +174,7 @@ def localizer_from_checkpoint(path: str | Path, overrides: Sequence[str] = ()
         rpn=dataclasses.replace(cfg.rpn, backbone=_no_weights(cfg.rpn.backbone)),
         rcnn=dataclasses.replace(cfg.rcnn, backbone=_no_weights(cfg.rcnn.backbone)))
     model = build_localizer(plain, len(ckpt["class_names"]))
-    load_task_weights(model, path, TASK, ckpt=ckpt)
+    load_checkpoint_weights(model, path, TASK, ckpt=ckpt)
     return model.eval(), cfg, {"class_names": list(ckpt["class_names"])}
 
 

@@ -9,8 +9,7 @@ from typing import Any, Literal
 from detres.config_checks import (AT_LEAST_0, AT_LEAST_1, FRACTION, PIXEL, POSITIVE,
                                   SEED, Range, checked)
 from detres.models.pixels import IMAGENET_PIXEL_MEAN, IMAGENET_PIXEL_STD
-from detres.tasks.common import BackboneConfig, RunConfig, SolverConfig
-from detres.tasks.detection.config import IOU_PAIR, AnchorConfig
+from detres.tasks.common import IOU_PAIR, AnchorConfig, BackboneConfig, RunConfig, SolverConfig
 
 SIZE_RANGE = Range(1, ascending=True)              # [shorter side low, high]
 SIZES = Range(1, non_empty=True)

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from detres.data.image_files import Image, load_image
 from detres.engine.distributed import resolve_device
-from detres.evaluation.localization_runner import localize_batch
 from detres.models.loc_inference import LocalizerEnsemble, LocTestSettings
 from detres.models.localizer import Localizer
-from detres.predictor import Image, load_image
 from detres.tasks.localization.build import load_localizers, loc_test_settings
+from detres.tasks.localization.inference import localize_batch
 
 
 

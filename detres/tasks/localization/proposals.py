@@ -37,7 +37,7 @@ from detres.evaluation.inference import run_inference
 from detres.models.loc_inference import (LocTestSettings, dense_proposals, flat_proposals,
                                          inference_autocast)
 from detres.models.localizer import PerClassRPN
-from detres.safe_pickle import torch_load_reason
+from detres.weights_io import read_torch_file
 
 Proposals = dict[int, tuple[Tensor, Tensor]]
 ROW = 5    # x1, y1, x2, y2, class
@@ -133,11 +133,7 @@ class ProposalStore(Mapping[int, tuple[Tensor, Tensor]]):
     @classmethod
     def load(cls, path: Path, num_images: int, num_classes: int) -> ProposalStore:
         """The store of a finished stage's index ``path`` for ``num_images`` images."""
-        try:
-            stored = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated, or pickled code that must not run
-            raise CheckpointError(f"{path}: cannot read the stored proposals "
-                                  f"({torch_load_reason(e)})") from None
+        stored = read_torch_file(path, "proposals index", CheckpointError)
         bounds = stored.get("bounds") if isinstance(stored, dict) else None
         counts = stored.get("counts") if isinstance(stored, dict) else None
         if not (isinstance(bounds, list) and len(bounds) >= 2

@@ -28,20 +28,25 @@ from detres.config import to_dict
 from detres.data import loc_batches
 from detres.data.samplers import TrainingSampler
 from detres.engine import distributed as du
-from detres.engine.checkpoint import (Checkpointer, atomic_save, check_resume, load_checkpoint,
-                                      load_task_weights)
+from detres.engine.checkpoint import (Checkpointer, atomic_save, check_resume,
+                                      load_checkpoint_weights, read_checkpoint)
 from detres.engine.launch import begin_resumed_run, releases_run_lock, setup_run
 from detres.engine.loop import Trainer
-from detres.evaluation.localization_runner import evaluate_localizer
+from detres.evaluation.inference import inference_on_dataset
+from detres.evaluation.localization_runner import LocalizationEvaluator
+from detres.models.loc_inference import LocTestSettings
 from detres.tasks.common import SolverConfig, build_lr_schedule, build_optimizer, scale_schedule
 from detres.tasks.localization.build import (TASK, build_loc_dataset, build_loc_train_transform,
                                              build_localizer, copy_classifier_weights,
                                              index_cache_dir, load_localizers,
                                              loc_test_settings)
 from detres.tasks.localization.config import LocalizationConfig
+from detres.tasks.localization.inference import BatchLocalizer
 from detres.tasks.localization.proposals import cached_training_proposals
 
 STAGES = ("classifier", "rpn", "rcnn")      # the sub-folders of a training run, in order
+# the R-CNN's training proposals (proposals.py): this task's own records of a run
+RECORDS = ("rcnn/proposals.pth", "rcnn/proposals.rank[0-9]*.npy")
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ def train_stage(run: Run, name: str, module: torch.nn.Module, dataset: Any, coll
     from its model_final.pth and an interrupted one continues from its last checkpoint."""
     stage_dir, task = run.output_dir / name, f"{TASK}-{name}"
     if run.finished(name):
-        load_task_weights(module, stage_dir / "model_final.pth", task)
+        load_checkpoint_weights(module, stage_dir / "model_final.pth", task)
         return
     cfg = run.cfg
     sampler = TrainingSampler(len(dataset), solver.ims_per_batch, seed=cfg.train.seed,
@@ -99,8 +104,18 @@ def check_stages(run: Run, modules: dict[str, torch.nn.Module | None]) -> None:
         path = (stage_dir / "model_final.pth" if run.finished(name)
                 else Checkpointer(stage_dir).last_checkpoint())
         if module is not None and path is not None:
-            check_resume(load_checkpoint(path), path, module, f"{TASK}-{name}",
+            check_resume(read_checkpoint(path), path, module, f"{TASK}-{name}",
                          run.meta["class_names"], run.meta["config"])
+
+
+def evaluate_localizer(run: Run, model: torch.nn.Module, dataset: Any,
+                       settings: LocTestSettings) -> dict[str, dict[str, float]]:
+    """Runs and scores the pipeline on ``dataset`` (built with ``transform=None``) on every
+    rank; the main rank logs the Table-13-style table and writes ``eval/``."""
+    evaluator = LocalizationEvaluator(dataset, run.output_dir, settings.scales)
+    return inference_on_dataset(BatchLocalizer(model, dataset, settings, run.device),
+                                run.test_loader(dataset), evaluator, run.device,
+                                desc="localize")
 
 
 def evaluate(cfg: LocalizationConfig | None, weights: str | Sequence[str],
@@ -116,8 +131,7 @@ def evaluate(cfg: LocalizationConfig | None, weights: str | Sequence[str],
                                 class_names=meta["class_names"],
                                 cache_dir=index_cache_dir(cfg.data, cfg.train.output_dir))
     run = Run(cfg, output_dir, device, dist, False, meta)
-    return evaluate_localizer(model.to(device), run.test_loader(val_set), val_set,
-                              loc_test_settings(cfg), device, output_dir)
+    return evaluate_localizer(run, model.to(device), val_set, loc_test_settings(cfg))
 
 
 @releases_run_lock
@@ -127,7 +141,8 @@ def train(cfg: LocalizationConfig, resume: bool = False, typed: Collection[str] 
     per method. ``typed``: the keys the user set on the command line, which
     ``scale_schedule`` keeps as they are."""
     cfg, notes = scale_schedule(cfg, typed, [(f"{s}.solver", s) for s in STAGES])
-    device, dist, output_dir, logger = setup_run(cfg, "resume" if resume else "train", STAGES)
+    device, dist, output_dir, logger = setup_run(cfg, "resume" if resume else "train", STAGES,
+                                            RECORDS)
     for note in notes:
         logger.info(note)
     settings = loc_test_settings(cfg)
@@ -146,7 +161,7 @@ def train(cfg: LocalizationConfig, resume: bool = False, typed: Collection[str] 
     if resume:
         check_stages(run, {"classifier": None if cfg.classifier.weights else model.classifier,
                            "rpn": model.rpn, "rcnn": model.rcnn})
-        begin_resumed_run(cfg, output_dir, device, dist, STAGES)
+        begin_resumed_run(cfg, output_dir, device, dist, STAGES, RECORDS)
 
     if not cfg.classifier.weights:
         cls_set = train_images.with_transform(build_loc_train_transform(
@@ -172,8 +187,7 @@ def train(cfg: LocalizationConfig, resume: bool = False, typed: Collection[str] 
         atomic_save({"model": model.state_dict(), "task": TASK, **run.meta},
                     output_dir / "model_final.pth")
         logger.info(f"saved {output_dir / 'model_final.pth'}")
-    metrics = evaluate_localizer(model, run.test_loader(val_set), val_set, settings, device,
-                                 output_dir)
+    metrics = evaluate_localizer(run, model, val_set, settings)
     for dataset in (train_set, val_set):
         dataset.report_skipped_images()
     return metrics

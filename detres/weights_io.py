@@ -1,13 +1,18 @@
-"""Loading ResNet weights: local state-dict files, pretraining backbone files, and
-torchvision's ImageNet weights (``torchvision://resnet101``) from the torch hub cache; mismatches
-are reported as lists of missing, unexpected and wrongly shaped keys, never a raw key dump.
+"""Reading weight files: the one ``torch.load`` of detres (``weights_only=True``: no pickled
+code runs, and the error never advises loading unsafely), state dicts and the checks that name
+what does not fit, and ResNet weights from local state-dict files, pretraining backbone files
+and torchvision's ImageNet weights (``torchvision://resnet101``, from the torch hub cache).
 
 A backbone file records the architecture it was trained with (``backbone_file``): a choice
 such as ``stride_in_1x1`` moves a stride without changing any parameter shape, so only the
-record can tell that a file does not fit. torchvision's ImageNet weights imply theirs."""
+record can tell that a file does not fit. torchvision's ImageNet weights imply theirs.
+
+The bottom layer, beside ``safe_pickle.py`` (docs/architecture.md, Layers): checkpoints
+(``engine/checkpoint.py``), converters and the tasks' builders read files through here."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -84,17 +89,29 @@ def backbone_file(state_dict: dict[str, Tensor], arch: dict[str, Any]) -> dict[s
     return {"model": state_dict, "arch": dict(arch)}
 
 
-def read_state_dict(spec: str) -> dict[str, Tensor]:
-    """Reads a state dict from a local file or "torchvision://NAME[.TAG]"."""
-    return read_weights(spec)[0]
+def read_torch_file(path: str | os.PathLike, what: str,
+                    error: type[Exception] = UnreadableWeightsError, mmap: bool = False) -> Any:
+    """The object in torch file ``path``, read on the CPU with ``weights_only=True``: tensors
+    and plain Python values, no pickled code run. ``what`` names the file in the messages
+    (``checkpoint``, ``weights file``, ...), which ``error`` carries: a missing file, or one that
+    is truncated, of another format or holds pickled code (refused, never executed). ``mmap``
+    maps the tensors instead of reading them (a look at a large file's metadata)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # truncated, another format, or pickled code that must not run
+        raise error(f"{path}: cannot read as a weights-only torch {what} "
+                    f"({torch_load_reason(e)})") from None
 
 
-def read_weights(spec: str) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+def _read_weights(spec: str) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
     """Reads a state dict and the architecture it records (None when the file has none).
 
     A file may hold a state dict or a checkpoint dict whose "model" entry is one (our
-    checkpoints and backbone files, detectron2's). Loading uses ``weights_only=True``: no
-    pickled code runs. torchvision://resnetD implies ``TORCHVISION_ARCH`` with depth D.
+    checkpoints and backbone files, detectron2's). torchvision://resnetD implies
+    ``TORCHVISION_ARCH`` with depth D.
     """
     arch = None
     if spec.startswith(TORCHVISION_SCHEME):
@@ -107,12 +124,7 @@ def read_weights(spec: str) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
         path = spec
     else:
         raise WeightsNotFoundError(f"weights file not found: {spec}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, another format, or pickled code that must not run
-        raise UnreadableWeightsError(
-            f"{spec}: cannot read as a weights-only torch file ({torch_load_reason(e)})"
-        ) from None
+    obj = read_torch_file(path, "file")
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         if isinstance(obj.get("arch"), dict):  # a backbone file (our checkpoints: a string)
             arch = obj["arch"]
@@ -172,8 +184,11 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], spec: str 
     raise WeightsMismatchError("\n".join(lines))
 
 
-def load_weights(model: nn.Module, spec: str, ignore_prefixes: tuple[str, ...] = ()) -> None:
-    """Loads weights into ``model`` in place, requiring an exact match except ignored keys.
+def load_backbone_weights(model: nn.Module, spec: str,
+                          ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Loads a ResNet's weights into ``model`` in place (``model.backbone.weights``,
+    ``classifier.weights``), requiring an exact match except ignored keys and, when the file
+    records one, the same architecture.
 
     Args:
         model: a ResNet (or any module whose names match the file).
@@ -182,7 +197,7 @@ def load_weights(model: nn.Module, spec: str, ignore_prefixes: tuple[str, ...] =
             there only when absent.
         ignore_prefixes: keys skipped on both sides, e.g. ``("fc.",)`` for a detection backbone.
     """
-    state_dict, arch = read_weights(spec)
+    state_dict, arch = _read_weights(spec)
     check_arch(model, arch, spec)
     check_state_dict(model, state_dict, spec, ignore_prefixes)
     ignore = tuple(ignore_prefixes)
