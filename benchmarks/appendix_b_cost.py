@@ -79,11 +79,17 @@ def main() -> None:
         parser.error("give both --weights and --context-weights, or neither")
     torch.set_num_threads(args.threads)
     cfg = load_config(CONFIGS / "frcnn_r18_shapes.yaml", schema=DetectionConfig)
-    dataset = build_det_dataset(cfg.data.val, cfg.data, train=False, key="data.val")
-    dataset.index = dataset.index.select(torch.arange(min(args.images, len(dataset))).numpy())
-    loader = build_det_test_loader(dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, num_workers=0)), dataset, DistInfo(), torch.device("cpu"))
-    batches = list(loader)
+    no_workers = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, num_workers=0))
+
+    def read_batches(scales: tuple[int, ...] = ()) -> tuple:
+        """The val images as the test reads them: at the pyramid's top level with scales."""
+        dataset = build_det_dataset(cfg.data.val, cfg.data, train=False, key="data.val",
+                                    test_scales=scales)
+        dataset.index = dataset.index.select(torch.arange(min(args.images, len(dataset))).numpy())
+        return dataset, list(build_det_test_loader(no_workers, dataset, DistInfo(),
+                                                   torch.device("cpu")))
+    dataset, batches = read_batches()
+    pyramid_batches = read_batches(SCALES)[1]
     base, context = load_models(cfg, args, dataset.num_classes)
 
     def wrap(models, **switches):
@@ -103,7 +109,7 @@ def main() -> None:
           f"{'trained' if args.weights else 'random'} weights; {cpu_name()}")
     baseline = None
     for name, model in variants.items():
-        seconds = time_variant(model, batches)
+        seconds = time_variant(model, pyramid_batches if "multi-scale" in name else batches)
         baseline = baseline or seconds
         print(f"{name:36s} {seconds * 1000:8.1f} ms/image   {seconds / baseline:5.2f}x baseline")
 

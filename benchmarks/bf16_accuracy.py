@@ -1,6 +1,6 @@
 """What CPU bf16 autocast costs in accuracy and gains in time: a trained checkpoint evaluated
 on its val split in fp32 and under bf16 autocast (``test.cpu_amp``), both in the inference
-form evaluation runs (models/fast.py), with the verdict on the 0.3 AP budget.
+form evaluation runs (models/inference_form.py), with the verdict on the 0.3 AP budget.
 
     python benchmarks/bf16_accuracy.py --weights output/frcnn_r18_shapes/model_final.pth
     python benchmarks/bf16_accuracy.py --weights W.pth data.val.type=coco \\
@@ -22,7 +22,7 @@ from detres.cpu import cpu_has_native_bf16
 from detres.data.loader import build_detection_loader
 from detres.evaluation.detection import COCOEvaluator
 from detres.evaluation.inference import inference_on_dataset
-from detres.models.fast import inference_amp_dtype
+from detres.models.inference_form import inference_amp_dtype
 from detres.tasks.detection.build import build_det_dataset
 from detres.tasks.detection.inference import dataset_info, ready_detector
 from detres.tasks.detection.load import load_detector
@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     loaded = load_detector(args.weights, overrides=args.overrides)
     cfg = loaded.cfg
-    dataset = build_det_dataset(cfg.data.val, cfg.data, train=False, key="data.val")
+    dataset = build_det_dataset(cfg.data.val, cfg.data, train=False, key="data.val",
+                                test_scales=cfg.test.scales)
     loader = build_detection_loader(dataset, args.batch, training=False, num_workers=0)
     device = torch.device("cpu")
     detector = ready_detector(loaded.model, device)

@@ -7,9 +7,9 @@ aspect); batch 1, 2, 4. The detector is the paper's (ResNet-101 C4, RoIPool 14x1
 once per region; Appendix A) with random weights; the RPN runs in full but hands on FIXED
 random boxes, so conv5_x runs on exactly the stated RoIs (inference: that many proposals per
 image; training: that many sampled RoIs per image out of max(2000, RoIs) proposals).
-Inference runs the form evaluation and the Predictor run (models/fast.py), in fp32; its time
-is split into trunk (normalize, conv1..conv4_x), RPN (head, decoding, NMS), RoI pooling (with
-the pooled maps' change to the trunk's layout), conv5_x per region (with its average pool) and
+Inference runs the form evaluation and the Predictor run (models/inference_form.py), in
+fp32; its time is split into trunk (normalize, conv1..conv4_x), RPN (head, decoding, NMS),
+RoI pooling (with the pooled maps' change to the trunk's layout), conv5_x per region (with its average pool) and
 post-processing (box layers, softmax, decoding, per-class NMS). Peak memory is the growth of
 the process's resident set over the pass (/proc/self/status VmHWM after resetting it, Linux),
 or CUDA's peak allocation.
@@ -33,7 +33,7 @@ from detector_speed import fix_proposals, random_boxes   # this folder's benchma
 
 from detres.boxes import boxes_to_rois
 from detres.config import replace as replace_config
-from detres.models.fast import prepare_for_inference
+from detres.models.inference_form import prepare_for_inference
 from detres.models.roi_head import pool_rois
 from detres.structures import ImageBatch, Targets
 from detres.tasks.detection.build import build_detector

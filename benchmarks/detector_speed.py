@@ -11,10 +11,11 @@ RPN proposes nothing useful, and the head's cost is set by the number of RoIs, s
 runs conv5_x on exactly the RoIs stated.
 
 Models ("variants"): ``ours`` is what evaluation, the Predictor and tools/infer.py run at test
-time (models/fast.py: frozen BN folded, channels-last) and what tools/train_det.py trains
-(channels-last); ``ours+bf16`` the same under CPU bf16 autocast (inference: the default on
-CPUs with native bf16, ``test.cpu_amp``; training: ``train.amp=bf16``); ``ours-unfolded`` the trained form at test time; ``ours-nchw`` the
-NCHW layout; ``torchvision+cl`` torchvision with channels-last weights.
+time (models/inference_form.py: frozen BN folded, channels-last) and what tools/train_det.py
+trains (channels-last); ``ours+bf16`` the same under CPU bf16 autocast (inference: the default
+on CPUs with native bf16, ``test.cpu_amp``; training: ``train.amp=bf16``); ``ours-unfolded``
+the trained form at test time; ``ours-nchw`` the NCHW layout; ``torchvision+cl`` torchvision
+with channels-last weights.
 
 Timings are interleaved (ours, torchvision, ours, ...) in one process with the same threads;
 the median of ``--iters`` runs after ``--warmup`` is reported, with ratio = ours /
@@ -46,7 +47,7 @@ from cpu_peak import cpu_fp32_peak   # benchmarks/cpu_peak.py, beside this scrip
 from detres.complexity import detector_costs
 from detres.config import replace as replace_config
 from detres.cpu import cpu_has_native_bf16
-from detres.models.fast import autocast, prepare_for_inference
+from detres.models.inference_form import autocast, prepare_for_inference
 from detres.models.faster_rcnn import FasterRCNN
 from detres.structures import ImageBatch, Targets
 from detres.tasks.detection.build import build_detector
@@ -274,7 +275,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def prepare_variants(models: dict[str, nn.Module], mode: str) -> dict[str, nn.Module]:
     """The model each variant runs in ``mode``: at test time ``ours`` and ``ours+bf16`` run
-    the inference form (models/fast.py), ``ours-unfolded`` the trained form."""
+    the inference form (models/inference_form.py), ``ours-unfolded`` the trained form."""
     out = dict(models)
     if "ours+bf16" in models:
         out["ours+bf16"] = models["ours"]           # the same weights, under autocast

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from detres.config import PRESETS, ConfigError, load_config
-from detres.data.io import DatasetError
+from detres.data.images import DatasetError
 from detres.engine import distributed as du
 from detres.engine.checkpoint import CheckpointError
 from detres.engine.interrupt import TrainingInterrupted
@@ -37,6 +37,14 @@ def is_override(item: str) -> bool:
 def override_keys(overrides: list[str]) -> set[str]:
     """The dotted keys that ``key=value`` overrides set."""
     return {item.partition("=")[0].strip() for item in overrides}
+
+
+def tool_parser(doc: str) -> argparse.ArgumentParser:
+    """A tool's parser: its docstring's first paragraph as the description, the rest (the
+    examples, shown as written) after the options."""
+    summary, _, rest = doc.partition("\n\n")
+    return argparse.ArgumentParser(description=summary, epilog=rest or None,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def parse_tool_args(doc: str, default_config: str,

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from detres.data.io import DatasetError
+from detres.data.image_files import output_files
+from detres.data.images import DatasetError
 from detres.visualize import draw_detections
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv"}
@@ -80,22 +81,9 @@ def open_capture(source: str | Path | int) -> Any:
 
 def output_paths(sources: list[tuple[str | Path | int, str]], out: Path
                  ) -> list[tuple[Path, Path]]:
-    """``(out/<name>.mp4, out/<name>.jsonl)`` for each ``(source, name)``; a DatasetError
-    before any work when two sources share a name or a file would land outside ``out``
-    (through a symbolic link in it)."""
-    root, first_of, paths = out.resolve(), {}, []
-    for source, name in sources:
-        files = (out / f"{name}.mp4", out / f"{name}.jsonl")
-        if name in first_of:
-            raise DatasetError(f"{first_of[name]} and {source} would both be written as "
-                               f"{files[0]}; rename one, or run them separately")
-        for path in files:
-            if not path.resolve().is_relative_to(root):
-                raise DatasetError(f"{source}: its output {path} would be written outside "
-                                   f"--out {out} (to {path.resolve()})")
-        first_of[name] = source
-        paths.append(files)
-    return paths
+    """``(out/<name>.mp4, out/<name>.jsonl)`` for each ``(source, name)``
+    (``data.image_files.output_files``)."""
+    return output_files(sources, out, (".mp4", ".jsonl"))
 
 
 @functools.cache

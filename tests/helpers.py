@@ -254,3 +254,11 @@ def _gloo_rank(rank: int, fn, port: int, timeout_s: int, args: tuple) -> None:
         fn(rank, 2, *args)
     finally:
         dist.destroy_process_group()
+
+
+def builtin_shapes_cache(tmp_path_factory, num_train: int, num_val: int) -> Path:
+    """A cache folder (DETRES_CACHE) holding the built-in shapes set of 64 px images."""
+    from detres.data.builtin import ensure_builtin_shapes
+    root = tmp_path_factory.mktemp("cache")
+    ensure_builtin_shapes(root, num_train=num_train, num_val=num_val, image_size=64)
+    return root

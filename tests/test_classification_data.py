@@ -13,7 +13,7 @@ from detres.data.classification import (Cifar10, ClassificationDataset, DatasetN
                                         ImageFolder, build_cls_transform, collate,
                                         ten_crop)
 from detres.data.loader import make_loader
-from detres.data.io import DatasetError, ImageDecodeError
+from detres.data.images import DatasetError, ImageDecodeError
 from detres.data.samplers import InferenceSampler, TrainingSampler
 
 

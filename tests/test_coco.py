@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from detres.data.coco import COCODetection
-from detres.data.io import DatasetError
+from detres.data.images import DatasetError
 
 COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
 needs_coco128 = pytest.mark.skipif(not (COCO128 / "annotations.json").is_file(),

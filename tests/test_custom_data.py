@@ -8,7 +8,7 @@ from PIL import Image
 from helpers import ROOT
 
 from detres.config import ConfigError, load_config
-from detres.data.io import DatasetError
+from detres.data.images import DatasetError
 from detres.tasks.detection.build import build_det_dataset
 from detres.tasks.detection.config import DetectionConfig
 

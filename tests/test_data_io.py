@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from detres.data.coco import COCODetection
-from detres.data.io import DatasetError, ImageDecodeError, read_image
+from detres.data.images import DatasetError, ImageDecodeError, read_image
 
 
 def _gradient(h: int = 24, w: int = 32) -> np.ndarray:
@@ -121,7 +121,7 @@ def test_skip_bad_images_counts_and_reports(tmp_path, caplog):
 
 
 def test_skip_without_substitution_gives_placeholder_with_own_id(tmp_path, caplog):
-    from detres.data.io import SkippedImageTargets
+    from detres.structures import SkippedImageTargets
     ann = _tiny_coco(tmp_path)
     (tmp_path / "img" / "2.jpg").write_bytes(b"")                      # found up front
     (tmp_path / "img" / "4.jpg").write_bytes(b"\xff\xd8\xff garbage")  # found when read

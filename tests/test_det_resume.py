@@ -3,9 +3,8 @@ losses of an uninterrupted one, with and without DataLoader workers (each sample
 augmentation, flip and multi-scale draw included, comes from its position in the stream)."""
 import pytest
 import torch
-from helpers import load_tool
+from helpers import builtin_shapes_cache, load_tool
 
-from detres.data.builtin import ensure_builtin_shapes
 from detres.engine.logging import read_metrics
 
 train_det = load_tool("train_det")
@@ -19,9 +18,7 @@ TINY = ["data.builtin.num_train=12", "data.builtin.num_val=4", "data.builtin.ima
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    ensure_builtin_shapes(root, num_train=12, num_val=4, image_size=64)
-    return root
+    return builtin_shapes_cache(tmp_path_factory, num_train=12, num_val=4)
 
 
 def train_losses(out) -> list[float]:

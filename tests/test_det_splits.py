@@ -18,7 +18,7 @@ from detres.config import ConfigError, dump, to_dict
 from detres.config import replace as replace_config
 from detres.data.classification import DatasetNotFoundError
 from detres.data.coco_splits import MergedCOCODetection
-from detres.data.io import DatasetError
+from detres.data.images import DatasetError
 from detres.evaluation.detection import ImageResult, voc_result_lines
 from detres.structures import Detections
 from detres.tasks.detection.build import build_det_dataset, build_test_detector

@@ -1,4 +1,4 @@
-"""The inference form evaluation, the Predictor and tools/infer.py run (models/fast.py): frozen
+"""The inference form evaluation, the Predictor and tools/infer.py run (models/inference_form.py): frozen
 BN folded and channels-last give the unfolded model's fp32 detections within 1e-4, for a
 detector and for the members of a TestTimeDetector; the caller's model (and so every
 checkpoint) keeps its unfolded state dict; bf16 autocast is on only where the CPU has native
@@ -16,7 +16,7 @@ from helpers import load_tool, narrow_detector
 from detres import cpu
 from detres.config import to_dict
 from detres.evaluation.inference import DatasetEvaluator, inference_on_dataset
-from detres.models import fast
+from detres.models import inference_form as fast
 from detres.models.norm import FrozenBatchNorm2d
 from detres.tasks.detection.predictor import Predictor
 from detres.structures import ImageBatch, Targets

@@ -15,7 +15,7 @@ from helpers import ROOT, run_tool_script
 
 from detres.config import load_config
 from detres.data.coco import COCODetection
-from detres.data.io import DatasetError, read_image
+from detres.data.images import DatasetError, read_image
 from detres.data.voc import VOCDetection
 from detres.evaluation.coco_eval import load_results
 from detres.data.image_files import load_image

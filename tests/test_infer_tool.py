@@ -12,7 +12,7 @@ from PIL import Image
 
 from helpers import load_tool, narrow_detector
 
-from detres.data.io import DatasetError
+from detres.data.images import DatasetError
 from detres.tasks.detection.predictor import Predictor
 
 infer = load_tool("infer")
@@ -77,7 +77,7 @@ def test_unreadable_image_is_skipped_and_reported(tmp_path, caplog):
 def test_two_inputs_with_one_name_are_refused_before_any_work(tmp_path):
     _image(tmp_path / "x" / "1.jpg", 32, 32)
     _image(tmp_path / "y" / "1.jpg", 32, 32)
-    with pytest.raises(DatasetError, match=r"x/1\.jpg and .*y/1\.jpg would both be drawn"):
+    with pytest.raises(DatasetError, match=r"x/1\.jpg and .*y/1\.jpg would both be written"):
         _infer(tmp_path / "x" / "1.jpg", tmp_path / "y" / "1.jpg", out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import ROOT, load_tool
+from helpers import ROOT, builtin_shapes_cache, load_tool
 
 from detres.config import dump, load_config, to_dict
 from detres.data.builtin import SHAPE_CLASSES, ensure_builtin_shapes, shapes_split
-from detres.data.io import DatasetError
+from detres.data.images import DatasetError
 from detres.engine.checkpoint import CheckpointError, atomic_save
 from detres.models.test_time import TestTimeDetector
 from detres.tasks.detection.build import build_detector
@@ -31,16 +31,13 @@ TINY = ["data.builtin.num_train=2", "data.builtin.num_val=3", "data.builtin.imag
         "train.device=cpu", "train.num_workers=0", "train.num_threads=1", "test.ims_per_batch=3"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    ensure_builtin_shapes(root, num_train=2, num_val=3, image_size=64)
-    return root
-
-
-@pytest.fixture(autouse=True)
-def builtin_cache(cache, monkeypatch):
-    monkeypatch.setenv("DETRES_CACHE", str(cache))
+    """The built-in shapes set, the DETRES_CACHE of this module's tests."""
+    root = builtin_shapes_cache(tmp_path_factory, num_train=2, num_val=3)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DETRES_CACHE", str(root))
+        yield root
 
 
 def tiny_config(*extra: str) -> DetectionConfig:

@@ -67,6 +67,6 @@ def test_loaders_read_the_shared_samplers():
     got = [[s.index for s in batch] for batch in batches]      # seeds dropped for the dataset
     expected = [[i for i, _ in b] for b in itertools.islice(iter(sampler), 3)]
     assert got == expected
-    shards = [[s.index for batch in loc_batches.test_loader(Numbers(), 2, r, 2, 0) for s in batch]
-              for r in range(2)]
+    shards = [[s.index for batch in loc_batches.inference_loader(Numbers(), 2, r, 2, 0)
+               for s in batch] for r in range(2)]
     assert shards == [[0, 1, 2, 3], [4, 5, 6]]                 # contiguous, ordered, no repeats

@@ -11,7 +11,7 @@ import pytest
 from helpers import write_jpeg
 
 from detres.data import localization
-from detres.data.io import DatasetError
+from detres.data.images import DatasetError
 from detres.data.localization import LocalizationDataset
 from detres.tasks.localization.build import index_cache_dir
 from detres.tasks.localization.config import LocDataConfig

@@ -194,14 +194,14 @@ PROPOSAL_SETTINGS = LocTestSettings(scales=(48,), proposals_per_class=6)
 def reference_proposals() -> dict:
     torch.manual_seed(0)
     data = BoxImages()
-    return training_proposals(tiny_rpn(), loc_batches.test_loader(data, 1, 0, 1, 0), data,
+    return training_proposals(tiny_rpn(), loc_batches.inference_loader(data, 1, 0, 1, 0), data,
                               PROPOSAL_SETTINGS, CPU)
 
 
 def test_proposal_store_reads_every_image_and_a_resumed_run_reuses_it(tmp_path):
     data, reference = BoxImages(), reference_proposals()
     torch.manual_seed(0)
-    loader = loc_batches.test_loader(data, 1, 0, 1, 0)
+    loader = loc_batches.inference_loader(data, 1, 0, 1, 0)
     store = cached_training_proposals(tmp_path / "proposals.pth", False, tiny_rpn(), loader,
                                       data, PROPOSAL_SETTINGS, CPU)
     assert store.maps == {} and len(store) == 5
@@ -242,7 +242,7 @@ def _proposal_worker(rank: int, world_size: int, port: int, folder: str) -> None
         data = BoxImages()
         torch.manual_seed(0)
         rpn = tiny_rpn()
-        loader = loc_batches.test_loader(data, 1, rank, world_size, 0)
+        loader = loc_batches.inference_loader(data, 1, rank, world_size, 0)
         mine = training_proposals(rpn, loader, data, PROPOSAL_SETTINGS, CPU)
         store = cached_training_proposals(Path(folder) / "proposals.pth", False, rpn, loader,
                                           data, PROPOSAL_SETTINGS, CPU)

@@ -11,7 +11,7 @@ from helpers import write_jpeg
 
 from detres.data.builtin_loc import LOC_CLASSES, ensure_builtin_loc, ilsvrc_xml
 from detres.data.classification import DatasetNotFoundError
-from detres.data.io import DatasetError
+from detres.data.images import DatasetError
 from detres.data.loc_batches import collate_classifier, collate_rpn
 from detres.data.loc_transforms import LocTrainTransform
 from detres.data.localization import BOX_TOLERANCE, LocalizationDataset, loc_split_dirs

@@ -9,7 +9,7 @@ from helpers import ROOT
 from detres.config import load_config, to_dict
 from detres.data.transforms import resize
 from detres.engine.checkpoint import atomic_save
-from detres.models.fast import prepare_for_inference
+from detres.models.inference_form import prepare_for_inference
 from detres.tasks.detection.predictor import Predictor
 from detres.tasks.detection.build import build_detector
 from detres.tasks.detection.config import DetectionConfig

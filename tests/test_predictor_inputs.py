@@ -8,7 +8,7 @@ from PIL import Image
 from helpers import narrow_detector
 
 from detres.data.image_files import load_image
-from detres.data.io import read_image
+from detres.data.images import read_image
 from detres.evaluation.coco_eval import detections_to_coco_results
 from detres.structures import Detections
 from detres.tasks.detection.prediction import Prediction

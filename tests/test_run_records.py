@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from detres import cli
 from detres.config import dump
-from detres.data.io import ImageDecodeError
+from detres.data.images import ImageDecodeError
 from detres.engine.logging import MetricsWriter, read_metrics
 from detres.tasks.detection.config import DetectionConfig
 

@@ -73,7 +73,9 @@ def test_without_switches_it_is_the_detector(model):
     images = _images()
     with torch.no_grad():
         expected = model(images).detections
-        for tta in (TestTimeDetector([model]), TestTimeDetector([model], scales=(600,))):
+        # one level at the base size: the batch (shorter sides 96) is the base level
+        for tta in (TestTimeDetector([model]),
+                    TestTimeDetector([model], scales=(96,), base_size=96)):
             got = tta(images).detections
             for d, e in zip(got, expected):
                 assert len(e) > 0
@@ -99,10 +101,11 @@ def test_scale_pairs_bracket_224():
 
 
 def test_maxout_takes_the_elementwise_max_of_the_pair(model, monkeypatch):
-    tta = TestTimeDetector([model], scales=(300, 600, 1200), base_size=600)
+    # the batch is the pyramid's top level (shorter side 128): levels 0.25, 0.5, 1 of it
+    tta = TestTimeDetector([model], scales=(32, 64, 128), base_size=64)
     images = _images(sizes=((128, 128),))
-    rois = torch.tensor([[0, 0, 0, 400, 400],     # sides 200, 400: -> factors (0.5, 1)
-                         [0, 0, 0, 100, 100]],    # 50, 100, 200: -> (1, 2)
+    rois = torch.tensor([[0, 0, 0, 600, 600],     # sides 150, 300, 600: -> (0.25, 0.5)
+                         [0, 0, 0, 150, 150]],    # 37.5, 75, 150: -> (0.5, 1)
                         dtype=torch.float32)
     head = model.roi_head
     seen = {}
@@ -125,10 +128,10 @@ def test_maxout_takes_the_elementwise_max_of_the_pair(model, monkeypatch):
     tta.score([tta_views(tta, images)], images, rois)
     d = head.cls_score.in_features
     ramp = torch.linspace(-1, 1, d)
-    expected0 = torch.maximum(ramp * -0.5, ramp * 0.0)     # scales 0.5 and 1
-    expected1 = torch.maximum(ramp * 0.0, ramp * 1.0)      # scales 1 and 2
+    expected0 = torch.maximum(ramp * -0.75, ramp * -0.5)   # scales 0.25 and 0.5
+    expected1 = torch.maximum(ramp * -0.5, ramp * 0.0)     # scales 0.5 and 1
     torch.testing.assert_close(captured["x"], torch.stack((expected0, expected1)))
-    assert seen == {0.5: 1, 1.0: 2, 2.0: 1}                # each RoI pooled at its two scales
+    assert seen == {0.25: 1, 0.5: 2, 1.0: 1}               # each RoI pooled at its two scales
 
 
 def tta_views(tta, images):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import free_port, load_tool
+from helpers import builtin_shapes_cache, free_port, load_tool
 
 from detres.config import ConfigError
 from detres.data.builtin import ensure_builtin_shapes, shapes_split
@@ -41,9 +41,7 @@ TINY = ["data.builtin.num_train=12", "data.builtin.num_val=6", "data.builtin.ima
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    ensure_builtin_shapes(root, num_train=12, num_val=6, image_size=64)
-    return root
+    return builtin_shapes_cache(tmp_path_factory, num_train=12, num_val=6)
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,7 @@ from PIL import Image
 from helpers import load_tool, run_tool_script
 
 from detres.config import ConfigError
-from detres.data.io import read_image
+from detres.data.images import read_image
 from detres.data.classification import DatasetNotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from PIL import Image
 from helpers import load_tool, narrow_detector
 
 from detres import video, visualize
-from detres.data.io import DatasetError
+from detres.data.images import DatasetError
 from detres.engine.best import BestTracker, flatten_metrics
 from detres.engine.logging import MetricsWriter
 from detres.evaluation.analysis import Analysis

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detres.data.io import DatasetError
+from detres.data.images import DatasetError
 from detres.data.voc import VOC_CLASSES, VOCDetection
 
 

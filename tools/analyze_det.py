@@ -30,16 +30,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from detres.cli import check_output_path, run_main
+from detres.cli import check_output_path, run_main, tool_parser
 from detres.engine.logging import write_json
 from detres.evaluation.analysis import Analysis
 from detres.visualize import plot_confusion_matrix, plot_error_breakdown, plot_pr_curves
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = tool_parser(__doc__)
     parser.add_argument("--gt", type=Path, required=True, help="COCO-format ground-truth JSON")
     parser.add_argument("--dt", type=Path, required=True, help="COCO results JSON")
     parser.add_argument("--out", type=Path, required=True, help="output folder")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from detres.cli import run_main
+from detres.cli import run_main, tool_parser
 from detres.config import load_config
 from detres.data.samplers import SEED_STRIDE
 from detres.data.voc import VOCDetection
@@ -33,9 +33,7 @@ from detres.visualize import draw_ground_truth, ground_truth_view
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = tool_parser(__doc__)
     parser.add_argument("config", help="detection YAML config")
     parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                         help="config overrides, e.g. data.train.annotations=my.json")

@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import argparse
 
-from detres.cli import run_main
+from detres.cli import run_main, tool_parser
 from detres.convert import ConversionError, convert_file
 from detres.convert.detectron2 import D2_ANCHOR_SIZES, D2_ASPECT_RATIOS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = tool_parser(__doc__)
     parser.add_argument("format", choices=("detectron2", "msra"), help="the source's format")
     parser.add_argument("source", help="the file to convert (.pkl or .pth)")
     parser.add_argument("--out", required=True, help="output .pth; NAME.yaml goes beside it")

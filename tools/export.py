@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from detres.cli import check_output_path, run_main
+from detres.cli import check_output_path, run_main, tool_parser
 from detres.config import load_config
 from detres.engine.logging import write_json
 from detres.export import ExportError, compare_exported, export_detector, load_exported
@@ -34,9 +34,7 @@ from detres.tasks.detection.load import load_detector
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = tool_parser(__doc__)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.add_argument("--weights", required=True, help="detection checkpoint")
     parser.add_argument("--config", help="YAML config (default: the one in the checkpoint)")

@@ -39,10 +39,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from detres.cli import check_output_path, is_override, run_main
+from detres.cli import check_output_path, is_override, run_main, tool_parser
 from detres.config import load_config
 from detres.data.image_files import drawing_paths, list_images
-from detres.data.io import DatasetError, read_image
+from detres.data.images import DatasetError, read_image
 from detres.engine.logging import write_json
 from detres.tasks.detection.config import DetectionConfig
 from detres.tasks.detection.predictor import Predictor, ids_in_annotations
@@ -53,9 +53,7 @@ logger = logging.getLogger("detres")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = tool_parser(__doc__)
     parser.add_argument("inputs", nargs="*", metavar="[CONFIG] IMAGE_OR_DIR_OR_VIDEO",
                         help="an optional YAML config, then image files, folders or video "
                              "files, and key=value overrides")

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from detres.cli import is_override, run_main
-from detres.data.io import DatasetError, read_image
+from detres.cli import is_override, run_main, tool_parser
+from detres.data.images import DatasetError, read_image
 from detres.engine.logging import write_json
 from detres.data.image_files import IMAGE_SUFFIXES, drawing_paths, list_images
 from detres.tasks.localization.predictor import LocPredictor
@@ -33,9 +33,7 @@ logger = logging.getLogger("detres")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = tool_parser(__doc__)
     parser.add_argument("inputs", nargs="*", metavar="IMAGE_OR_DIR",
                         help="image files or folders, and key=value overrides")
     parser.add_argument("--weights", required=True, nargs="+",

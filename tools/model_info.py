@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 
-from detres.cli import is_override, run_main
+from detres.cli import is_override, run_main, tool_parser
 from detres.complexity import format_rows, load_any_config, model_costs, table1
 from detres.engine.logging import write_json
 
@@ -28,9 +28,7 @@ PART_TITLES = {"image": "once per image", "region": "once per region (RoI)", "to
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = tool_parser(__doc__)
     parser.add_argument("config", nargs="?", help="a detection or classification YAML config")
     parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
                         help="config overrides, e.g. model.rpn.proposals_test=1000")

@@ -5,8 +5,8 @@ See docs/architecture.md, Carriers for the data that flows and Datasets for the 
 from detres.data.builtin import (SHAPE_CLASSES, default_cache_root, ensure_builtin_shapes,
                                  ensure_generated, render_shapes_image, shapes_split)
 from detres.data.coco import COCODetection
-from detres.data.io import (AnnotationIndex, DatasetError, DetectionDataset, ImageDecodeError,
-                            read_image)
+from detres.data.detection_dataset import AnnotationIndex, DetectionDataset
+from detres.data.images import DatasetError, ImageDecodeError, read_image
 from detres.data.loader import build_detection_loader
 from detres.data.samplers import InferenceSampler, TrainingSampler
 from detres.data.transforms import (DetectionTransform, TransformOutput, eval_transform,

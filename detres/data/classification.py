@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from detres.data.io import (BadImageSkipper, DatasetError, ImageDecodeError, image_to_tensor,
-                            read_image)
+from detres.data.detection_dataset import BadImageSkipper
+from detres.data.images import DatasetError, ImageDecodeError, image_to_tensor, read_image
 from detres.data.transforms import resize, resize_scale
 from detres.safe_pickle import RefusedPickleError, load_arrays
 

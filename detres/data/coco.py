@@ -45,8 +45,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from detres.data.io import (AnnotationIndex, DatasetError, DetectionDataset, Transform,
-                            file_in_folder, filter_empty_images)
+from detres.data.detection_dataset import (AnnotationIndex, DetectionDataset, Transform,
+                                           file_in_folder, filter_empty_images)
+from detres.data.images import DatasetError
 
 logger = logging.getLogger(__name__)
 

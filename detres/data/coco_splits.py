@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from detres.data.coco import COCODetection
-from detres.data.io import AnnotationIndex, DatasetError, DetectionDataset
+from detres.data.detection_dataset import AnnotationIndex, DetectionDataset
+from detres.data.images import DatasetError
 
 # split name -> (annotation file under annotations/, image folder)
 COCO_SPLITS = {

@@ -21,8 +21,9 @@ from typing import Literal
 
 import numpy as np
 
-from detres.data.io import (AnnotationIndex, DatasetError, DetectionDataset, Transform,
-                            filter_empty_images)
+from detres.data.detection_dataset import (AnnotationIndex, DetectionDataset, Transform,
+                                           filter_empty_images)
+from detres.data.images import DatasetError
 from detres.data.voc import read_pascal_xml
 
 logger = logging.getLogger(__name__)

@@ -11,11 +11,16 @@ import numpy as np
 import torch
 from PIL import Image as PILImage
 
-from detres.data.io import DatasetError, _to_rgb, read_image
+from detres.data.images import DatasetError, pil_to_rgb, read_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # what the Predictor and the LocPredictor take (``load_image``)
 Image = str | os.PathLike | np.ndarray | PILImage.Image | torch.Tensor
+
+
+def is_one_image(x: object) -> bool:
+    """Whether ``x`` is one image (a path, array, PIL image or tensor), not a list of them."""
+    return isinstance(x, (str, os.PathLike, np.ndarray, PILImage.Image, torch.Tensor))
 CHANNEL_ORDERS = ("rgb", "bgr")
 ACCEPTED = ("an image file path; a PIL image; an (H, W, 3) uint8 numpy array in the channel "
             "order given (rgb by default, bgr for OpenCV's), (H, W) or (H, W, 1) grayscale, or "
@@ -38,7 +43,7 @@ def load_image(image: Image, channels: str = "rgb", index: int = 0) -> np.ndarra
     if isinstance(image, (str, os.PathLike)):
         return read_image(Path(image))
     if isinstance(image, PILImage.Image):
-        return _to_rgb(image)
+        return pil_to_rgb(image)
     if isinstance(image, torch.Tensor):
         return _from_tensor(image, channels, index)
     if isinstance(image, np.ndarray):
@@ -59,7 +64,7 @@ def _from_array(a: np.ndarray, channels: str, index: int) -> np.ndarray:
     if channels == "bgr":   # BGR(A) -> RGB(A); a copy, as the resize needs positive strides
         a = np.ascontiguousarray(np.concatenate([a[:, :, 2::-1], a[:, :, 3:]], axis=2))
     if a.shape[2] == 4:
-        return _to_rgb(PILImage.fromarray(a, "RGBA"))
+        return pil_to_rgb(PILImage.fromarray(a, "RGBA"))
     return a
 
 
@@ -107,17 +112,26 @@ def list_images(paths: Sequence[str | os.PathLike], out: Path) -> list[tuple[Pat
 
 
 def drawing_paths(images: Sequence[tuple[Path, str]], out: Path) -> list[Path]:
-    """``out/<name>.png`` for each image; an error if two images share a name or a drawing
-    would land outside ``out`` (through a symbolic link in it)."""
-    root, first_of, drawings = out.resolve(), {}, []
-    for path, name in images:
-        drawing = out / f"{name}.png"
+    """``out/<name>.png`` for each image (:func:`output_files`)."""
+    return [files[0] for files in output_files(images, out, (".png",))]
+
+
+def output_files(sources: Sequence[tuple[object, str]], out: Path, suffixes: Sequence[str]
+                 ) -> list[tuple[Path, ...]]:
+    """``out/<name><suffix>`` for each ``(source, name)`` and suffix; a DatasetError before
+    any work when two sources share a name or a file would land outside ``out`` (through a
+    symbolic link in it)."""
+    root, first_of, paths = out.resolve(), {}, []
+    for source, name in sources:
+        files = tuple(out / f"{name}{suffix}" for suffix in suffixes)
         if name in first_of:
-            raise DatasetError(f"{first_of[name]} and {path} would both be drawn as {drawing}; "
-                               "give their common folder instead, or run them separately")
-        if not drawing.resolve().is_relative_to(root):
-            raise DatasetError(f"{path}: its drawing {drawing} would be written outside --out "
-                               f"{out} (to {drawing.resolve()})")
-        first_of[name] = path
-        drawings.append(drawing)
-    return drawings
+            raise DatasetError(f"{first_of[name]} and {source} would both be written as "
+                               f"{files[0]}; give their common folder instead, rename one, or "
+                               f"run them separately")
+        for path in files:
+            if not path.resolve().is_relative_to(root):
+                raise DatasetError(f"{source}: its output {path} would be written outside "
+                                   f"--out {out} (to {path.resolve()})")
+        first_of[name] = source
+        paths.append(files)
+    return paths

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, Sampler, Subset
 
-from detres.data.io import DetectionDataset
+from detres.data.detection_dataset import DetectionDataset
 from detres.data.samplers import DropSeed, InferenceSampler, TrainingSampler
 from detres.structures import SIZE_DIVISIBILITY, ImageBatch, Targets, pad_images
 

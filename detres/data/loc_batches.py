@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from detres import boxes as box_ops
-from detres.data.io import image_to_tensor
+from detres.data.images import image_to_tensor
 from detres.data.loader import make_loader
 from detres.data.samplers import DropSeed, InferenceSampler, TrainingSampler
 from detres.structures import ImageBatch, Targets
@@ -105,8 +105,8 @@ def train_loader(dataset: Dataset, collate: Any, sampler: TrainingSampler,
                        seed=sampler.seed, rank=sampler.rank)
 
 
-def test_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int,
-                num_workers: int) -> DataLoader:
+def inference_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int,
+                     num_workers: int) -> DataLoader:
     """Lists of untransformed samples; each rank a contiguous slice of the images, in order."""
     return make_loader(dataset, sampler=InferenceSampler(len(dataset), rank, world_size),
                        batch_size=batch_size, collate_fn=collate_list, num_workers=num_workers,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from detres.data.classification import ten_crop
-from detres.data.io import image_to_tensor
+from detres.data.images import image_to_tensor
 from detres.data.transforms import PerProcessRng, TransformOutput, resize, resize_scale
 from detres.structures import ImageBatch
 

@@ -33,7 +33,7 @@ every image must have one. A class folder none of whose images has boxes is an e
 would silently never be trained for localization) unless ``skip_unannotated_classes``.
 All XMLs are parsed at construction (the class check and ``get_annotations(i)`` need them); the
 annotations are kept in numpy arrays (``AnnotationIndex``), not per-image Python objects, so
-forked DataLoader workers share them (see ``detres.data.io``). With ``cache_dir`` the parsed
+forked DataLoader workers share them (see ``detres.data.detection_dataset``). With ``cache_dir`` the parsed
 index is kept in a compact file there and read back while its source is unchanged
 (``detres.data.loc_index``): ImageNet's ~540k XMLs cost about a minute to parse.
 
@@ -62,7 +62,8 @@ from tqdm import tqdm
 
 from detres.data import loc_index
 from detres.data.classification import IMAGE_EXTENSIONS, DatasetNotFoundError
-from detres.data.io import AnnotationIndex, DatasetError, DetectionDataset, Transform
+from detres.data.detection_dataset import AnnotationIndex, DetectionDataset, Transform
+from detres.data.images import DatasetError
 from detres.data.voc import read_pascal_xml
 
 logger = logging.getLogger(__name__)

@@ -41,8 +41,9 @@ from typing import Callable, Literal, Sequence
 
 import numpy as np
 
-from detres.data.io import (AnnotationIndex, DatasetError, DetectionDataset, Transform,
-                            file_in_folder, filter_empty_images)
+from detres.data.detection_dataset import (AnnotationIndex, DetectionDataset, Transform,
+                                           file_in_folder, filter_empty_images)
+from detres.data.images import DatasetError
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import nms
 
-from detres.models.fast import autocast, inference_amp_dtype
+from detres.models.inference_form import autocast, inference_amp_dtype
 from detres.structures import ImageBatch
 
 # per image, per class: (boxes (P, 4), scores (P,)), best first

@@ -19,7 +19,7 @@ from detres.data.classification import DatasetNotFoundError, datasets_root
 from detres.data.coco import COCODetection
 from detres.data.coco_splits import MergedCOCODetection, coco_split_files, image_ids_of
 from detres.data.ilsvrc_det import ILSVRCDetection
-from detres.data.io import DetectionDataset
+from detres.data.detection_dataset import DetectionDataset
 from detres.data.loader import build_detection_loader
 from detres.data.transforms import eval_transform, pyramid_resize, train_transform
 from detres.data.voc import VOC_CLASSES, VOCDetection

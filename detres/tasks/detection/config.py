@@ -148,7 +148,7 @@ class DetTestConfig:
     flip: bool = False                             # also score each RoI on the mirrored image
     # write the results files only (COCO test-dev, VOC 2012 test): no ground truth needed
     format_only: bool = False
-    # the form inference runs (models/fast.py): frozen BN folded into the convolutions and
+    # the form inference runs (models/inference_form.py): frozen BN folded into the convolutions and
     # channels-last, exact (fp32 detections within 1e-4); checkpoints keep the unfolded form
     fast_path: bool = True
     # CPU autocast at test time: auto = bf16 where the CPU computes bf16 natively (AVX-512

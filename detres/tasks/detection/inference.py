@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from detres.evaluation.detection import DatasetInfo
-from detres.models.fast import prepare_for_inference
+from detres.models.inference_form import prepare_for_inference
 from detres.structures import Detections, ImageBatch, SkippedImageTargets, Targets
 
 
@@ -42,7 +42,7 @@ class BatchDetector(nn.Module):
 def ready_detector(model: nn.Module, device: torch.device | str, fast_path: bool = True,
                    compile: bool = False) -> BatchDetector:
     """``model`` in the form evaluation tests (``test.fast_path``, ``test.compile``): the
-    inference form of :func:`detres.models.fast.prepare_for_inference` on a copy (``model``
+    inference form of :func:`detres.models.inference_form.prepare_for_inference` on a copy (``model``
     and its checkpoints keep their form) unless ``fast_path`` is False."""
     if fast_path or compile:
         model = prepare_for_inference(model, fuse=fast_path, channels_last=fast_path,

@@ -1,14 +1,18 @@
-"""Predictor: a trained detector applied to image files or arrays, answers in original pixels.
+"""Predictor: a trained detector applied to images, answers in original pixels.
 
     from detres import Predictor
     predictor = Predictor.from_checkpoint("output/frcnn_r18_shapes/model_final.pth")
-    detections = predictor("photo.jpg")          # Detections, boxes in the photo's pixels
-    batch = predictor([array1, "b.png"])         # list[Detections]
+    found = predictor("photo.jpg")               # Prediction, boxes in the photo's pixels
+    found.plot(), found.save("drawn.png"), found.to_coco(image_id=1)
+    batch = predictor([array1, "b.png", pil_image, chw_tensor])   # list[Prediction]
+    predictor(opencv_frame, channels="bgr")
+
+Images are files, PIL images, arrays or tensors (``detres.data.image_files.ACCEPTED``).
 
 Images are resized exactly as in evaluation (shorter side ``min_size``, longer side capped at
 ``max_size``), batched and padded as in training, and the boxes divided by each image's scale.
 The model runs in its inference form (frozen BN folded, channels-last: ``test.fast_path``) and,
-on CPUs with native bf16, under bf16 autocast (``test.cpu_amp``; models/fast.py); the next
+on CPUs with native bf16, under bf16 autocast (``test.cpu_amp``; models/inference_form.py); the next
 batch is read and resized in a background thread while the model runs on the current one.
 ``ids_in_annotations`` gives results the ids of a dataset's annotation file (tools/infer.py --gt).
 """
@@ -22,16 +26,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image as PILImage
 from torch import nn
 
 from detres.data.coco import COCODetection
-from detres.data.image_files import CHANNEL_ORDERS, Image, load_image
-from detres.data.io import DatasetError
+from detres.data.image_files import CHANNEL_ORDERS, Image, is_one_image, load_image
+from detres.data.images import DatasetError
 from detres.data.transforms import eval_transform, pyramid_resize
 from detres.engine.distributed import resolve_device
 from detres.evaluation.coco_eval import detections_to_coco_results
-from detres.models.fast import autocast, inference_amp_dtype, prepare_for_inference
+from detres.models.inference_form import autocast, inference_amp_dtype, prepare_for_inference
 from detres.structures import Detections, ImageBatch
 from detres.tasks.detection.config import DetectionConfig
 from detres.tasks.detection.load import load_detector
@@ -101,7 +104,7 @@ class Predictor:
                  ) -> Prediction | list[Prediction]:
         """One image (``Image``: a path, array, PIL image or tensor) -> its ``Prediction``;
         a list of them -> a list."""
-        if isinstance(images, (str, os.PathLike, np.ndarray, PILImage.Image, torch.Tensor)):
+        if is_one_image(images):
             return self.predict([images], channels)[0]
         return self.predict(list(images), channels)
 

@@ -18,7 +18,7 @@ from detres.engine.precision import AMP_DTYPES
 from detres.evaluation.detection import (BoxEvaluator, COCOEvaluator, FormatOnlyEvaluator,
                                         VOCEvaluator)
 from detres.evaluation.inference import inference_on_dataset
-from detres.models.fast import inference_amp_dtype
+from detres.models.inference_form import inference_amp_dtype
 from detres.tasks.common import build_lr_schedule, build_optimizer, scale_schedule
 from detres.tasks.detection.build import (TASK, build_det_dataset, build_det_test_loader,
                                           build_det_train_loader, build_detector,

@@ -14,10 +14,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from detres.data.image_files import Image, load_image
+from detres.data.image_files import Image, is_one_image, load_image
 from detres.engine.distributed import resolve_device
 from detres.models.loc_inference import LocalizerEnsemble, LocTestSettings
 from detres.models.localizer import Localizer
@@ -79,7 +78,7 @@ class LocPredictor:
                    batch_size)
 
     def __call__(self, images: Image | Sequence[Image]) -> LocPrediction | list[LocPrediction]:
-        if isinstance(images, (str, os.PathLike, np.ndarray)):
+        if is_one_image(images):
             return self.predict([images])[0]
         return self.predict(list(images))
 

@@ -63,8 +63,8 @@ class Run:
     def finished(self, stage: str) -> bool:
         return self.resume and (self.output_dir / stage / "model_final.pth").is_file()
 
-    def test_loader(self, dataset: Any):
-        return loc_batches.test_loader(dataset, self.cfg.test.ims_per_batch, self.dist.rank,
+    def inference_loader(self, dataset: Any):
+        return loc_batches.inference_loader(dataset, self.cfg.test.ims_per_batch, self.dist.rank,
                                        self.dist.world_size, self.cfg.train.num_workers)
 
 
@@ -114,7 +114,7 @@ def evaluate_localizer(run: Run, model: torch.nn.Module, dataset: Any,
     rank; the main rank logs the Table-13-style table and writes ``eval/``."""
     evaluator = LocalizationEvaluator(dataset, run.output_dir, settings.scales)
     return inference_on_dataset(BatchLocalizer(model, dataset, settings, run.device),
-                                run.test_loader(dataset), evaluator, run.device,
+                                run.inference_loader(dataset), evaluator, run.device,
                                 desc="localize")
 
 
@@ -177,7 +177,7 @@ def train(cfg: LocalizationConfig, resume: bool = False, typed: Collection[str] 
             copy_classifier_weights(model.classifier, model.rcnn.net, "rcnn")
         proposals = cached_training_proposals(
             output_dir / "rcnn" / "proposals.pth", resume, model.rpn,
-            run.test_loader(train_images), train_images, settings, device)
+            run.inference_loader(train_images), train_images, settings, device)
         samples = loc_batches.RCNNSamples(train_images, proposals, cfg.rcnn.rois_per_image,
                                           cfg.data.flip_prob)
         train_stage(run, "rcnn", model.rcnn, samples, loc_batches.collate_rcnn, cfg.rcnn.solver,
