@@ -92,3 +92,6 @@ def test_amp_bf16_autocasts_training_on_a_cpu_with_bf16_arithmetic(tmp_path, mon
     assert model.dtypes == [torch.bfloat16, torch.bfloat16]
     assert all(p.dtype == torch.float32 for p in model.parameters())   # master weights fp32
     assert train(tmp_path / "fp32", amp="none").dtypes == [torch.float32, torch.float32]
+    # auto, the default: bf16 on CUDA only (CPU bf16 training's accuracy is not yet measured)
+    assert train(tmp_path / "auto", amp="auto").dtypes == [torch.float32, torch.float32]
+    assert precision.cuda_amp_dtype("auto") is torch.bfloat16

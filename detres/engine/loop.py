@@ -107,7 +107,8 @@ class Trainer:
             makes the next iterator over ``data`` start at batch n (exact resume).
         task, meta: stored in every checkpoint (``task`` is checked on resume; ``meta`` holds
             e.g. ``arch``, ``config`` and ``class_names``).
-        amp: "none", "bf16" or "fp16" (with a grad scaler): see :func:`training_amp_dtype`.
+        amp: "auto", "none", "bf16" or "fp16" (with a grad scaler): see
+            :func:`detres.engine.precision.training_amp_dtype`.
         clip_grad_norm: max global gradient norm, or None.
         checkpoint_period, eval_period, log_period: in iterations (0: only at the end).
         best_metric: keep ``model_best.pth`` by this metric of ``eval_fn``'s results, named

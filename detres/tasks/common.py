@@ -121,8 +121,9 @@ class RunConfig:
     overwrite: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = checked(0, SEED)
-    # mixed precision on CUDA only; ignored on CPU
-    amp: Literal["none", "bf16", "fp16"] = "bf16"
+    # autocast: auto = bf16 on CUDA, float32 on CPUs; bf16 = bf16 on CUDA and on CPUs that
+    # compute bf16 natively (avx512_bf16, amx_bf16); fp16 (CUDA, with loss scaling); none
+    amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     checkpoint_period: int = checked(1000, AT_LEAST_0)     # 0: at the end only
     log_period: int = checked(20, AT_LEAST_0)
     num_workers: int = checked(2, AT_LEAST_0)

@@ -14,7 +14,7 @@ from detres.engine.checkpoint import CheckpointError, class_difference
 from detres.engine.launch import (begin_resumed_run, beside_weights, releases_run_lock,
                                   setup_run)
 from detres.engine.loop import Trainer
-from detres.engine.precision import AMP_DTYPES
+from detres.engine.precision import cuda_amp_dtype
 from detres.evaluation.detection import (BoxEvaluator, COCOEvaluator, FormatOnlyEvaluator,
                                         VOCEvaluator)
 from detres.evaluation.inference import inference_on_dataset
@@ -42,7 +42,7 @@ def _evaluator(cfg: DetectionConfig, device, dist, output_dir, metric: str | Non
                           f"--format-only) to write the results for the evaluation server")
     val_loader = build_det_test_loader(cfg, val_set, dist, device)
     info, metric = dataset_info(val_set), metric or cfg.test.metric
-    amp = inference_amp_dtype(device, cfg.test.cpu_amp, AMP_DTYPES.get(cfg.train.amp))
+    amp = inference_amp_dtype(device, cfg.test.cpu_amp, cuda_amp_dtype(cfg.train.amp))
 
     def box_evaluator(summary_only: bool) -> BoxEvaluator:
         if cfg.test.format_only:

@@ -17,7 +17,7 @@ from detres.data.loc_transforms import LocTrainTransform
 from detres.data.localization import LocalizationDataset, loc_split_dirs
 from detres.engine.checkpoint import (CheckpointError, check_task, load_checkpoint_weights,
                                       read_checkpoint)
-from detres.engine.precision import AMP_DTYPES
+from detres.engine.precision import cuda_amp_dtype
 from detres.models.anchors import AnchorGenerator
 from detres.models.classifier import Classifier
 from detres.models.loc_inference import LocalizerEnsemble, LocTestSettings
@@ -154,7 +154,7 @@ def loc_test_settings(cfg: LocalizationConfig) -> LocTestSettings:
                            else None,
                            cls_mode=t.cls_mode, cls_scales=tuple(t.cls_scales),
                            rpn_mode=t.rpn_mode, rpn_crop=t.rpn_crop or cfg.data.crop_size,
-                           rcnn_chunk=t.rcnn_chunk, cuda_amp=AMP_DTYPES.get(cfg.train.amp))
+                           rcnn_chunk=t.rcnn_chunk, cuda_amp=cuda_amp_dtype(cfg.train.amp))
 
 
 def localizer_from_checkpoint(path: str | Path, overrides: Sequence[str] = ()
