@@ -145,3 +145,11 @@ def test_train_det_on_ctrl_c_saves_says_one_line_and_exits_non_zero(tmp_path):
     assert saved == out / f"{periodic_name(n)}.pth" and saved.is_file()
     assert torch.load(saved, weights_only=True)["iteration"] == n
     assert (out / "last_checkpoint").read_text().strip() == saved.name
+
+
+def test_ctrl_c_before_the_first_step_saves_nothing(tmp_path):
+    trainer = make_trainer(lambda: CtrlCAt(at=-1), tmp_path)
+    trainer._interrupt.requested = True          # pressed before the first batch arrived
+    with pytest.raises(TrainingInterrupted, match="^interrupted at iteration 0; continue with"):
+        trainer.run()
+    assert not list(tmp_path.glob("model_*.pth"))

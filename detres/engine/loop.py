@@ -267,10 +267,10 @@ class Trainer:
     def _stop(self) -> None:
         """Ctrl-C: a checkpoint of the finished iteration, then TrainingInterrupted."""
         name = periodic_name(self.iteration)
-        if self.last_saved is None or self.last_saved.stem != name:   # not saved just now
-            self.save(name)
+        if self.iteration > 0 and (self.last_saved is None or self.last_saved.stem != name):
+            self.save(name)                                  # (not when saved just now)
         raise TrainingInterrupted(self.iteration,
-                                  str(self.last_saved) if self.checkpointer else None)
+                                  str(self.last_saved) if self.last_saved is not None else None)
 
     def step(self, batch: Any) -> tuple[dict[str, float], dict[str, float], bool]:
         """One iteration on ``batch``: returns its losses (``loss`` is their sum) and the
