@@ -105,7 +105,7 @@ def test_shipped_configs_pass_every_check_and_an_anchor_in_one_is_refused(tmp_pa
 
 # ----------------------------------------------------------------------------- declared ranges
 @pytest.mark.parametrize("schema,item,expected", [
-    # the values a user reported, each reaching deep code before
+    # values that reached deep code before they were checked here
     (DET, "solver.base_lr=nan", "solver.base_lr = nan: must be a finite number > 0"),
     (DET, "solver.base_lr=-1", "solver.base_lr = -1.0: must be a finite number > 0"),
     (DET, "solver.base_lr=.inf", "solver.base_lr = inf: must be a finite number > 0"),
