@@ -3,8 +3,10 @@ path). Test files import from here, never from each other."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import copy
 import datetime
+import io
 import importlib.util
 import os
 import socket
@@ -24,6 +26,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAncho
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead as TVRPNHead
 from PIL import Image
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from torchvision.ops import MultiScaleRoIAlign
 
 from detres.config import replace as replace_config
@@ -262,3 +266,17 @@ def builtin_shapes_cache(tmp_path_factory, num_train: int, num_val: int) -> Path
     root = tmp_path_factory.mktemp("cache")
     ensure_builtin_shapes(root, num_train=num_train, num_val=num_val, image_size=64)
     return root
+
+
+def pycocotools_direct(gt: dict, results: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: pycocotools on its own copies; (12,) stats in percent, precision array."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = copy.deepcopy(gt)
+        coco_gt.createIndex()
+        evaluator = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(results)), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    stats = np.asarray(evaluator.stats[:12])
+    return np.where(stats >= 0, stats * 100, np.nan), evaluator.eval["precision"]

@@ -1,9 +1,7 @@
 """COCO evaluation: both engines against pycocotools called directly, and the traps it guards."""
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import math
 from pathlib import Path
@@ -11,9 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import perturbed_results
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from helpers import perturbed_results, pycocotools_direct
 
 from detres.evaluation.coco_eval import (STAT_NAMES, detections_to_coco_results, evaluate_coco,
                                          format_metrics_table, load_results, merge_results)
@@ -27,20 +23,6 @@ needs_coco128 = pytest.mark.skipif(not COCO128.is_file(), reason=f"coco128 not f
 def coco128() -> dict:
     with open(COCO128) as f:
         return json.load(f)
-
-
-def pycocotools_direct(gt: dict, results: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """The reference: pycocotools on its own copies; (12,) stats in percent, precision array."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = copy.deepcopy(gt)
-        coco_gt.createIndex()
-        evaluator = COCOeval(coco_gt, coco_gt.loadRes(copy.deepcopy(results)), "bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    stats = np.asarray(evaluator.stats[:12])
-    return np.where(stats >= 0, stats * 100, np.nan), evaluator.eval["precision"]
 
 
 def stats_of(metrics: dict) -> np.ndarray:

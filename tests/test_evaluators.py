@@ -5,9 +5,6 @@ result; and evaluation imports nothing of data/ or models/ (docs/architecture.md
 from __future__ import annotations
 
 import ast
-import contextlib
-import copy
-import io
 import json
 import logging
 import math
@@ -20,8 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from helpers import pycocotools_direct
 from torch import nn
 
 import detres
@@ -103,20 +99,12 @@ def coco_info(tmp_path):
 
 def pycocotools_oracle(results):
     """The 12 statistics (percent, nan for -1) and per-class AP of pycocotools itself."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = copy.deepcopy(COCO_GT)
-        gt.createIndex()
-        ev = COCOeval(gt, gt.loadRes(copy.deepcopy(results)), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    stats = [100 * s if s >= 0 else math.nan for s in ev.stats]
+    stats, precision = pycocotools_direct(COCO_GT, results)
     per_class = []
     for k in range(2):
-        p = ev.eval["precision"][:, :, k, 0, -1]
+        p = precision[:, :, k, 0, -1]
         per_class.append(100 * p[p > -1].mean() if (p > -1).any() else math.nan)
-    return stats, per_class
+    return list(stats), per_class
 
 
 @pytest.mark.parametrize("engine", ["faster", "pycocotools"])
