@@ -124,11 +124,14 @@ class DetectionTransform:
             with probability 0.8.
         extra: more albumentations transforms, run after flip and jitter, before the resize.
         seed: base seed (None: fresh entropy).
+        upscale: False: an image smaller than the resize target keeps its size (scale 1), as
+            multi-scale testing wants its pyramid resized from the decoded image itself.
     """
 
     def __init__(self, short_sides: Sequence[int] | int = (600,), max_size: int | None = 1000,
                  *, flip_prob: float = 0.0, color_jitter: float = 0.0,
-                 extra: Sequence[A.BasicTransform] = (), seed: int | None = None) -> None:
+                 extra: Sequence[A.BasicTransform] = (), seed: int | None = None,
+                 upscale: bool = True) -> None:
         self.short_sides = [short_sides] if isinstance(short_sides, int) else list(short_sides)
         if not self.short_sides or min(self.short_sides) <= 0:
             raise ValueError(f"short_sides must be positive lengths, got {short_sides!r}")
@@ -136,6 +139,7 @@ class DetectionTransform:
         self.flip_prob = flip_prob
         self.color_jitter = color_jitter
         self.seed = seed
+        self.upscale = upscale
         self.augment = (_compose(flip_prob, color_jitter, extra, seed)
                         if flip_prob > 0 or color_jitter > 0 or extra else None)
         self._rng = PerProcessRng(seed)
@@ -158,6 +162,8 @@ class DetectionTransform:
         h, w = image.shape[:2]
         k = int(rng.integers(len(self.short_sides))) if len(self.short_sides) > 1 else 0
         scale = resize_scale(h, w, self.short_sides[k], self.max_size)
+        if not self.upscale:
+            scale = min(scale, 1.0)
         image, boxes = resize(image, boxes, scale)
         return TransformOutput(np.ascontiguousarray(image), boxes, labels, scale)
 
@@ -175,13 +181,16 @@ def eval_transform(short_side: int = 600, max_size: int | None = 1000) -> Detect
     return DetectionTransform((short_side,), max_size)
 
 
-def pyramid_resize(min_size: int, max_size: int | None, scales: Sequence[int]
-                   ) -> tuple[int, float | None]:
-    """(shorter side, longer-side cap) of the test resize: with multi-scale testing
-    (``scales``, Appendix B) the pyramid's top level, shorter side max(scales, min_size) and
-    longer side at most ``max_size * top / min_size`` (the cap of every level,
-    models/test_time.py), from which each level is shrunk; without, (min_size, max_size)."""
+def inference_transform(min_size: int, max_size: int | None, scales: Sequence[int] = ()
+                        ) -> DetectionTransform:
+    """The test resize. Single-scale: shorter side ``min_size``, longer at most ``max_size``.
+    Multi-scale (``scales``, Appendix B; models/test_time.py resizes each pyramid level from
+    the image this returns): the decoded image itself, or, when it is larger than the
+    pyramid's top level (shorter side max(scales, min_size), longer side at most
+    ``max_size * top / min_size``), the image shrunk to that level, so that memory is bounded
+    by the top level and no level is resized from an upsampled image."""
     if not scales:
-        return min_size, max_size
+        return eval_transform(min_size, max_size)
     top = max(max(scales), min_size)
-    return top, max_size * top / min_size if max_size else None
+    return DetectionTransform((top,), max_size * top / min_size if max_size else None,
+                              upscale=False)

@@ -17,18 +17,20 @@ Choices the paper leaves open (docs/architecture.md, Test-time improvements):
   scaled RoI areas bracket ``scale_target``^2 (default 224 x 224, the ImageNet crop SPPnet and
   Fast R-CNN aim at; a model pretrained or trained at other sizes sets its own), the first or
   last pair when none does;
-- the pyramid is computed on the image: the test transform resizes each image once to the
-  pyramid's top level (``data.transforms.pyramid_resize``), and every level, the RPN's base
-  level included, is that image shrunk (bilinear, antialiased) by a per-image factor, so no
-  level is upsampled from the base image. Level s has shorter side s and longer side at most
-  ``max_size * top / base_size`` (top = the largest of ``scales`` and ``base_size``): one cap
-  for the whole pyramid, the single-scale cap grown with the top level, as the paper names
-  the levels by their shorter sides alone (a cap per level, ``max_size * s / base_size``,
-  would shrink every level of a wide image, as resizing the capped base image does); the cap
-  binds only on the top levels of images wider than ``max_size : base_size``. The base level is the single-scale image
-  (shorter side ``base_size``, longer side at most ``max_size``); the RPN runs there only and
-  its proposals are mapped to each level by the per-image factors. Detections come back in
-  the pixels of the batch as given (the top level), whose ``scale`` evaluation divides by;
+- the pyramid is computed on the image: the test transform
+  (``data.transforms.inference_transform``) hands over the decoded image itself, or, when it is
+  larger than the pyramid's top level, the image shrunk to that level; every level, the RPN's
+  base level included, is resized from it (bilinear, antialiased when shrinking) by a per-image
+  factor, so no level is resized from an upsampled image. Level s has shorter side s and
+  longer side at most ``max_size * top / base_size`` (top = the largest of ``scales`` and
+  ``base_size``): one cap for the whole pyramid, the single-scale cap grown with the top level,
+  as the paper names the levels by their shorter sides alone (a cap per level,
+  ``max_size * s / base_size``, would shrink every level of a wide image, as resizing the
+  capped base image does); the cap binds only on the top levels of images wider than
+  ``max_size : base_size``. The base level is the single-scale image (shorter side
+  ``base_size``, longer side at most ``max_size``); the RPN runs there only and its proposals
+  are mapped to each level by the per-image factors. Detections come back in the pixels of
+  the batch as given, whose ``scale`` evaluation divides by;
 - flips average the softmax scores and the (unflipped) decoded boxes; ensembles average the
   same over models, each model with its own scales and flips.
 """
@@ -128,8 +130,8 @@ class TestTimeDetector(nn.Module):
             paper), then box voting.
         voting_iou: box voting's IoU threshold (Gidaris & Komodakis 2015: 0.5).
         scales: the shorter sides of the test pyramid, e.g. (200, 400, 600, 800, 1000); empty:
-            single-scale. The batch is then expected at the pyramid's top level
-            (``data.transforms.pyramid_resize``); a smaller one has its upper levels upsampled.
+            single-scale. The batch is then expected as ``data.transforms.inference_transform``
+            gives it: the decoded images, those above the top level shrunk to it.
         base_size, max_size: the single-scale test resize (``data.min_size_test``,
             ``data.max_size_test``): the RPN's level.
         scale_target: the side of the square each RoI's scale pair brackets (``test.scale_target``).

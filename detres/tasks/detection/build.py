@@ -21,7 +21,7 @@ from detres.data.coco_splits import MergedCOCODetection, coco_split_files, image
 from detres.data.ilsvrc_det import ILSVRCDetection
 from detres.data.detection_dataset import DetectionDataset
 from detres.data.loader import build_detection_loader
-from detres.data.transforms import eval_transform, pyramid_resize, train_transform
+from detres.data.transforms import inference_transform, train_transform
 from detres.data.voc import VOC_CLASSES, VOCDetection
 from detres.engine.checkpoint import CheckpointError, load_checkpoint_weights, read_checkpoint
 from detres.engine.distributed import DistInfo
@@ -126,7 +126,8 @@ def _require_file(path: Path, key: str, what: str, how: str) -> Path:
 def build_det_dataset(cfg: DetDatasetConfig, data: DetDataConfig, train: bool,
                       key: str, test_scales: Sequence[int] = ()) -> DetectionDataset:
     """One split of ``data.train`` / ``data.val`` (``key`` names it in errors); a test split
-    with ``test_scales`` (``test.scales``) comes at the pyramid's top level. With
+    with ``test_scales`` (``test.scales``) comes as decoded, shrunk to the pyramid's top level
+    when larger (``data.transforms.inference_transform``). With
     ``data.skip_bad_images`` an unreadable test image never stands in for another (its
     detections would count twice): it comes as ``SkippedImageTargets`` under its own id."""
     dataset = _build_split(cfg, data, train, key, test_scales)
@@ -140,8 +141,7 @@ def _build_split(cfg: DetDatasetConfig, data: DetDataConfig, train: bool,
         transform = train_transform(data.min_size_train, data.max_size_train,
                                     flip_prob=data.flip_prob, color_jitter=data.color_jitter)
     else:
-        transform = eval_transform(*pyramid_resize(data.min_size_test, data.max_size_test,
-                                                   test_scales))
+        transform = inference_transform(data.min_size_test, data.max_size_test, test_scales)
     common = dict(transform=transform, filter_empty=train and data.filter_empty,
                   skip_bad_images=data.skip_bad_images, bad_annotations=cfg.bad_annotations)
     if cfg.type != "imagenet_det":  # ILSVRC's file names come from its own split files

@@ -31,7 +31,7 @@ from torch import nn
 from detres.data.coco import COCODetection
 from detres.data.image_files import CHANNEL_ORDERS, Image, is_one_image, load_image
 from detres.data.images import DatasetError
-from detres.data.transforms import eval_transform, pyramid_resize
+from detres.data.transforms import inference_transform
 from detres.engine.distributed import resolve_device
 from detres.evaluation.coco_eval import detections_to_coco_results
 from detres.models.inference_form import autocast, inference_amp_dtype, prepare_for_inference
@@ -77,9 +77,7 @@ class Predictor:
         self.class_names = list(class_names)
         self.category_ids = list(category_ids) if category_ids else list(
             range(1, len(self.class_names) + 1))
-        # multi-scale testing reads the pyramid's top level, from which it shrinks each level
-        self.transform = eval_transform(*pyramid_resize(min_size, max_size,
-                                                        getattr(model, "scales", ())))
+        self.transform = inference_transform(min_size, max_size, getattr(model, "scales", ()))
         self.batch_size = batch_size
 
     @classmethod
