@@ -173,17 +173,22 @@ class FormatOnlyEvaluator(BoxEvaluator):
 
     ``style`` ``coco``: ``eval/coco_results.json`` (dataset image and category ids); ``voc``:
     the devkit's ``eval/results/VOC<year>/Main/comp4_det_<split>_<class>.txt`` (image names,
-    1-based boxes), year and split from ``voc_split``.
+    1-based boxes), year and split from ``voc_split``; ``ilsvrc_det``: the ILSVRC devkit's
+    detection submission, ``eval/ilsvrc_det_results.txt`` (image indices, DET ids from the
+    dataset's ``label_to_category_id``, 1-based boxes).
     """
 
     def __init__(self, info: DatasetInfo, output_dir: str | Path | None, style: str = "coco",
                  voc_split: tuple[str, str] = ("2012", "test")) -> None:
         if output_dir is None:
             raise ValueError("test.format_only needs an output folder for the results files")
-        if style not in ("coco", "voc"):
-            raise ValueError(f"style must be coco or voc, got {style!r}")
+        if style not in ("coco", "voc", "ilsvrc_det"):
+            raise ValueError(f"style must be coco, voc or ilsvrc_det, got {style!r}")
         if style == "voc" and info.file_stem is None:
             raise ValueError("the VOC results files need the test set's file names")
+        if style == "ilsvrc_det" and len(info.label_to_category_id) != len(info.class_names):
+            raise ValueError("the ILSVRC DET results file needs each class's DET id: put the "
+                             "ILSVRC devkit (devkit/data/map_det.txt) in the data folder")
         super().__init__(info, output_dir)
         self.style, self.voc_split = style, voc_split
 
@@ -192,6 +197,11 @@ class FormatOnlyEvaluator(BoxEvaluator):
             written = coco_results(results, self.info.label_to_category_id)
             path = self.output_dir / "eval" / "coco_results.json"
             write_json(path, written, indent=None)
+        elif self.style == "ilsvrc_det":
+            written = ilsvrc_det_result_lines(results, self.info.label_to_category_id)
+            path = self.output_dir / "eval" / "ilsvrc_det_results.txt"
+            data = "".join(line + "\n" for line in written).encode()
+            atomic_write_bytes(path, lambda f: f.write(data))
         else:
             written = voc_result_lines(results, self.info.file_stem)
             path = self.output_dir / "eval" / "results"
@@ -234,6 +244,21 @@ def voc_result_lines(results: Sequence[ImageResult], file_stem: Callable[[int], 
         boxes = d.boxes.double().numpy() / r.scale
         for (x1, y1, x2, y2), score, label in zip(boxes, d.scores.tolist(), d.labels.tolist()):
             out.append((label, f"{name} {score:.6f} {x1 + 1:.1f} {y1 + 1:.1f} {x2:.1f} {y2:.1f}"))
+    return out
+
+
+def ilsvrc_det_result_lines(results: Sequence[ImageResult], det_ids: Sequence[int]
+                            ) -> list[str]:
+    """One line per detection in the ILSVRC devkit's detection submission format,
+    ``<image_index> <DET id> <confidence> <xmin> <ymin> <xmax> <ymax>``, with the 1-based
+    pixels of its XMLs (the inverse of data/ilsvrc_det.py), images in index order."""
+    out = []
+    for r in sorted(results, key=lambda r: r.image_id):
+        d = r.detections
+        boxes = d.boxes.double().numpy() / r.scale
+        for (x1, y1, x2, y2), score, label in zip(boxes, d.scores.tolist(), d.labels.tolist()):
+            out.append(f"{r.image_id} {det_ids[label]} {score:.6f} {x1 + 1:.1f} {y1 + 1:.1f} "
+                       f"{x2:.1f} {y2:.1f}")
     return out
 
 

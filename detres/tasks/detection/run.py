@@ -40,6 +40,11 @@ def _evaluator(cfg: DetectionConfig, device, dist, output_dir, metric: str | Non
         raise ConfigError(f"data.val: {val_set.source} has no ground truth (image info only, "
                           f"as COCO test-dev); set test.format_only=true (tools/eval_det.py "
                           f"--format-only) to write the results for the evaluation server")
+    if cfg.test.format_only and cfg.data.val.type == "imagenet_det" \
+            and (metric or cfg.test.metric) != "coco" and not val_set.label_to_category_id:
+        raise ConfigError(f"data.val: {val_set.source}: the ILSVRC server's results file needs "
+                          f"each class's DET id from the devkit's devkit/data/map_det.txt, not "
+                          f"found in data.val.root (or not listing every class)")
     val_loader = build_det_test_loader(cfg, val_set, dist, device)
     info, metric = dataset_info(val_set), metric or cfg.test.metric
     amp = inference_amp_dtype(device, cfg.test.cpu_amp, cuda_amp_dtype(cfg.train.amp))
@@ -48,8 +53,9 @@ def _evaluator(cfg: DetectionConfig, device, dist, output_dir, metric: str | Non
         if cfg.test.format_only:
             voc_split = tuple(cfg.data.val.splits[0].split("/", 1)) \
                 if cfg.data.val.type == "voc" else ("2012", "test")
-            return FormatOnlyEvaluator(info, output_dir, "coco" if metric == "coco" else "voc",
-                                       voc_split)
+            style = ("coco" if metric == "coco" else
+                     "ilsvrc_det" if cfg.data.val.type == "imagenet_det" else "voc")
+            return FormatOnlyEvaluator(info, output_dir, style, voc_split)
         if metric == "coco":
             return COCOEvaluator(info, output_dir, engine, summary_only)
         return VOCEvaluator(info, metric, output_dir, summary_only)
