@@ -45,6 +45,11 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
+    def scale_shift(self) -> tuple[Tensor, Tensor]:
+        """(scale, shift) of the affine map the layer computes: ``x * scale + shift``."""
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return scale, self.bias - self.running_mean * scale
+
     def forward(self, x: Tensor) -> Tensor:
         if not x.requires_grad:
             # One fused op at inference.
@@ -52,8 +57,7 @@ class FrozenBatchNorm2d(nn.Module):
                                 training=False, eps=self.eps)
         # With grad, F.batch_norm's backward also computes (unused) weight/bias grads; a
         # multiply-add only back-propagates to x (as detectron2 does). Cast for fp16/bf16 autocast.
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
+        scale, shift = self.scale_shift()
         return x * scale.to(x.dtype).view(1, -1, 1, 1) + shift.to(x.dtype).view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from detres.models.norm import NORMS, freeze_batchnorm, make_norm
+from detres.models.norm import NORMS, FrozenBatchNorm2d, freeze_batchnorm, make_norm
 
 SHORTCUTS = ("A", "B", "C")
 STEMS = ("imagenet", "cifar")
@@ -73,13 +73,13 @@ class StridedConv1x1(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__(in_channels, out_channels, 1, stride, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if self.stride == (1, 1) or not _bf16_cpu_autograd(x):
-            return super().forward(x)
+            return super()._conv_forward(x, weight, bias)
         nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         x = x[:, :, :: self.stride[0], :: self.stride[1]]
         x = x.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
-        return F.conv2d(x, self.weight, self.bias)
+        return F.conv2d(x, weight, bias)
 
 
 def _bf16_cpu_autograd(x: Tensor) -> bool:
@@ -88,6 +88,22 @@ def _bf16_cpu_autograd(x: Tensor) -> bool:
         return False
     return x.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu") and
                                          torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm(conv(x))``. A frozen BN is folded into the convolution on the fly (weight times
+    its scale, its shift as the bias): one convolution with a bias instead of a multiply and an
+    add over every activation, forward and backward, and the same gradients for the weight."""
+    if isinstance(norm, FrozenBatchNorm2d) and conv.bias is None:
+        scale, shift = norm.scale_shift()
+        return conv._conv_forward(x, conv.weight * scale.view(-1, 1, 1, 1), shift)
+    return norm(conv(x))
+
+
+def _shortcut(downsample: nn.Module, x: Tensor) -> Tensor:
+    if isinstance(downsample, nn.Sequential) and len(downsample) == 2:   # projection + norm
+        return conv_norm(downsample[0], downsample[1], x)
+    return downsample(x)
 
 
 def make_shortcut(shortcut: str, in_channels: int, out_channels: int, stride: int, norm: str,
@@ -121,10 +137,10 @@ class BasicBlock(nn.Module):
         self.residual = residual
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = conv_norm(self.conv2, self.bn2, out)
         if self.residual:  # eq. 1/2: y = F(x) + W_s x, then the second nonlinearity (Fig. 2)
-            out += x if self.downsample is None else self.downsample(x)
+            out += x if self.downsample is None else _shortcut(self.downsample, x)
         return self.relu(out)
 
 
@@ -152,11 +168,11 @@ class Bottleneck(nn.Module):
         self.residual = residual
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = self.relu(conv_norm(self.conv1, self.bn1, x))
+        out = self.relu(conv_norm(self.conv2, self.bn2, out))
+        out = conv_norm(self.conv3, self.bn3, out)
         if self.residual:
-            out += x if self.downsample is None else self.downsample(x)
+            out += x if self.downsample is None else _shortcut(self.downsample, x)
         return self.relu(out)
 
 
@@ -203,7 +219,7 @@ def _make_stage(block: type[nn.Module], in_channels: int, channels: int, num_blo
 def _stage_outputs(net: nn.Module, x: Tensor, stage_names: Sequence[str]) -> Iterator[Tensor]:
     """The stem (conv1 -> bn1 -> ReLU -> max pool, Identity for CIFAR) of a ResNet or its C4
     trunk, then its stages ``stage_names`` in order; yields each stage's output."""
-    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    x = net.maxpool(net.relu(conv_norm(net.conv1, net.bn1, x)))
     for name in stage_names:
         x = getattr(net, name)(x)
         yield x
