@@ -11,11 +11,16 @@ RoI head.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from torch import Tensor
+from torchvision.ops import batched_nms
 from torchvision.ops import box_iou as _box_iou
+from torchvision.ops import nms
 
 # Largest dw/dh accepted by decode: exp(4.135) = 1000/16, so a box grows at most from a
 # 16 px anchor to a 1000 px image (as in torchvision and detectron2).
@@ -136,3 +141,30 @@ def box_iou_numpy(boxes1: np.ndarray, boxes2: np.ndarray) -> np.ndarray:
     area2 = np.prod(np.clip(boxes2[:, 2:] - boxes2[:, :2], 0, None), axis=1)
     union = area1[:, None] + area2[None, :] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None   # (pid, workers, pool)
+
+
+def _nms_pool(workers: int) -> ThreadPoolExecutor:
+    """One thread pool per process (a forked DataLoader worker makes its own)."""
+    global _POOL
+    if _POOL is None or _POOL[:2] != (os.getpid(), workers):
+        _POOL = (os.getpid(), workers, ThreadPoolExecutor(workers, thread_name_prefix="nms"))
+    return _POOL[2]
+
+
+def nms_each(boxes: Sequence[Tensor], scores: Sequence[Tensor], threshold: float,
+             labels: Sequence[Tensor] | None = None) -> list[Tensor]:
+    """torchvision's NMS (per class with ``labels``: ``batched_nms``) on each image's boxes:
+    kept indices, by decreasing score. On the CPU the images run in parallel threads, as the
+    kernel is single-threaded and releases the GIL (the RPN's NMS of a demo batch of 8 took
+    about a tenth of its training step)."""
+    def one(i: int) -> Tensor:
+        if labels is None:
+            return nms(boxes[i], scores[i], threshold)
+        return batched_nms(boxes[i], scores[i], labels[i], threshold)
+    workers = min(len(boxes), torch.get_num_threads())
+    if workers < 2 or boxes[0].device.type != "cpu":
+        return [one(i) for i in range(len(boxes))]
+    return list(_nms_pool(workers).map(one, range(len(boxes))))

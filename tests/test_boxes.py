@@ -90,3 +90,25 @@ def test_decode_class_specific_deltas_and_clamp():
 def test_encode_is_float32_under_half_inputs():
     a, g = random_boxes(8).half(), random_boxes(8, seed=5).half()
     assert B.encode(g, a).dtype == torch.float32
+
+
+def test_nms_each_equals_torchvisions_nms_image_by_image():
+    g = torch.Generator().manual_seed(0)
+    boxes, scores, labels = [], [], []
+    for n in (300, 0, 1, 500, 50):                 # an image without boxes among them
+        xy = torch.rand(n, 2, generator=g) * 200
+        boxes.append(torch.cat((xy, xy + 10 + torch.rand(n, 2, generator=g) * 60), 1))
+        scores.append(torch.rand(n, generator=g))
+        labels.append(torch.randint(3, (n,), generator=g))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)                   # the images in parallel threads
+        got = B.nms_each(boxes, scores, 0.5)
+        got_per_class = B.nms_each(boxes, scores, 0.5, labels)
+    finally:
+        torch.set_num_threads(threads)
+    for i in range(len(boxes)):
+        torch.testing.assert_close(got[i], torchvision.ops.nms(boxes[i], scores[i], 0.5))
+        torch.testing.assert_close(got_per_class[i], torchvision.ops.batched_nms(
+            boxes[i], scores[i], labels[i], 0.5))
+    assert B.nms_each([], [], 0.5) == []

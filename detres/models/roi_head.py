@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import batched_nms, roi_align
+from torchvision.ops import roi_align
 
 from detres import boxes as box_ops
 from detres.models.losses import BoxLoss, box_regression_loss
@@ -264,15 +264,18 @@ class C4RoIHead(nn.Module):
         (R, K) scores, (R, K, 4) boxes, rows ordered by image -> N Detections.
         """
         classes = torch.arange(self.num_classes, device=boxes.device)
-        detections = []
+        candidates = []
         per_image = zip(boxes.split(rois_per_image), scores.split(rois_per_image), image_sizes)
         for boxes_i, scores_i, size in per_image:
             labels_i = classes.repeat(boxes_i.shape[0])                 # (P_i * K,)
             boxes_i = box_ops.clip(boxes_i, size).reshape(-1, 4)        # (P_i * K, 4)
             scores_i = scores_i.reshape(-1)
             keep = (scores_i > self.score_threshold) & box_ops.nonempty(boxes_i, self.min_box_size)
-            boxes_i, scores_i, labels_i = boxes_i[keep], scores_i[keep], labels_i[keep]
-            keep = batched_nms(boxes_i, scores_i, labels_i, self.nms_threshold)
+            candidates.append((boxes_i[keep], scores_i[keep], labels_i[keep]))
+        boxes_n, scores_n, labels_n = zip(*candidates) if candidates else ((), (), ())
+        kept_per_image = box_ops.nms_each(boxes_n, scores_n, self.nms_threshold, labels_n)
+        detections = []
+        for (boxes_i, scores_i, labels_i), keep in zip(candidates, kept_per_image):
             keep = keep[: self.detections_per_image]
             kept = boxes_i[keep]
             if voting_iou is not None:

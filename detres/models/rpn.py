@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import nms
 
 from detres import boxes as box_ops
 from detres.models.anchors import AnchorGenerator
@@ -149,15 +148,16 @@ class RPN(nn.Module):
         top_logits, top_idx = logits.float().topk(k, dim=1)               # (N, k), sorted
         top_deltas = torch.gather(deltas, 1, top_idx.unsqueeze(-1).expand(-1, -1, 4))
         boxes = box_ops.decode(top_deltas, anchors[top_idx])            # (N, k, 4) float32
-        proposals, proposal_logits = [], []
+        candidates, candidate_logits = [], []
         for i, size in enumerate(image_sizes):
             boxes_i = box_ops.clip(boxes[i], size)
             scale = image_scales[i] if image_scales is not None else 1.0
             keep = box_ops.nonempty(boxes_i, self.min_box_size * scale)
-            boxes_i, logits_i = boxes_i[keep], top_logits[i][keep]       # host sync, as NMS
-            keep = nms(boxes_i, logits_i, self.nms_threshold)[:post_k]  # sorted by score
-            proposals.append(boxes_i[keep])
-            proposal_logits.append(logits_i[keep])
+            candidates.append(boxes_i[keep])                            # host sync, as NMS
+            candidate_logits.append(top_logits[i][keep])
+        kept = box_ops.nms_each(candidates, candidate_logits, self.nms_threshold)
+        proposals = [b[k[:post_k]] for b, k in zip(candidates, kept)]  # sorted by score
+        proposal_logits = [s[k[:post_k]] for s, k in zip(candidate_logits, kept)]
         return proposals, proposal_logits
 
     def label_anchors(self, anchors: Tensor, image_sizes: list[tuple[int, int]],
