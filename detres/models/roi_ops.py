@@ -86,9 +86,35 @@ def roi_align_gather(features: Tensor, rois: Tensor, output_size: int, spatial_s
     base = rois[:, 0].long()[:, None, None, None, None, None, None] * (h * w)
     index = (base + iy * w + ix).permute(0, 1, 3, 2, 4, 5, 6).reshape(num_rois * size * size, -1)
     weight = (wy * wx / count).permute(0, 1, 3, 2, 4, 5, 6).reshape(num_rois * size * size, -1)
-    pooled = F.embedding_bag(index, _feature_table(features), per_sample_weights=weight,
-                             mode="sum")                                   # (R*S*S, C)
+    pooled = _WeightedGather.apply(_feature_table(features), index, weight)   # (B, C)
     return _pooled_to_nchw(pooled, num_rois, size, features.dtype)
+
+
+class _WeightedGather(torch.autograd.Function):
+    """(T, C) table, (B, K) row indices and weights -> (B, C) weighted row sums, one
+    ``embedding_bag``. The backward is the transposed gather: the (index, bin, weight) triples
+    sorted by table row, then one ``embedding_bag`` over the rows of the (B, C) gradient per
+    table row. embedding_bag's own backward accumulates the K*B weighted rows serially, 3-5x
+    slower on a small feature map that many RoIs sample (the demo's 256 RoIs on 16 x 16)."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, index: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(index, weight)
+        ctx.rows = table.shape[0]
+        return F.embedding_bag(index, table, per_sample_weights=weight, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        index, weight = ctx.saved_tensors
+        flat = index.reshape(-1)
+        keys = flat.int() if ctx.rows < 2**31 else flat     # int32 sorts in half the time
+        order = keys.argsort(stable=True)
+        bins = torch.div(order, index.shape[1], rounding_mode="floor")
+        counts = torch.bincount(flat, minlength=ctx.rows)
+        offsets = torch.cumsum(counts, 0) - counts
+        grad_table = F.embedding_bag(bins, grad.contiguous(), offsets,
+                                     per_sample_weights=weight.reshape(-1)[order], mode="sum")
+        return grad_table, None, None
 
 
 def _round_half_away(v: Tensor) -> Tensor:
