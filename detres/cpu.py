@@ -7,6 +7,7 @@ than float32.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 # /proc/cpuinfo flags of native bf16 arithmetic: AVX-512 BF16 dot products (Cooper Lake,
@@ -38,7 +39,18 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
     return frozenset(cpuinfo(path).get("flags", "").split())
 
 
-def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:
-    """Whether the CPU computes bf16 in hardware (``flags`` default: :func:`cpu_flags`)."""
+# oneDNN instruction sets (ONEDNN_MAX_CPU_ISA) that leave out bf16 arithmetic
+ISA_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                    "AVX512_CORE_VNNI")
+
+
+def cpu_has_native_bf16(flags: frozenset[str] | None = None,
+                        max_isa: str | None = None) -> bool:
+    """Whether the CPU computes bf16 in hardware (``flags`` default: :func:`cpu_flags`) and
+    oneDNN may use it: ``ONEDNN_MAX_CPU_ISA`` (``max_isa`` default: the environment's) set to
+    an instruction set without bf16 makes oneDNN emulate it, as on a CPU without."""
     flags = cpu_flags() if flags is None else flags
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "") if max_isa is None else max_isa
+    if isa.strip().upper() in ISA_WITHOUT_BF16:
+        return False
     return any(f in flags for f in BF16_FLAGS)

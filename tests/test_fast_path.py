@@ -178,12 +178,14 @@ def test_predictor_overlaps_loading_and_keeps_the_order_over_several_batches(tmp
     ({"avx512_bf16"}, "none", None),
 ])
 def test_cpu_autocast_follows_the_cpu_and_the_switch(monkeypatch, flags, setting, expected):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
     assert fast.inference_amp_dtype("cpu", setting) is expected
     assert fast.inference_amp_dtype("cuda", setting, torch.float16) is torch.float16
 
 
-def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path, monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     path = tmp_path / "cpuinfo"
     path.write_text("processor\t: 0\nflags\t\t: fpu sse avx512_bf16 amx_tile\n\n"
                     "processor\t: 1\nflags\t\t: other\n")
@@ -191,6 +193,13 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert flags == {"fpu", "sse", "avx512_bf16", "amx_tile"}
     assert cpu.cpu_has_native_bf16(flags) and not cpu.cpu_has_native_bf16(frozenset({"sse"}))
     assert cpu.cpu_flags(str(tmp_path / "absent")) == frozenset()
+    # oneDNN capped below bf16 emulates it, as a CPU without: auto then stays in float32
+    for isa, native in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True),
+                        ("AVX512_CORE_AMX", True), ("", True)):
+        assert cpu.cpu_has_native_bf16(flags, max_isa=isa) is native, isa
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
+    assert fast.inference_amp_dtype("cpu", "auto") is None
     with pytest.raises(ValueError, match="test.cpu_amp"):
         fast.inference_amp_dtype("cpu", "fp8")
 
