@@ -57,7 +57,7 @@ def _write_checkpoint(path, *overrides):
     cfg = load_config(CONFIGS / "frcnn_r18_shapes.yaml",
                       ["model.backbone.width=8", "data.min_size_test=96",
                        "data.max_size_test=128", "model.roi_head.score_threshold=0.0",
-                       *overrides], schema=DetectionConfig)
+                       "test.scales=[]", *overrides], schema=DetectionConfig)
     torch.manual_seed(0)
     model = build_detector(cfg.model, num_classes=3).eval()
     atomic_save({"model": model.state_dict(), "task": "detection", "iteration": 0,

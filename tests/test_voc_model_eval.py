@@ -84,7 +84,7 @@ def test_voc07_evaluation_of_a_checkpoint_matches_evaluate_voc_on_its_detections
         "data.val.type=voc", f"data.val.root={devkit}", "data.val.splits=[2007/test]",
         "data.min_size_test=96", "data.max_size_test=128", "test.ims_per_batch=2",
         "train.device=cpu", "train.num_workers=0", f"train.output_dir={out}",
-        "test.cpu_amp=none"],  # the oracle runs the model in float32
+        "test.cpu_amp=none", "test.scales=[]"],  # the oracle: one scale, float32
         schema=DetectionConfig)
     torch.manual_seed(0)
     model = build_detector(cfg.model, num_classes=len(VOC_CLASSES)).eval()
