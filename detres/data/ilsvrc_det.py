@@ -75,7 +75,7 @@ def read_split_file(root: Path, split: str) -> list[tuple[str, int | None]]:
                                f"folder")
         index = None
         if len(fields) > 1:
-            if not fields[1].isdigit() or int(fields[1]) >= 2**31:
+            if not (fields[1].isascii() and fields[1].isdigit()) or int(fields[1]) >= 2**31:
                 raise DatasetError(f"{f}, line {n}: the image index {fields[1]!r} is not a "
                                    f"whole number below 2^31")
             index = int(fields[1])
@@ -96,7 +96,8 @@ def read_det_map(root: Path) -> dict[str, int] | None:
         fields = line.split()
         if not fields:
             continue
-        if len(fields) < 2 or not fields[1].isdigit() or int(fields[1]) >= 2**31:
+        if len(fields) < 2 or not (fields[1].isascii() and fields[1].isdigit()) \
+                or int(fields[1]) >= 2**31:
             raise DatasetError(f"{f}, line {n}: expected '<wnid> <DET id> <name>', got "
                                f"{line[:80]!r}")
         if fields[0] in out:
