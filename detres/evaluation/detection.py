@@ -233,18 +233,23 @@ def coco_results(results: Sequence[ImageResult], label_to_category_id: Sequence[
                                       label_to_category_id)
 
 
+def devkit_detections(r: ImageResult) -> list[tuple[str, float, int]]:
+    """(box, score, label) per detection of one image, the box as ``xmin ymin xmax ymax`` in
+    the original image's 1-based inclusive pixels of the VOC and ILSVRC devkits (the inverse
+    of data/voc.py::read_pascal_xml)."""
+    d = r.detections
+    boxes = d.boxes.double().numpy() / r.scale
+    return [(f"{x1 + 1:.1f} {y1 + 1:.1f} {x2:.1f} {y2:.1f}", score, label)
+            for (x1, y1, x2, y2), score, label in zip(boxes, d.scores.tolist(),
+                                                      d.labels.tolist())]
+
+
 def voc_result_lines(results: Sequence[ImageResult], file_stem: Callable[[int], str]
                      ) -> list[tuple[int, str]]:
     """(label, line) per detection in the VOC devkit's results format: ``name score xmin
     ymin xmax ymax`` with VOC's 1-based inclusive pixels (the inverse of data/voc.py)."""
-    out = []
-    for r in results:
-        name = file_stem(r.image_id)
-        d = r.detections
-        boxes = d.boxes.double().numpy() / r.scale
-        for (x1, y1, x2, y2), score, label in zip(boxes, d.scores.tolist(), d.labels.tolist()):
-            out.append((label, f"{name} {score:.6f} {x1 + 1:.1f} {y1 + 1:.1f} {x2:.1f} {y2:.1f}"))
-    return out
+    return [(label, f"{file_stem(r.image_id)} {score:.6f} {box}")
+            for r in results for box, score, label in devkit_detections(r)]
 
 
 def ilsvrc_det_result_lines(results: Sequence[ImageResult], det_ids: Sequence[int]
@@ -252,14 +257,9 @@ def ilsvrc_det_result_lines(results: Sequence[ImageResult], det_ids: Sequence[in
     """One line per detection in the ILSVRC devkit's detection submission format,
     ``<image_index> <DET id> <confidence> <xmin> <ymin> <xmax> <ymax>``, with the 1-based
     pixels of its XMLs (the inverse of data/ilsvrc_det.py), images in index order."""
-    out = []
-    for r in sorted(results, key=lambda r: r.image_id):
-        d = r.detections
-        boxes = d.boxes.double().numpy() / r.scale
-        for (x1, y1, x2, y2), score, label in zip(boxes, d.scores.tolist(), d.labels.tolist()):
-            out.append(f"{r.image_id} {det_ids[label]} {score:.6f} {x1 + 1:.1f} {y1 + 1:.1f} "
-                       f"{x2:.1f} {y2:.1f}")
-    return out
+    return [f"{r.image_id} {det_ids[label]} {score:.6f} {box}"
+            for r in sorted(results, key=lambda r: r.image_id)
+            for box, score, label in devkit_detections(r)]
 
 
 def write_voc_results(folder: Path, class_names: Sequence[str], lines: Sequence[tuple[int, str]],
