@@ -56,6 +56,13 @@ def test_the_test_split_reads_without_annotations(ilsvrc):
     assert test.image_sizes.tolist() == [[60, 80], [90, 50]]   # (h, w) from the headers
     image, _ = test[1]
     assert tuple(image.shape[1:]) == (96, 53)              # decoded: 90x50 -> 96 / 90
+    bad = ilsvrc / "Data" / "DET" / "test" / "ILSVRC2015_test_00000002.JPEG"
+    original = bad.read_bytes()
+    bad.write_bytes(b"not an image")
+    with pytest.raises(DatasetError, match="ILSVRC2015_test_00000002.JPEG: not a readable "
+                                           "image.*data.skip_bad_images=true"):
+        build_det_dataset(data.val, data, train=False, key="data.val")
+    bad.write_bytes(original)
     (ilsvrc / "ImageSets" / "DET" / "test.txt").write_text("ILSVRC2015_test_00000001\n")
     with pytest.raises(DatasetError, match="test.txt: ILSVRC2015_test_00000001 has no image "
                                            "index"):

@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image
 
 from detres.data.detection_dataset import (AnnotationIndex, DetectionDataset, Transform,
                                            filter_empty_images)
-from detres.data.images import DatasetError
+from detres.data.images import DatasetError, ImageDecodeError, read_image_size
 from detres.data.voc import read_pascal_xml
 
 logger = logging.getLogger(__name__)
@@ -108,14 +107,11 @@ def read_det_map(root: Path) -> dict[str, int] | None:
 
 def _header_size(path: Path, skip_bad_images: bool) -> tuple[int, int]:
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-        return h, w
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        return read_image_size(path)
+    except ImageDecodeError as e:
         if skip_bad_images:
             return 1, 1         # read again, and skipped, when decoded
-        raise DatasetError(f"{path}: cannot read the image's size ({e}); "
-                           f"data.skip_bad_images=true skips it") from None
+        raise DatasetError(f"{e}; data.skip_bad_images=true skips it") from None
 
 
 class ILSVRCDetection(DetectionDataset):

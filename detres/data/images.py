@@ -11,7 +11,9 @@ undecodable file raises ``ImageDecodeError`` naming the path.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +39,32 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     Raises:
         ImageDecodeError: the file is missing, empty, truncated or not an image.
     """
+    with _opened(path) as im:
+        im.load()  # decodes now, so a truncated file fails here and not later
+        return pil_to_rgb(im)
+
+
+def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(h, w) of an image file as stored, from its header alone (nothing decoded).
+
+    Raises:
+        ImageDecodeError: the file is missing, empty or not an image.
+    """
+    with _opened(path) as im:
+        w, h = im.size
+        return h, w
+
+
+@contextlib.contextmanager
+def _opened(path: str | os.PathLike) -> Iterator[Image.Image]:
+    """The open PIL image of ``path``; every failure, opening or inside the block, is an
+    ``ImageDecodeError`` naming the file."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise ImageDecodeError(f"{path}: image file is empty")
         with Image.open(path) as im:
-            im.load()  # decodes now, so a truncated file fails here and not later
-            return pil_to_rgb(im)
+            yield im
     except ImageDecodeError:
         raise
     except FileNotFoundError:
