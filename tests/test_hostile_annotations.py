@@ -168,6 +168,35 @@ def test_results_ids_must_be_int64_numbers(tmp_path, value):
         load_results(results, gt)
 
 
+
+@pytest.mark.parametrize("where, key", [("images", "id"), ("categories", "id"),
+                                        ("annotations", "image_id"),
+                                        ("annotations", "category_id")])
+@pytest.mark.parametrize("tool", ["eval_det", "analyze_det"])
+def test_ground_truth_ids_beyond_int64_are_named(tmp_path, where, key, tool):
+    gt = _coco(tmp_path)
+    data = json.loads(gt.read_text())
+    data[where][0][key] = HUGE
+    gt.write_text(json.dumps(data))
+    dt = tmp_path / "dt.json"
+    dt.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10],
+                               "score": 0.9}]))
+    extra = ["--out", str(tmp_path / "analysis")] if tool == "analyze_det" else []
+    res = run_tool_script(tool, "--gt", str(gt), "--dt", str(dt), *extra)
+    _one_error_line(res, "ann.json", f"{where}[0] has {key} {HUGE}")
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, "{\"images\": [", "\xff\xfe"],
+                         ids=["nested", "cut", "not-utf8"])
+@pytest.mark.parametrize("which", ["gt", "dt"])
+def test_eval_det_names_a_file_that_is_not_json(tmp_path, which, text):
+    files = {"gt": _coco(tmp_path), "dt": tmp_path / "dt.json"}
+    files["dt"].write_text(json.dumps([]))
+    files[which].write_bytes(text.encode("latin-1"))
+    res = run_tool_script("eval_det", "--gt", str(files["gt"]), "--dt", str(files["dt"]))
+    _one_error_line(res, files[which].name, "not valid JSON")
+
+
 # ------------------------------------------------------------ paths outside the image folder
 def test_browse_data_refuses_a_file_name_outside_the_image_folder(tmp_path):
     Image.new("RGB", (40, 30), (200, 0, 0)).save(tmp_path / "private.png")

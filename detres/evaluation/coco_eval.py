@@ -116,17 +116,29 @@ def load_ground_truth(gt: GroundTruth) -> dict:
     small/medium/large split) is set to the box area and a missing ``iscrowd`` to 0; COCO's own
     files always carry both.
     """
+    source = os.fspath(gt) if isinstance(gt, (str, os.PathLike)) else "<ground truth>"
     if isinstance(gt, (str, os.PathLike)):
-        with open(gt) as f:
-            dataset = json.load(f)
+        dataset = _read_json(gt)
     else:
         dataset = gt if isinstance(gt, Mapping) else getattr(gt, "dataset", None)
         if not isinstance(dataset, Mapping):
             raise TypeError("ground truth must be a path, a dict or a COCO object, "
                             f"got {type(gt).__name__}")
+    if not isinstance(dataset, Mapping):
+        raise ValueError(f"{source}: a COCO ground truth is a JSON object, got "
+                         f"{type(dataset).__name__}")
     for key in ("images", "annotations", "categories"):
         if key not in dataset:
-            raise ValueError(f"ground truth lacks '{key}': not a COCO-format detection file")
+            raise ValueError(f"{source}: ground truth lacks '{key}': not a COCO-format "
+                             "detection file")
+    # the results are checked against these ids as int64 arrays
+    for key, field in (("images", "id"), ("categories", "id"), ("annotations", "image_id"),
+                       ("annotations", "category_id")):
+        for i, entry in enumerate(dataset[key]):
+            v = entry.get(field) if isinstance(entry, Mapping) else None
+            if not _is_int64(v):
+                raise ValueError(f"{source}: {key}[{i}] has {field} {v!r:.60}; ids are integers "
+                                 "(int64)")
     annotations = []
     for new_id, ann in enumerate(dataset["annotations"], start=1):  # id 0 would never match
         own = {**ann, "id": new_id, "bbox": [float(v) for v in ann["bbox"]]}
@@ -157,8 +169,7 @@ def _results_to_arrays(results: Results, gt_dataset: Mapping[str, Any]
     """Validated (D,) image ids, (D,) category ids, (D, 4) xywh boxes, (D,) scores."""
     source = os.fspath(results) if isinstance(results, (str, os.PathLike)) else "<results list>"
     if isinstance(results, (str, os.PathLike)):
-        with open(results) as f:
-            results = json.load(f)
+        results = _read_json(results)
     if not isinstance(results, Sequence) or isinstance(results, (str, bytes)):
         raise ValueError(f"{source}: COCO results must be a list of dicts")
     try:
@@ -194,11 +205,25 @@ def _int64_ids(results: Sequence[Any], name: str, ids: np.ndarray, source: str) 
         return ids.astype(np.int64)
     for i, r in enumerate(results):
         v = r[name]
-        if (isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer))
-                or not -2**63 <= int(v) < 2**63):
+        if not _is_int64(v):
             raise ValueError(f"{source}: result {i} has {name} {v!r:.60}; ids are integers "
                              "(int64)")
     return np.array([int(r[name]) for r in results], np.int64)
+
+
+def _read_json(path: str | os.PathLike) -> Any:
+    """A JSON file's content; what is not JSON (or nests too deep to parse) is a ``ValueError``
+    naming the file."""
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting
+        raise ValueError(f"{os.fspath(path)}: not valid JSON: {e}"[:300]) from None
+
+
+def _is_int64(v: Any) -> bool:
+    return (isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+            and -2**63 <= int(v) < 2**63)
 
 
 def _raise_malformed(results: Sequence[Any], source: str) -> None:
