@@ -33,6 +33,7 @@ from detector_speed import fix_proposals, random_boxes   # this folder's benchma
 
 from detres.boxes import boxes_to_rois
 from detres.config import replace as replace_config
+from detres.models import roi_ops
 from detres.models.inference_form import prepare_for_inference
 from detres.models.roi_head import pool_rois
 from detres.structures import ImageBatch, Targets
@@ -241,13 +242,19 @@ def main(argv: list[str] | None = None) -> None:
                    help="inference only")
     p.add_argument("--quick", action="store_true",
                    help="RoIs and batch sweeps, inference only")
+    p.add_argument("--roi-pool", choices=("auto", "torchvision"), default="auto",
+                   help="auto: the detector's choice (the parallel gather on CPU where it is "
+                        "faster); torchvision: torchvision's roi_pool kernel everywhere, as "
+                        "before the gather existed")
     p.add_argument("--json", help="write the rows here")
     p.add_argument("--plot", help="write the plot here (PNG)")
     args = p.parse_args(argv)
     if args.quick:
         args.sweeps, args.train = ["rois", "batch"], False
+    if args.roi_pool == "torchvision":
+        roi_ops.TABLE_RATIO = 0     # the gather's size test then never passes
     print(f"ResNet-{args.depth} C4, {args.device}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"RoI pooling: {args.roi_pool}, load average {os.getloadavg()[0]:.1f}")
     rows = run(args)
     print("\n" + markdown_table(rows))
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
