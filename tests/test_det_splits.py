@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 from detres.config import ConfigError, dump, to_dict
 from detres.config import replace as replace_config
 from detres.data.classification import DatasetNotFoundError
-from detres.data.coco_splits import MergedCOCODetection
+from detres.data.coco_splits import MergedCOCODetection, image_ids_of
 from detres.data.images import DatasetError
 from detres.evaluation.detection import ImageResult, voc_result_lines
 from detres.structures import Detections
@@ -321,3 +321,12 @@ def test_inference_form_switches_reach_the_evaluation(tmp_path, eval_config):
     np.testing.assert_allclose([r["score"] for r in fast], [r["score"] for r in exact],
                                atol=1e-4)
     assert [r["score"] for r in bf16] != [r["score"] for r in exact]
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"images": ['],
+                         ids=["nested", "cut"])
+def test_a_held_out_file_that_cannot_be_read_is_named(tmp_path, text):
+    f = tmp_path / "minival.json"
+    f.write_text(text)
+    with pytest.raises(DatasetError, match=r"minival\.json: cannot read its image ids"):
+        image_ids_of(f)

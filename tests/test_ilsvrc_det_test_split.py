@@ -131,3 +131,10 @@ def test_format_only_writes_the_server_file(tmp_path, ilsvrc):
     (tmp_path / "config.yaml").write_text(dump(cfg))
     with pytest.raises(ConfigError, match="map_det.txt"):
         eval_det.main(argv + ["--format-only"])
+
+
+@pytest.mark.parametrize("path", ["ImageSets/DET/test.txt", "devkit/data/map_det.txt"])
+def test_a_list_file_that_is_not_utf8_is_named(ilsvrc, path):
+    (ilsvrc / path).write_bytes((ilsvrc / path).read_bytes() + b"\xe9t\xe9\n")
+    with pytest.raises(DatasetError, match=rf"{path}: not a UTF-8 text file"):
+        build_det_dataset(_data(ilsvrc).val, _data(ilsvrc), train=False, key="data.val")

@@ -157,3 +157,10 @@ def test_bad_objects_can_be_skipped_with_a_count(tmp_path, caplog):
     with pytest.raises(DatasetError, match=r"object #1 \(unicorn\): unknown class .* or "
                                            r"bad_annotations: skip to drop such objects"):
         VOCDetection((root, "trainval"))
+
+
+def test_a_split_file_that_is_not_utf8_is_named(tmp_path):
+    root = _devkit(tmp_path, "2007", {"000001": [_obj("dog", (1, 1, 10, 20))]})
+    (root / "ImageSets" / "Main" / "val.txt").write_bytes(b"000001\n\xff\xfe\n")
+    with pytest.raises(DatasetError, match=r"Main/val\.txt: not a UTF-8 text file"):
+        VOCDetection((root, "val"))

@@ -48,7 +48,7 @@ def image_ids_of(annotation_file: Path) -> set[int]:
     try:
         with open(annotation_file, "rb") as f:
             return {int(im["id"]) for im in json.load(f)["images"]}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise DatasetError(f"{annotation_file}: cannot read its image ids ({e})") from None
 
 

@@ -110,6 +110,15 @@ def filter_empty_images(index: AnnotationIndex, keep_ignored: bool,
     return index.select(has_box)
 
 
+def read_text_lines(f: Path) -> list[str]:
+    """The lines of a list file (split files, the devkit's class map) as UTF-8; bytes that are
+    not are a ``DatasetError`` naming the file."""
+    try:
+        return f.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{f}: not a UTF-8 text file (byte {e.start}: {e.reason})") from None
+
+
 def file_in_folder(folder: Path, name: str, allow_outside: bool, what: str, hint: str) -> Path:
     """``folder / name`` for a file name read from an annotation or split file, normalised
     (``a/../b`` -> ``b``), which is also the path read.

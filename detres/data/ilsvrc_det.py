@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 
 from detres.data.detection_dataset import (AnnotationIndex, DetectionDataset, Transform,
-                                           filter_empty_images)
+                                           filter_empty_images, read_text_lines)
 from detres.data.images import DatasetError, ImageDecodeError, read_image_size
 from detres.data.voc import read_pascal_xml
 
@@ -64,7 +64,7 @@ def read_split_file(root: Path, split: str) -> list[tuple[str, int | None]]:
                            f"<root>/ImageSets/DET/{split}.txt, root e.g. datasets/ILSVRC; "
                            f"val1/val2 are R-CNN's halves of val)")
     entries = []
-    for n, line in enumerate(f.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text_lines(f), 1):
         fields = line.split()
         if not fields:
             continue
@@ -91,7 +91,7 @@ def read_det_map(root: Path) -> dict[str, int] | None:
     if not f.is_file():
         return None
     out: dict[str, int] = {}
-    for n, line in enumerate(f.read_text().splitlines(), 1):
+    for n, line in enumerate(read_text_lines(f), 1):
         fields = line.split()
         if not fields:
             continue

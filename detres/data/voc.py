@@ -42,7 +42,7 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 
 from detres.data.detection_dataset import (AnnotationIndex, DetectionDataset, Transform,
-                                           file_in_folder, filter_empty_images)
+                                           file_in_folder, filter_empty_images, read_text_lines)
 from detres.data.images import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def _read_split(root: Path, split: str, allow_outside: bool) -> list[str]:
         raise DatasetError(f"{f}: VOC split file not found (expected the VOCdevkit layout "
                            f"<root>/ImageSets/Main/{split}.txt with root e.g. "
                            "datasets/VOCdevkit/VOC2007)")
-    names = [line.split()[0] for line in f.read_text().splitlines() if line.strip()]
+    names = [line.split()[0] for line in read_text_lines(f) if line.strip()]
     for n in names:  # a name leads into both Annotations/ and JPEGImages/
         file_in_folder(root / "JPEGImages", n, allow_outside, f"{f}: image name {n!r:.200}",
                        OUTSIDE_HINT)
