@@ -133,7 +133,7 @@ def test_the_collective_pattern_sees_both_spellings(line, is_call):
 
 def test_collectives_are_called_only_through_engine_distributed():
     """Every collective goes through ``all_reduce_tensor``/``all_gather_objects``/
-    ``broadcast_object``, the functions that follow the backend's device."""
+    ``gather_objects``/``broadcast_object``, the functions that follow the backend's device."""
     root = Path(detres.__file__).parent
     offenders = [str(p.relative_to(root)) for p in root.rglob("*.py")
                  if p.name != "distributed.py" and COLLECTIVE_CALL.search(p.read_text())]

@@ -21,6 +21,7 @@ from helpers import pycocotools_direct
 from torch import nn
 
 import detres
+from detres.engine import distributed as du
 from detres.evaluation import detection
 from detres.evaluation.detection import (COCOEvaluator, DatasetInfo, FormatOnlyEvaluator,
                                          VOCEvaluator)
@@ -278,7 +279,9 @@ def _score_worker(rank: int, world_size: int, port: int, out: str, fail: bool) -
             result = score_on_main([10 * rank, 10 * rank + 1], score)
         except Exception as e:
             result = f"{type(e).__name__}: {e}"
-        Path(out, f"{rank}.json").write_text(json.dumps({"result": result, "calls": calls}))
+        gathered = du.gather_objects(7 * rank)
+        Path(out, f"{rank}.json").write_text(json.dumps({"result": result, "calls": calls,
+                                                         "gathered": gathered}))
     finally:
         dist.destroy_process_group()
 
@@ -293,6 +296,7 @@ def test_score_on_main_scores_once_and_every_rank_gets_the_result(tmp_path, fail
                        start_method="fork")
     main, other = (json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1))
     assert main["calls"] == [[0, 1, 10, 11]] and other["calls"] == []
+    assert main["gathered"] == [0, 7] and other["gathered"] is None   # only main holds them
     if fail:
         assert main["result"] == "ValueError: bad box"
         assert other["result"] == ("RuntimeError: evaluation failed on the main process: "

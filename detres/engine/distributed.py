@@ -128,6 +128,17 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def gather_objects(obj: Any, dst: int = 0) -> list[Any] | None:
+    """Every rank's ``obj`` (picklable), in rank order, on rank ``dst``; None on the others
+    (which so hold only their own); ``[obj]`` in a single process. Device as for
+    :func:`all_gather_objects`."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)
+    return out
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` (picklable) on every rank; ``obj`` itself in a single process.
     As for :func:`all_gather_objects`, torch puts the pickled bytes on the backend's device."""

@@ -105,11 +105,11 @@ def score_on_main(local: list[T], score: Callable[[list[T]], R]) -> R:
     in ``score`` stops every rank (named on the others), so that none waits for a result
     that never comes.
 
-    ``engine.distributed`` gathers on every rank; the other ranks drop the items at once.
+    Only the main rank holds the gathered items.
     """
-    parts = du.all_gather_objects(local)
+    parts = du.gather_objects(local)
     result = None
-    if du.get_dist_info().is_main:
+    if parts is not None:
         items = [item for part in parts for item in part]
         del parts
         try:
@@ -117,8 +117,6 @@ def score_on_main(local: list[T], score: Callable[[list[T]], R]) -> R:
         except Exception as e:
             du.broadcast_object((None, f"{type(e).__name__}: {e}"))
             raise
-    else:
-        del parts
     result, error = du.broadcast_object((result, None))
     if error is not None:
         raise RuntimeError(f"evaluation failed on the main process: {error}")
