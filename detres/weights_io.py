@@ -106,8 +106,9 @@ def read_torch_file(path: str | os.PathLike, what: str,
                     f"({torch_load_reason(e)})") from None
 
 
-def _read_weights(spec: str) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
-    """Reads a state dict and the architecture it records (None when the file has none).
+def _read_weights(spec: str, obj: Any = None) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
+    """Reads a state dict and the architecture it records (None when the file has none);
+    ``obj``: the file's content, where the caller has read it already.
 
     A file may hold a state dict or a checkpoint dict whose "model" entry is one (our
     checkpoints and backbone files, detectron2's). torchvision://resnetD implies
@@ -120,11 +121,12 @@ def _read_weights(spec: str) -> tuple[dict[str, Tensor], dict[str, Any] | None]:
         arch = dict(TORCHVISION_ARCH)
         if name.startswith("resnet") and name[6:].isdigit():
             arch["depth"] = int(name[6:])
-    elif os.path.isfile(spec):
+    elif obj is not None or os.path.isfile(spec):
         path = spec
     else:
         raise WeightsNotFoundError(f"weights file not found: {spec}")
-    obj = read_torch_file(path, "file")
+    if obj is None:
+        obj = read_torch_file(path, "file")
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         if isinstance(obj.get("arch"), dict):  # a backbone file (our checkpoints: a string)
             arch = obj["arch"]
@@ -185,7 +187,7 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, Tensor], spec: str 
 
 
 def load_backbone_weights(model: nn.Module, spec: str,
-                          ignore_prefixes: tuple[str, ...] = ()) -> None:
+                          ignore_prefixes: tuple[str, ...] = (), obj: Any = None) -> None:
     """Loads a ResNet's weights into ``model`` in place (``model.backbone.weights``,
     ``classifier.weights``), requiring an exact match except ignored keys and, when the file
     records one, the same architecture.
@@ -196,8 +198,9 @@ def load_backbone_weights(model: nn.Module, spec: str,
             "torchvision://resnet50.IMAGENET1K_V2", read from the torch hub cache and downloaded
             there only when absent.
         ignore_prefixes: keys skipped on both sides, e.g. ``("fc.",)`` for a detection backbone.
+        obj: the content of the file ``spec`` names, where the caller has read it already.
     """
-    state_dict, arch = _read_weights(spec)
+    state_dict, arch = _read_weights(spec, obj)
     check_arch(model, arch, spec)
     check_state_dict(model, state_dict, spec, ignore_prefixes)
     ignore = tuple(ignore_prefixes)

@@ -55,3 +55,25 @@ def test_another_width_is_a_config_error_naming_the_stage():
     trunk, _ = ResNet(18, width=16, norm="bn").c4_split()
     with pytest.raises(ConfigError, match="rcnn.init_from_classifier.*rcnn.backbone"):
         copy_classifier_weights(classifier, trunk, "rcnn")
+
+
+@pytest.mark.parametrize("form", ["state_dict", "backbone_file"])
+def test_a_classifier_weights_file_is_read_once_and_loaded_whole(tmp_path, monkeypatch, form):
+    from detres.config import load_config
+    from detres.tasks.common import build_backbone
+    from detres.tasks.localization.build import build_loc_classifier
+    from detres.tasks.localization.config import LocalizationConfig
+    cfg = load_config("loc_r18_builtin.yaml", [], schema=LocalizationConfig)
+    torch.manual_seed(3)
+    net = build_backbone(cfg.classifier.backbone, 5)
+    path = tmp_path / "cls.pth"
+    state = net.state_dict()
+    torch.save(state if form == "state_dict" else {"model": state, "arch": net.arch()}, path)
+    cfg = load_config("loc_r18_builtin.yaml", [f"classifier.weights={path}"],
+                      schema=LocalizationConfig)
+    reads, load = [], torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or load(f, *a, **k))
+    model = build_loc_classifier(cfg, 5)
+    assert reads == [str(path)]
+    loaded = model.net.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())

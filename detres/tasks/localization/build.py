@@ -81,7 +81,7 @@ def build_loc_classifier(cfg: LocalizationConfig, num_classes: int) -> Classifie
         if ckpt is not None and ckpt.get("task") == CLASSIFICATION_TASK:
             load_checkpoint_weights(model, c.weights, CLASSIFICATION_TASK, ckpt=ckpt)
         else:
-            load_backbone_weights(net, c.weights)
+            load_backbone_weights(net, c.weights, obj=ckpt)
     return model
 
 
