@@ -73,6 +73,24 @@ def test_console_line_is_short_and_names_the_stage_while_the_jsonl_keeps_all(tmp
     record = read_metrics(tmp_path)[0]
     assert {"loss", "loss_cls", "lr", "data_time", "num_fg_rois", "time",
             "eta_seconds"} <= set(record)
+    (done,) = [line for line in log_lines if "trained iterations" in line]
+    assert done.startswith("rpn: trained iterations 1-2 in 0:00:") and done.endswith(" s/it)")
+
+
+def test_a_run_that_has_nothing_left_to_train_says_no_training_time(tmp_path, log_lines):
+    train(tmp_path)
+    log_lines.clear()
+    torch.manual_seed(0)
+    model, data = Recorder(), TinyData()
+    sampler = TrainingSampler(len(data), 8, seed=0)
+    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), WarmupMultiStepSchedule(),
+                      make_loader(data, collate_fn=collate, batch_sampler=sampler), max_iter=2,
+                      output_dir=tmp_path, sampler=sampler, task="classification",
+                      progress=False)
+    trainer.resume()
+    trainer.run()
+    trainer.close()
+    assert not [line for line in log_lines if "trained iterations" in line]
 
 
 def test_amp_on_a_cpu_without_bf16_arithmetic_trains_fp32_and_says_so_once(

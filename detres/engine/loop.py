@@ -25,6 +25,7 @@ that iteration and ends the run with :class:`TrainingInterrupted`; a second Ctrl
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
 import sys
@@ -219,6 +220,7 @@ class Trainer:
         if self._data_iter is None:
             self._data_iter = iter(self.data)
         finished_before = self.iteration >= self.max_iter
+        first, start = self.iteration, time.perf_counter()
         self.model.train()
         show_bar = self.progress and self.dist.is_main and sys.stderr.isatty()
         with self._interrupt, (logging_redirect_tqdm([logger]) if show_bar
@@ -226,6 +228,12 @@ class Trainer:
             with tqdm(total=self.max_iter, initial=self.iteration, dynamic_ncols=True,
                       desc=self.name, disable=not show_bar) as bar:
                 self._loop(result, bar)
+        if self.iteration > first:
+            seconds = time.perf_counter() - start
+            logger.info("%strained iterations %d-%d in %s (%.3f s/it)",
+                        f"{self.name}: " if self.name else "", first + 1, self.iteration,
+                        datetime.timedelta(seconds=round(seconds)),
+                        seconds / (self.iteration - first))
         if not finished_before:
             if self.finish_fn is not None:
                 self.finish_fn(self.module)
