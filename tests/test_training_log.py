@@ -48,7 +48,7 @@ class Recorder(nn.Module):
         return out
 
 
-def train(output_dir, **kwargs) -> Recorder:
+def train(output_dir, resume: bool = False, **kwargs) -> Recorder:
     torch.manual_seed(0)
     model, data = Recorder(), TinyData()
     sampler = TrainingSampler(len(data), 8, seed=0)
@@ -57,6 +57,8 @@ def train(output_dir, **kwargs) -> Recorder:
                       make_loader(data, collate_fn=collate, batch_sampler=sampler),
                       max_iter=2, output_dir=output_dir, sampler=sampler,
                       task="classification", log_period=1, progress=False, **kwargs)
+    if resume:
+        trainer.resume()
     trainer.run()
     trainer.close()
     return model
@@ -80,16 +82,7 @@ def test_console_line_is_short_and_names_the_stage_while_the_jsonl_keeps_all(tmp
 def test_a_run_that_has_nothing_left_to_train_says_no_training_time(tmp_path, log_lines):
     train(tmp_path)
     log_lines.clear()
-    torch.manual_seed(0)
-    model, data = Recorder(), TinyData()
-    sampler = TrainingSampler(len(data), 8, seed=0)
-    trainer = Trainer(model, torch.optim.SGD(model.parameters(), lr=0.1), WarmupMultiStepSchedule(),
-                      make_loader(data, collate_fn=collate, batch_sampler=sampler), max_iter=2,
-                      output_dir=tmp_path, sampler=sampler, task="classification",
-                      progress=False)
-    trainer.resume()
-    trainer.run()
-    trainer.close()
+    train(tmp_path, resume=True)
     assert not [line for line in log_lines if "trained iterations" in line]
 
 
